@@ -1,0 +1,168 @@
+"""The model-agnostic view of one forward pass: attention blocks, hidden states, token layout.
+
+This is the only module that knows how each model's sown intermediates map onto the common view
+(see the docstrings of `value_jax.models.uniter` / `.lxmert` for the sown names). A probe asks for
+`trace.blocks("v2t")` and gets `[L, B, H, Q, K]` plus the layer names; it never looks at a model.
+
+Directions are written query→key: `t2v` = text queries attending to region keys.
+  UNITER: every block is a slice of the layer's joint softmax over `[text slot | regions]`, so a
+    slice keeps the joint normalisation (a t2v row sums to the text query's mass on regions).
+    Layers `layer1..layer12` (1-based names; index 0 in the array is layer1).
+  LXMERT: `t2t` = the language layers then each cross layer's language self-attention,
+    `v2v` = the relational layers then each cross layer's vision self-attention,
+    `t2v` / `v2t` = the cross layers' language→vision / vision→language cross-attention.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import flax.struct
+import jax.numpy as jnp
+import numpy as np
+
+DIRECTIONS = ("t2t", "t2v", "v2t", "v2v")
+MODALITIES = ("text", "image")
+
+
+@flax.struct.dataclass
+class Trace:
+    """Attention maps, hidden states and layout of one batch (a pytree: it can leave a jit).
+
+    Attributes:
+      attention: name → `[B, H, Q, K]` float32, names as the model sows them without the
+        `attention.` prefix (UNITER `layer3`; LXMERT `lang3`, `visn2`, `cross4.v2l`, ...).
+      hidden: name → `[B, S, D]` (UNITER `embeddings`, `layer3`; LXMERT `lang.embeddings`,
+        `lang3`, `visn.embeddings`, `visn2`, `cross4.lang`, `cross4.visn`).
+      text_mask: `[B, T]` 1 on `[CLS] w1..wm [SEP]`. region_mask: `[B, R]` 1 on real regions.
+      outputs: the model's outputs (sequence outputs, pooled output, requested head logits).
+      model_type: `uniter` or `lxmert` (static).
+    """
+
+    attention: dict[str, Any]
+    hidden: dict[str, Any]
+    text_mask: Any
+    region_mask: Any
+    outputs: dict[str, Any]
+    model_type: str = flax.struct.field(pytree_node=False)
+
+    @classmethod
+    def from_intermediates(cls, model_type: str, intermediates: dict, batch, outputs=None) -> "Trace":
+        scope = intermediates[model_type]
+        attention, hidden = {}, {}
+        for name, value in scope.items():
+            kind, _, rest = name.partition(".")
+            (attention if kind == "attention" else hidden)[rest] = value[0]
+        return cls(attention, hidden, batch.text_mask, batch.region_mask, dict(outputs or {}),
+                   model_type)
+
+    # ---- layout -------------------------------------------------------------------------
+    @property
+    def text_len(self) -> int:
+        return self.text_mask.shape[1]
+
+    @property
+    def word_mask(self):
+        """`[B, T]` bool: the words t1..tm, i.e. real text tokens minus [CLS] (0) and the last
+        real token ([SEP])."""
+        t = jnp.arange(self.text_len)[None, :]
+        sep = self.sep_index[:, None]
+        return (self.text_mask > 0) & (t > 0) & (t < sep)
+
+    @property
+    def sep_index(self):
+        """`[B]` position of [SEP]: the last real token of the text slot."""
+        return jnp.sum(self.text_mask, axis=1).astype(jnp.int32) - 1
+
+    def token_masks(self) -> dict[str, Any]:
+        """Masks over the joint `[text slot | regions]` axis: `cls`, `words`, `sep`, `regions`."""
+        t = jnp.arange(self.text_len)[None, :]
+        zeros_r = jnp.zeros_like(self.region_mask, dtype=bool)
+        zeros_t = jnp.zeros_like(self.text_mask, dtype=bool)
+        cat = lambda a, b: jnp.concatenate([a, b], axis=1)
+        return {
+            "cls": cat((t == 0) & (self.text_mask > 0), zeros_r),
+            "words": cat(self.word_mask, zeros_r),
+            "sep": cat(t == self.sep_index[:, None], zeros_r),
+            "regions": cat(zeros_t, self.region_mask > 0),
+        }
+
+    # ---- attention ------------------------------------------------------------------------
+    def layer_names(self, direction: str) -> list[str]:
+        """Names of the layers `blocks(direction)` stacks, in order (1-based, as papers number them)."""
+        _check(direction, DIRECTIONS, "direction")
+        names = sorted(self.attention, key=_layer_order)
+        if self.model_type == "uniter":
+            return names
+        pick = {
+            "t2t": lambda n: n.startswith("lang") or n.endswith(".lang_self"),
+            "v2v": lambda n: n.startswith("visn") or n.endswith(".visn_self"),
+            "t2v": lambda n: n.endswith(".l2v"),
+            "v2t": lambda n: n.endswith(".v2l"),
+        }[direction]
+        return [n for n in names if pick(n)]
+
+    def blocks(self, direction: str, layers: list[str] | None = None):
+        """`([L, B, H, Q, K], names)`: the `direction` block of every layer that has one.
+
+        `layers` restricts to (and orders by) the given layer names.
+        """
+        names = self.layer_names(direction) if layers is None else list(layers)
+        if self.model_type == "uniter":
+            t = self.text_len
+            q = slice(0, t) if direction[0] == "t" else slice(t, None)
+            k = slice(0, t) if direction[2] == "t" else slice(t, None)
+            maps = [self.attention[n][:, :, q, k] for n in names]
+        else:
+            maps = [self.attention[n] for n in names]
+        return jnp.stack(maps), names
+
+    def attention_numpy(self) -> dict[str, np.ndarray]:
+        """Every attention map by name, as numpy `[B, H, Q, K]` (copies the whole set to host)."""
+        return {n: np.asarray(a) for n, a in sorted(self.attention.items(), key=lambda kv: _layer_order(kv[0]))}
+
+    # ---- hidden states --------------------------------------------------------------------
+    def hidden_names(self, modality: str) -> list[str]:
+        """Layer names of `hidden_states(modality)`, embedding output first."""
+        _check(modality, MODALITIES, "modality")
+        names = sorted(self.hidden, key=_layer_order)
+        if self.model_type == "uniter":
+            return names
+        stream = "lang" if modality == "text" else "visn"
+        return [n for n in names if n.startswith(stream) or n.endswith("." + stream)]
+
+    def hidden_states(self, modality: str, layers: list[str] | None = None):
+        """`([L, B, S, D], names)`: the hidden states of `modality`'s tokens per layer (the text
+        slot `[B, T, D]` or the regions `[B, R, D]`), embedding output first."""
+        names = self.hidden_names(modality) if layers is None else list(layers)
+        if self.model_type == "uniter":
+            sl = slice(0, self.text_len) if modality == "text" else slice(self.text_len, None)
+            states = [self.hidden[n][:, sl] for n in names]
+        else:
+            states = [self.hidden[n] for n in names]
+        return jnp.stack(states), names
+
+    def paired_layers(self) -> list[tuple[str, str]]:
+        """(text layer, image layer) name pairs at which both modalities have an output of the same
+        layer: UNITER every encoder layer; LXMERT the cross layers (VALUE §3.1)."""
+        if self.model_type == "uniter":
+            return [(n, n) for n in self.hidden_names("text") if n != "embeddings"]
+        cross = [n for n in self.hidden_names("text") if n.startswith("cross")]
+        return [(n, n.replace(".lang", ".visn")) for n in cross]
+
+
+def _check(value, allowed, what):
+    if value not in allowed:
+        raise ValueError(f"unknown {what} {value!r}; expected one of {allowed}")
+
+
+def _layer_order(name: str):
+    """Sort key in forward order: embeddings, lang1.., visn1.., cross1.* (call order), layer1.."""
+    stage = {"embeddings": 0, "lang": 1, "visn": 2, "layer": 1, "cross": 3}
+    head = name.split(".")[0]
+    prefix = head.rstrip("0123456789")
+    number = int(head[len(prefix):] or 0)
+    if name.endswith("embeddings"):
+        return (0, 0, 0, name)
+    sub = ["l2v", "v2l", "lang_self", "visn_self", "lang", "visn"]
+    tail = name.split(".")[1] if "." in name else ""
+    return (stage.get(prefix, 9), number, sub.index(tail) if tail in sub else 0, name)
