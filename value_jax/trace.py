@@ -35,6 +35,7 @@ class Trace:
         `lang3`, `visn.embeddings`, `visn2`, `cross4.lang`, `cross4.visn`).
       text_mask: `[B, T]` 1 on `[CLS] w1..wm [SEP]`. region_mask: `[B, R]` 1 on real regions.
       outputs: the model's outputs (sequence outputs, pooled output, requested head logits).
+      region_feats: `[B, R, F]` the detector features that went in (raw-feature baselines).
       model_type: `uniter` or `lxmert` (static).
     """
 
@@ -43,6 +44,7 @@ class Trace:
     text_mask: Any
     region_mask: Any
     outputs: dict[str, Any]
+    region_feats: Any
     model_type: str = flax.struct.field(pytree_node=False)
 
     @classmethod
@@ -53,7 +55,7 @@ class Trace:
             kind, _, rest = name.partition(".")
             (attention if kind == "attention" else hidden)[rest] = value[0]
         return cls(attention, hidden, batch.text_mask, batch.region_mask, dict(outputs or {}),
-                   model_type)
+                   batch.region_feats, model_type)
 
     # ---- layout -------------------------------------------------------------------------
     @property

@@ -1,0 +1,312 @@
+"""Reductions over attention blocks and hidden states: the numeric core of every probe.
+
+Pure `jax.numpy` over padded arrays plus index / mask arrays. Shapes are static and padding is
+handled by masks, so one compiled step serves every batch of a bucket; nothing loops over samples
+in Python; every reduction runs in float32 whatever the input dtype (a bfloat16 forward included).
+
+Attention is written query→key: `attn[b, h, q, k]` is how much query `q` attends to key `k`, and
+`v2t` is visual queries attending to text keys (VALUE's "V→T"). Each function takes one layer;
+`over_layers(fn)` maps a kernel over a leading layer axis `[L, ...]` of its first argument.
+
+Paper references: VALUE = Cao et al. 2020, "Behind the Scene: Revealing the Secrets of
+Pre-trained Vision-and-Language Models" (§3.1 fusion, Eq. 1 modality importance, Eq. 2
+image-to-text heads, §3.3.2 coreference, §3.4 relations); VL-InterpreT = Aflalo et al. 2022
+(head-summary block means, `app/database/db_analyzer.py`).
+"""
+from __future__ import annotations
+
+import functools
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+_F32 = jnp.float32
+# Gram matrices feed decisions (cluster assignment), so they must not silently drop to TF32 /
+# bf16 passes on accelerators whose default float32 matmul precision is reduced.
+_HIGHEST = jax.lax.Precision.HIGHEST
+
+
+def over_layers(fn: Callable) -> Callable:
+    """Maps `fn` over a leading layer axis of its first argument; the other arguments are shared.
+
+    `over_layers(set_max)(attn_layers [L, B, H, Q, K], q_idx, ...) -> [L, B, P, H]`.
+    """
+    @functools.wraps(fn)
+    def mapped(first, *args, **kwargs):
+        return jax.vmap(lambda a: fn(a, *args, **kwargs))(first)
+    return mapped
+
+
+# --------------------------------------------------------------------------------------------
+# Attention-block statistics.
+# --------------------------------------------------------------------------------------------
+
+def set_max(attn, q_idx, q_mask, k_idx, k_mask):
+    """Per item and head, the largest attention from any of its queries to any of its keys.
+
+    attn `[B, H, Q, K]` (one attention block of one layer); q_idx `[B, P, M]` int: the query
+    positions (within this block's query axis) of item p, q_mask `[B, P, M]` bool which of those
+    slots are real; k_idx `[B, P, N]`, k_mask `[B, P, N]` likewise for keys.
+    Returns `[B, P, H]` float32: `max_{m, n valid} attn[b, h, q_idx[b,p,m], k_idx[b,p,n]]`.
+
+    An item with no valid query or no valid key (a padded item) returns 0; callers keep their own
+    item mask for averaging. Indices in masked slots are ignored whatever they hold; indices in
+    valid slots must lie inside the block (out-of-range ones are clamped, as jnp gathers are).
+
+    VALUE §3.3.2 (Table 2) coreference: V→T = max_{t∈p} α_{v→t} with q = {region v}, k = the
+    phrase's tokens, on the v2t block; T→V = max_{t∈p} α_{t→v} with q = the phrase's tokens,
+    k = {region v}, on the t2v block. VALUE §3.4 (Table 4) relations: q = {subject}, k = {object}
+    and the reverse, on the v2v block (also the phrase-max features of Eq. 3's prober).
+    """
+    q_idx = jnp.where(q_mask, q_idx, 0)
+    k_idx = jnp.where(k_mask, k_idx, 0)
+
+    def one_sample(a, qi, ki):  # a [H, Q, K], qi [P, M], ki [P, N] -> [H, P, M, N]
+        return a[:, qi[:, :, None], ki[:, None, :]]
+
+    vals = jax.vmap(one_sample)(attn, q_idx, k_idx).astype(_F32)       # [B, H, P, M, N]
+    pair = q_mask[:, :, :, None] & k_mask[:, :, None, :]                # [B, P, M, N]
+    vals = jnp.where(pair[:, None], vals, -jnp.inf)
+    best = jnp.max(vals, axis=(-2, -1))                                 # [B, H, P]
+    best = jnp.where(jnp.any(pair, axis=(-2, -1))[:, None], best, 0.0)
+    return jnp.swapaxes(best, 1, 2)                                     # [B, P, H]
+
+
+set_max_layers = over_layers(set_max)
+set_max_layers.__doc__ = """`set_max` over a layer axis: attn_layers `[L, B, H, Q, K]` -> `[L, B, P, H]`.
+
+The index and mask arrays are shared by all layers (same shapes as in `set_max`).
+"""
+
+
+def cls_modality_sums(attn, text_key_mask, region_key_mask):
+    """VALUE Eq. 1, modality importance: I_{M,j} = Σ_{i∈M} α^j_{CLS→i}, for M = T and M = V.
+
+    attn `[B, H, N, N]`: the joint single-stream attention of one layer, row 0 = [CLS] query.
+    text_key_mask, region_key_mask `[B, N]` bool: the keys counted as text (t1..tm) and as
+    regions (v1..vn); callers leave [CLS], [SEP] and padding out, so I_T + I_V ≤ 1.
+    Returns `(I_T [B, H], I_V [B, H])` float32.
+    """
+    cls_row = attn[:, :, 0, :].astype(_F32)                              # [B, H, N]
+    i_t = jnp.sum(jnp.where(text_key_mask[:, None, :], cls_row, 0.0), axis=-1)
+    i_v = jnp.sum(jnp.where(region_key_mask[:, None, :], cls_row, 0.0), axis=-1)
+    return i_t, i_v
+
+
+def image_to_text_indicator(v2t, region_query_mask, text_key_mask, threshold=0.5):
+    """VALUE Eq. 2: head j is an image-to-text head iff ∃ v∈V: Σ_{t∈T} α^j_{v→t} > threshold.
+
+    v2t `[B, H, R, T]`: region queries attending to text keys (for a single-stream model a slice
+    of the joint softmax, so rows need not sum to 1). region_query_mask `[B, R]` bool (real
+    regions), text_key_mask `[B, T]` bool (the text tokens counted in T).
+    Returns `[B, H]` bool. A sample without real regions is False for every head.
+    """
+    text_mass = jnp.sum(jnp.where(text_key_mask[:, None, None, :], v2t.astype(_F32), 0.0),
+                        axis=-1)                                         # [B, H, R]
+    hit = (text_mass > threshold) & region_query_mask[:, None, :]
+    return jnp.any(hit, axis=-1)
+
+
+def block_mean(attn, q_mask, k_mask, band=None, band_counts_as_zero=False):
+    """Mean attention over the masked query×key block (VL-InterpreT's head-summary statistics).
+
+    attn `[B, H, Q, K]`; q_mask `[B, Q]`, k_mask `[B, K]` bool. Returns `[B, H]` float32;
+    an empty block gives 0.
+
+    band=k (a Python int): entries with |q − k| ≤ k (block positions) are left out — with k=1
+    this is VL-InterpreT's "image-to-image attention without self" (diagonal and ±1
+    off-diagonals), for which the query and key axes must list the same tokens in the same
+    order. By default the band is excluded from the mean altogether (a mean over the off-band
+    entries). VL-InterpreT instead zeroes the band and still divides by the full block size;
+    band_counts_as_zero=True reproduces that.
+    """
+    keep = q_mask[:, :, None] & k_mask[:, None, :]                      # [B, Q, K]
+    count_mask = keep
+    if band is not None:
+        q_pos = jnp.arange(attn.shape[-2])[:, None]
+        k_pos = jnp.arange(attn.shape[-1])[None, :]
+        off_band = jnp.abs(q_pos - k_pos) > band
+        keep = keep & off_band
+        if not band_counts_as_zero:
+            count_mask = keep
+    total = jnp.sum(jnp.where(keep[:, None], attn.astype(_F32), 0.0), axis=(-2, -1))
+    count = jnp.sum(count_mask, axis=(-2, -1)).astype(_F32)            # [B]
+    return jnp.where(count[:, None] > 0, total / jnp.maximum(count, 1.0)[:, None], 0.0)
+
+
+# --------------------------------------------------------------------------------------------
+# Multimodal fusion (VALUE §3.1, Table 1): 2-means on one layer's tokens, NMI with modality.
+# --------------------------------------------------------------------------------------------
+
+def nmi(pred, labels, mask):
+    """Normalised mutual information of two binary labelings over the valid tokens.
+
+    pred, labels `[B, N]` int with values in {0, 1} at valid tokens (anything at padding);
+    mask `[B, N]` bool. Returns `[B]` float32:
+        NMI = MI / ((H(labels) + H(pred)) / 2),  natural log,
+    from the 2×2 contingency table — scikit-learn's `normalized_mutual_info_score` with its
+    default arithmetic normalisation, including its edge cases: 1.0 when both labelings have the
+    same single value or there are no valid tokens (the latter is meaningless: drop such
+    samples), 0.0 when exactly one labeling is constant or MI is 0.
+    """
+    valid = mask.astype(bool)
+    p1 = valid & (pred == 1)
+    p0 = valid & (pred != 1)
+    l1 = valid & (labels == 1)
+    l0 = valid & (labels != 1)
+    count = lambda a, b: jnp.sum(a & b, axis=-1).astype(_F32)
+    table = jnp.stack([jnp.stack([count(l0, p0), count(l0, p1)], -1),
+                       jnp.stack([count(l1, p0), count(l1, p1)], -1)], -2)   # [B, 2, 2]
+    n = jnp.sum(table, axis=(-2, -1))                                        # [B]
+    rows = jnp.sum(table, axis=-1)                                           # [B, 2] labels
+    cols = jnp.sum(table, axis=-2)                                           # [B, 2] pred
+    outer = rows[:, :, None] * cols[:, None, :]                              # [B, 2, 2]
+    # Counts are exact integers in float32, so n·n_ij − a_i·b_j is exact; log1p of the ratio
+    # keeps near-independent tables (MI ≈ 0) accurate where log(n·n_ij / (a_i·b_j)) is not.
+    nz = table > 0
+    safe_outer = jnp.where(nz, outer, 1.0)
+    log_ratio = jnp.log1p((n[:, None, None] * table - outer) / safe_outer)
+    safe_n = jnp.maximum(n, 1.0)
+    mi = jnp.sum(jnp.where(nz, table * log_ratio, 0.0), axis=(-2, -1)) / safe_n
+    mi = jnp.maximum(mi, 0.0)
+
+    def entropy(marg):
+        p = marg / safe_n[:, None]
+        return -jnp.sum(jnp.where(marg > 0, p * jnp.log(jnp.where(marg > 0, p, 1.0)), 0.0), -1)
+
+    h_sum = entropy(rows) + entropy(cols)
+    k_labels = jnp.sum(rows > 0, axis=-1)
+    k_pred = jnp.sum(cols > 0, axis=-1)
+    both_trivial = (k_labels == k_pred) & (k_labels <= 1)
+    one_trivial = (jnp.minimum(k_labels, k_pred) <= 1) & ~both_trivial
+    score = jnp.where(mi > 0, mi / jnp.maximum(h_sum / 2.0, 1e-30), 0.0)
+    return jnp.where(both_trivial, 1.0, jnp.where(one_trivial, 0.0, score)).astype(_F32)
+
+
+def _gram(x, mask):
+    """Centres the valid points on their mean and returns their Gram matrix `[B, N, N]`.
+
+    Lloyd's k-means needs only inner products between points and centres, and every centre is a
+    weighted mean of points, so all distances follow from G = X_c X_cᵀ. With N ≈ 20–100 tokens
+    and D = 768 this reads the hidden states once (one batched matmul) and makes each iteration
+    O(N²) instead of O(N·D). Centring first keeps the expanded distances well conditioned.
+    """
+    x = x.astype(_F32)
+    m = mask[..., None]
+    count = jnp.maximum(jnp.sum(mask, axis=-1), 1).astype(_F32)
+    mean = jnp.sum(jnp.where(m, x, 0.0), axis=1) / count[:, None]
+    xc = jnp.where(m, x - mean[:, None, :], 0.0)
+    return jnp.einsum("bnd,bmd->bnm", xc, xc, precision=_HIGHEST)
+
+
+def _bmm(gram, w):
+    """`[B, N, N] × [B, C, N] -> [B, C, N]`: inner products of every point with C centres."""
+    return jnp.einsum("bnm,bcm->bcn", gram, w, precision=_HIGHEST)
+
+
+def _group_means(in1, valid, w0, w1):
+    """Centre weights (centre = Σ_i w_i x_i) of the two groups; an empty group keeps w."""
+    in0 = valid & ~in1
+    n0 = jnp.sum(in0, axis=-1, keepdims=True).astype(_F32)
+    n1 = jnp.sum(in1, axis=-1, keepdims=True).astype(_F32)
+    w0 = jnp.where(n0 > 0, in0.astype(_F32) / jnp.maximum(n0, 1.0), w0)
+    w1 = jnp.where(n1 > 0, in1.astype(_F32) / jnp.maximum(n1, 1.0), w1)
+    return w0, w1
+
+
+def _lloyd(gram, valid, w0, w1, num_iters):
+    """Lloyd steps for C candidate centre pairs at once, centres held as point weights.
+
+    gram `[B, N, N]`, valid `[B, 1, N]`, w0 / w1 `[B, C, N]`. Returns the final cluster-1 masks
+    `[B, C, N]` and the k-means objective of each final partition `[B, C]`.
+    """
+    def assign(w0, w1):
+        # ||x−c0||² − ||x−c1||² = 2·x·(c1−c0) − (c1+c0)·(c1−c0); positive → centre 1, so a tie
+        # stays with centre 0. With c = Σ w_i x_i, x·c = (G w) and c·c' = wᵀ G w'.
+        diff = _bmm(gram, w1 - w0)
+        offset = jnp.sum((w1 + w0) * diff, axis=-1, keepdims=True)
+        return (2.0 * diff - offset > 0.0) & valid
+
+    def step(_, ws):
+        return _group_means(assign(*ws), valid, *ws)
+
+    w0, w1 = jax.lax.fori_loop(0, num_iters, step, (w0, w1))
+    in1 = assign(w0, w1)
+    # Objective of the partition with its own means: Σ||x_i||² − Σ_j |S_j|·||mean(S_j)||².
+    m0, m1 = _group_means(in1, valid, jnp.zeros_like(w0), jnp.zeros_like(w1))
+    sq_norm = jnp.diagonal(gram, axis1=-2, axis2=-1)[:, None, :]
+    n0 = jnp.sum(valid & ~in1, axis=-1).astype(_F32)
+    n1 = jnp.sum(in1, axis=-1).astype(_F32)
+    c0_sq = jnp.sum(m0 * _bmm(gram, m0), axis=-1)
+    c1_sq = jnp.sum(m1 * _bmm(gram, m1), axis=-1)
+    inertia = jnp.sum(jnp.where(valid, sq_norm, 0.0), axis=-1) - n0 * c0_sq - n1 * c1_sq
+    return in1, inertia
+
+
+def kmeans2(x, mask, num_iters=20, num_starts=8, power_iters=20):
+    """Batched Lloyd k-means with k = 2 on the valid tokens of each sample (VALUE §3.1).
+
+    x `[B, N, D]` token representations (any float dtype; computed in float32), mask `[B, N]`
+    bool. Returns assignments `[B, N]` int32 in {0, 1} (which cluster is called 1 is arbitrary);
+    padded tokens get -1.
+
+    Deterministic initialisation: `num_starts + 1` candidate centre pairs run side by side and
+    the final partition with the lowest k-means objective (sum of squared distances to its
+    means) is kept, ties to the earlier candidate:
+      * farthest point, candidates 0..num_starts−1: the s-th start is the valid point s-th
+        farthest from the mean of the valid points (s = 0 is the single farthest point), its
+        partner the valid point farthest from that start; ties go to the lowest token index.
+        Starts beyond the number of valid points are skipped.
+      * principal split, the last candidate: the valid points split by the sign of their score
+        on the first principal axis (`power_iters` power iterations on the Gram matrix from the
+        scores on start 0), each half's mean a centre.
+    Each runs exactly `num_iters` Lloyd steps (assign each point to the nearer centre, ties to
+    centre 0; move each centre to its points' mean; a centre left without points stays put),
+    then a final assignment. scikit-learn's KMeans(n_init=10) keeps the best of 10 random
+    k-means++ starts instead; on well-separated data both find the same partition.
+
+    If all valid points coincide, every distance ties and all points land in cluster 0
+    (scikit-learn likewise returns a single cluster, with a warning).
+    Distances come from the Gram matrix of the mean-centred points in float32 (see `_gram`).
+    """
+    valid = mask.astype(bool)
+    gram = _gram(x, valid)                                           # [B, N, N]
+    sq_norm = jnp.diagonal(gram, axis1=-2, axis2=-1)                 # [B, N] = ||x_i − mean||²
+    n_tok = x.shape[1]
+    num_starts = min(num_starts, n_tok)
+
+    # lax.top_k lists equal values lowest index first.
+    start_score, starts = jax.lax.top_k(jnp.where(valid, sq_norm, -jnp.inf), num_starts)
+    start_ok = start_score > -jnp.inf                                # [B, S]
+    g_starts = jnp.take_along_axis(gram, starts[:, :, None], axis=1)          # [B, S, N]
+    dist = sq_norm[:, None, :] - 2.0 * g_starts + jnp.take_along_axis(sq_norm, starts, 1)[..., None]
+    partners = jnp.argmax(jnp.where(valid[:, None, :], dist, -jnp.inf), axis=-1)  # [B, S]
+    w0 = jax.nn.one_hot(starts, n_tok, dtype=_F32)
+    w1 = jax.nn.one_hot(partners, n_tok, dtype=_F32)
+
+    def power_step(_, v):
+        v = jnp.einsum("bnm,bm->bn", gram, v, precision=_HIGHEST)
+        return v / jnp.maximum(jnp.max(jnp.abs(v), axis=-1, keepdims=True), 1e-30)
+
+    scores = jax.lax.fori_loop(0, power_iters, power_step, g_starts[:, 0])
+    pc0, pc1 = _group_means(valid & (scores > 0.0), valid, w0[:, 0], w1[:, 0])
+    w0 = jnp.concatenate([w0, pc0[:, None]], axis=1)                 # [B, S + 1, N]
+    w1 = jnp.concatenate([w1, pc1[:, None]], axis=1)
+    cand_ok = jnp.concatenate([start_ok, jnp.ones_like(start_ok[:, :1])], axis=1)
+
+    in1, inertia = _lloyd(gram, valid[:, None, :], w0, w1, num_iters)
+    best = jnp.argmin(jnp.where(cand_ok, inertia, jnp.inf), axis=-1)  # first minimum wins
+    in1 = jnp.take_along_axis(in1, best[:, None, None], axis=1)[:, 0]
+    return jnp.where(valid, in1.astype(jnp.int32), -1)
+
+
+def kmeans2_nmi(x, labels, mask, num_iters=20):
+    """VALUE §3.1 multimodal fusion degree for one layer: NMI(2-means clusters, true modality).
+
+    x `[B, N, D]` token representations, labels `[B, N]` int (0 = text, 1 = region, say; only
+    the partition matters), mask `[B, N]` bool. Returns `[B]` float32; smaller = more fused.
+    See `kmeans2` for the initialisation and `nmi` for edge cases. Table 1 is the mean over
+    samples of this value, per layer (`over_layers(kmeans2_nmi)` for `[L, B, N, D]`).
+    """
+    return nmi(kmeans2(x, mask, num_iters), labels, mask)
