@@ -1,0 +1,54 @@
+"""`python -m checkpoints_convert --src=PATH --format=FMT --out=DIR`: convert, report, write.
+
+Prints the full report. On any problem (missing, unexpected or mismatched key, partial head,
+differing tied pair, config conflict) it prints the report to stderr, writes nothing at `--out`
+and exits 1.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+from absl import app, flags, logging
+
+from checkpoints_convert.convert import ConversionError, convert_checkpoint
+from checkpoints_convert.tables import FORMATS
+
+_SRC = flags.DEFINE_string("src", None, "PyTorch checkpoint (.pt/.pth/.bin or .safetensors).")
+_FORMAT = flags.DEFINE_enum("format", None, list(FORMATS), "Source layout.")
+_OUT = flags.DEFINE_string("out", None, "Output directory (written atomically).")
+_NUM_HEADS = flags.DEFINE_integer(
+    "num_heads", None, "Attention heads; the tensors cannot tell (default: model_config, "
+    "else hidden_size // 64).")
+_MODEL_CONFIG = flags.DEFINE_string(
+    "model_config", None, "UNITER/HF-style config JSON (num_attention_heads, l_layers, ...), "
+    "checked against the tensors.")
+_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing --out directory.")
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    for flag in (_SRC, _FORMAT, _OUT):
+        if flag.value is None:
+            raise app.UsageError(f"--{flag.name} is required")
+    logging.set_verbosity(logging.WARNING)  # orbax logs every write step at INFO; the report says it all
+    try:
+        result = convert_checkpoint(_SRC.value, _FORMAT.value, _OUT.value, _NUM_HEADS.value,
+                                    _MODEL_CONFIG.value, _OVERWRITE.value)
+    except ConversionError as e:
+        print(e.report.format(), file=sys.stderr)
+        print(f"\nREFUSED: nothing written at {_OUT.value}", file=sys.stderr)
+        sys.exit(1)
+    except (FileExistsError, FileNotFoundError, ValueError, TypeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    print(result.report.format())
+    print(f"\nwrote {os.path.abspath(_OUT.value)} ({result.config.model_type}, heads: "
+          f"{', '.join(result.heads) or 'none'})")
+    if result.report.text_only:
+        print("WARNING: TEXT-ONLY checkpoint: region embeddings are zeros.", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    app.run(main)
