@@ -1,0 +1,467 @@
+"""Prepared examples -> `(Batch, targets)` in a few static shapes, so jitted code compiles once
+per shape instead of once per batch.
+
+An `Example` is one caption (coreference), one image (relations) or one sentence (SentEval):
+its `[CLS] ... [SEP]` ids, where its regions come from, and its target arrays with one row per
+item (a region–phrase or region–region pair). `plan_batches` puts every example in the smallest
+bucket that fits each of its four sizes (text length, regions, items, tokens per item), groups
+examples of one bucket into batches of exactly `batch_size` rows (padding rows fully masked), and
+`collate` pads each batch into numpy arrays:
+
+  Batch          input_ids / text_mask [B, T], region_feats [B, R, F], region_boxes [B, R, 4]
+                 (normalised x1, y1, x2, y2), region_mask [B, R]
+  coreference    coref.region, coref.type, coref.linked, coref.mask, coref.rand_region [B, P];
+                 coref.tokens, coref.token_mask, coref.rand_tokens, coref.rand_token_mask [B, P, M]
+  relations      rel.subj, rel.obj, rel.pred, rel.related, rel.mask [B, P]
+  SentEval       senteval.label, senteval.split, senteval.mask [B]
+  every analysis example_index [B]: the row's position in the loader's example list, -1 on
+                 padding rows (host-side bookkeeping; no probe reads it)
+
+Token positions index the TEXT SLOT (`[CLS]` is 0), region indices the region slot. Text-only
+examples (SentEval) get one dummy region with region_mask 0. An example larger than the largest
+bucket is an error naming it (`overflow="error"`), or is truncated with every dropped item
+counted (`overflow="truncate"`); an example with more items than the largest items bucket is
+split into several rows sharing its text and regions (counted, nothing lost).
+"""
+from __future__ import annotations
+
+import dataclasses
+import zlib
+from typing import Callable, NamedTuple, Optional, Sequence
+
+import numpy as np
+
+from value_jax.batch import Batch
+from value_jax.data.errors import DataReport, report_or_new
+
+EXAMPLE_INDEX = "example_index"
+OVERFLOW_POLICIES = ("error", "truncate")
+
+
+@dataclasses.dataclass(frozen=True)
+class TargetSpec:
+    """How one target is laid out: `axes` "" (one value per example), "P" (per item) or "PM"
+    (per item and token slot); `pad` fills padded items, token slots and rows."""
+
+    axes: str
+    dtype: type
+    pad: object
+
+
+TARGETS: dict[str, TargetSpec] = {
+    "coref.region": TargetSpec("P", np.int32, 0),
+    "coref.tokens": TargetSpec("PM", np.int32, 0),
+    "coref.token_mask": TargetSpec("PM", np.bool_, False),
+    "coref.type": TargetSpec("P", np.int32, 0),
+    "coref.linked": TargetSpec("P", np.bool_, False),
+    "coref.mask": TargetSpec("P", np.bool_, False),
+    "coref.rand_region": TargetSpec("P", np.int32, 0),
+    "coref.rand_tokens": TargetSpec("PM", np.int32, 0),
+    "coref.rand_token_mask": TargetSpec("PM", np.bool_, False),
+    "rel.subj": TargetSpec("P", np.int32, 0),
+    "rel.obj": TargetSpec("P", np.int32, 0),
+    # -1 = no predicate: negative pairs and padding (one_hot(-1) is all zeros).
+    "rel.pred": TargetSpec("P", np.int32, -1),
+    "rel.related": TargetSpec("P", np.bool_, False),
+    "rel.mask": TargetSpec("P", np.bool_, False),
+    "senteval.label": TargetSpec("", np.int32, 0),
+    "senteval.split": TargetSpec("", np.int32, 0),
+    "senteval.mask": TargetSpec("", np.bool_, False),
+}
+REGION_INDEX_TARGETS = ("coref.region", "coref.rand_region", "rel.subj", "rel.obj")
+TOKEN_TARGETS = {"coref.tokens": "coref.token_mask", "coref.rand_tokens": "coref.rand_token_mask"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Buckets:
+    """Allowed static sizes, ascending. `tokens` (the M of `[B, P, M]` token sets) reaches the
+    largest text size by default, so a phrase never outgrows it when its text fits."""
+
+    text: tuple[int, ...] = (16, 24, 32, 48, 64)
+    regions: tuple[int, ...] = (36, 50, 100)
+    items: tuple[int, ...] = (8, 16, 32, 64)
+    tokens: tuple[int, ...] = (4, 8, 16, 32, 64)
+
+    def __post_init__(self):
+        for name in ("text", "regions", "items", "tokens"):
+            sizes = tuple(int(s) for s in getattr(self, name))
+            if not sizes or any(s < 1 for s in sizes) or list(sizes) != sorted(set(sizes)):
+                raise ValueError(f"Buckets.{name} must be positive and strictly ascending, got {sizes}")
+            object.__setattr__(self, name, sizes)
+        if self.text[-1] < 2:
+            raise ValueError("the largest text bucket must hold [CLS] and [SEP]")
+
+    @staticmethod
+    def smallest(sizes: Sequence[int], n: int) -> Optional[int]:
+        """The smallest size >= n, or None when n exceeds them all."""
+        for s in sizes:
+            if s >= n:
+                return s
+        return None
+
+
+DEFAULT_BUCKETS = Buckets()
+
+
+class BatchShape(NamedTuple):
+    """Static sizes of one batch: T, R (1 for text-only), P and M (0 without per-item targets)."""
+
+    text: int
+    regions: int
+    items: int
+    tokens: int
+
+
+@dataclasses.dataclass
+class Example:
+    """One prepared example, before batching.
+
+    Attributes:
+      id: unique and stable (`<image id>:<caption index>`, `<image id>`, `<task>:<line>`).
+      input_ids: `[T]` int32 `[CLS] ... [SEP]`, no padding.
+      targets: target name (see `TARGETS`) -> array: per-example targets are 0-d, per-item
+        targets `[P]`, token sets `[P, M]` (positions in the text slot).
+      image_id: where the regions come from; "" for text-only examples.
+      num_regions: real regions of the image (0 for text-only).
+      region_feats, region_boxes: `[R, F]` float32 features and `[R, 4]` normalised boxes when
+        the example carries them (TFDS records); None when a loader fetches them by `image_id`.
+    """
+
+    id: str
+    input_ids: np.ndarray
+    targets: dict[str, np.ndarray]
+    image_id: str = ""
+    num_regions: int = 0
+    region_feats: Optional[np.ndarray] = None
+    region_boxes: Optional[np.ndarray] = None
+
+    def __post_init__(self):
+        self.input_ids = np.asarray(self.input_ids, np.int32)
+        self.targets = {k: np.asarray(v, TARGETS[k].dtype) if k in TARGETS else v
+                        for k, v in self.targets.items()}
+        if self.region_feats is not None:
+            self.region_feats = np.asarray(self.region_feats, np.float32)
+            self.region_boxes = np.asarray(self.region_boxes, np.float32)
+            self.num_regions = len(self.region_feats)
+        check_example(self)
+
+    @property
+    def num_items(self) -> int:
+        for name, arr in self.targets.items():
+            if TARGETS[name].axes:
+                return len(arr)
+        return 0
+
+    @property
+    def num_tokens(self) -> int:
+        """M: the width of the token sets (0 without any)."""
+        for name, arr in self.targets.items():
+            if TARGETS[name].axes == "PM":
+                return arr.shape[1]
+        return 0
+
+    def needed(self) -> BatchShape:
+        """The sizes this example needs (regions 1 for text-only: the dummy region)."""
+        return BatchShape(len(self.input_ids), max(self.num_regions, 1), self.num_items, self.num_tokens)
+
+    def with_targets(self, targets: dict[str, np.ndarray]) -> "Example":
+        return dataclasses.replace(self, targets=targets)
+
+
+def check_example(ex: Example) -> None:
+    """Raises ValueError naming the example when its arrays disagree in shape or name."""
+    where = f"example {ex.id!r}"
+    if ex.input_ids.ndim != 1 or len(ex.input_ids) < 2:
+        raise ValueError(f"{where}: input_ids must be [T >= 2] ([CLS] ... [SEP]), got {ex.input_ids.shape}")
+    unknown = sorted(set(ex.targets) - set(TARGETS))
+    if unknown:
+        raise ValueError(f"{where}: unknown targets {unknown} (known: {sorted(TARGETS)})")
+    analyses = {name.split(".")[0] for name in ex.targets}
+    if len(analyses) > 1:
+        raise ValueError(f"{where}: targets of several analyses {sorted(analyses)}")
+    p = m = None
+    for name, arr in ex.targets.items():
+        axes = TARGETS[name].axes
+        if arr.ndim != len(axes):
+            raise ValueError(f"{where}: {name} must have axes [{', '.join(axes)}], got shape {arr.shape}")
+        if axes:
+            p = len(arr) if p is None else p
+            if len(arr) != p:
+                raise ValueError(f"{where}: {name} has {len(arr)} items, other targets {p}")
+        if axes == "PM":
+            m = arr.shape[1] if m is None else m
+            if arr.shape[1] != m:
+                raise ValueError(f"{where}: {name} has {arr.shape[1]} token slots, other targets {m}")
+    feats, boxes = ex.region_feats, ex.region_boxes
+    if feats is not None and (feats.ndim != 2 or boxes.shape != (len(feats), 4)):
+        raise ValueError(f"{where}: region_feats {ex.region_feats.shape} / region_boxes "
+                         f"{ex.region_boxes.shape} (expected [R, F] and [R, 4])")
+
+
+def example_rng(seed: int, *keys) -> np.random.Generator:
+    """A generator that depends only on the seed and the example's keys (its image id, caption
+    index, ...), so dropping one image does not change the draws of any other."""
+    return np.random.default_rng([int(seed)] + [zlib.crc32(str(k).encode("utf-8")) for k in keys])
+
+
+# ---------------------------------------------------------------------------------------------
+# Padding one example.
+
+
+def pad_text(ids: np.ndarray, length: int, pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """`[CLS] ... [SEP]` ids -> (`[length]` int32 ids, `[length]` int32 mask)."""
+    ids = np.asarray(ids, np.int32)
+    if len(ids) > length:
+        raise ValueError(f"{len(ids)} ids do not fit a text slot of {length}")
+    out = np.full(length, pad_id, np.int32)
+    out[:len(ids)] = ids
+    mask = np.zeros(length, np.int32)
+    mask[:len(ids)] = 1
+    return out, mask
+
+
+def pad_regions(feats: np.ndarray, boxes: np.ndarray, length: int
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`[R, F]` features and `[R, 4]` normalised boxes -> `[length, F]`, `[length, 4]` (zeros on
+    padding) and the `[length]` int32 region mask."""
+    feats, boxes = np.asarray(feats, np.float32), np.asarray(boxes, np.float32)
+    r = len(feats)
+    if r > length:
+        raise ValueError(f"{r} regions do not fit a region slot of {length}")
+    out_f = np.zeros((length, feats.shape[1]), np.float32)
+    out_b = np.zeros((length, 4), np.float32)
+    out_f[:r], out_b[:r] = feats, boxes
+    mask = np.zeros(length, np.int32)
+    mask[:r] = 1
+    return out_f, out_b, mask
+
+
+def pad_targets(targets: dict[str, np.ndarray], items: int, tokens: int) -> dict[str, np.ndarray]:
+    """Pads per-item targets to `[items]` and token sets to `[items, tokens]` with each target's
+    pad value (masks False)."""
+    out = {}
+    for name, arr in targets.items():
+        spec = TARGETS[name]
+        if not spec.axes:
+            out[name] = np.asarray(arr, spec.dtype)
+            continue
+        shape = (items,) if spec.axes == "P" else (items, tokens)
+        if any(a > b for a, b in zip(arr.shape, shape)):
+            raise ValueError(f"{name} {arr.shape} does not fit {shape}")
+        padded = np.full(shape, spec.pad, spec.dtype)
+        padded[tuple(slice(0, n) for n in arr.shape)] = arr
+        out[name] = padded
+    return out
+
+
+def empty_targets(names: Sequence[str], items: int, tokens: int) -> dict[str, np.ndarray]:
+    """The targets of a padding row: every value its pad, every mask False."""
+    out = {}
+    for name in names:
+        spec = TARGETS[name]
+        shape = {"": (), "P": (items,), "PM": (items, tokens)}[spec.axes]
+        out[name] = np.full(shape, spec.pad, spec.dtype)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Bucketing.
+
+
+def _keep_items(ex: Example, keep: np.ndarray) -> Example:
+    return ex.with_targets({k: (v[keep] if TARGETS[k].axes else v) for k, v in ex.targets.items()})
+
+
+def _items_within(ex: Example, text_len: int, num_regions: int) -> np.ndarray:
+    """`[P]` bool: items whose every region index and masked token position fits."""
+    p = ex.num_items
+    ok = np.ones(p, bool)
+    for name in REGION_INDEX_TARGETS:
+        if name in ex.targets:
+            ok &= ex.targets[name] < num_regions
+    for name, mask_name in TOKEN_TARGETS.items():
+        if name in ex.targets:
+            bad = ex.targets[mask_name] & (ex.targets[name] >= text_len)
+            ok &= ~bad.any(axis=1)
+    return ok
+
+
+def _truncate(ex: Example, buckets: Buckets, report: DataReport) -> Optional[Example]:
+    """Cuts text to the largest text bucket (keeping [SEP]) and regions to the largest region
+    bucket; drops the items that pointed past either cut. None when no item is left."""
+    t_max, r_max = buckets.text[-1], buckets.regions[-1]
+    need = ex.needed()
+    new = ex
+    if need.text > t_max:
+        ids = np.concatenate([ex.input_ids[:t_max - 1], ex.input_ids[-1:]])
+        report.count("examples_truncated_text", example=f"{ex.id}: {need.text} > {t_max} ids")
+        new = dataclasses.replace(new, input_ids=ids)
+    if need.regions > r_max:
+        report.count("examples_truncated_regions", example=f"{ex.id}: {need.regions} > {r_max} regions")
+        new = dataclasses.replace(new, num_regions=r_max)
+        if new.region_feats is not None:
+            new = dataclasses.replace(new, region_feats=new.region_feats[:r_max],
+                                      region_boxes=new.region_boxes[:r_max])
+    m_max = buckets.tokens[-1]
+    if need.tokens > m_max:
+        report.count("examples_truncated_token_sets", example=f"{ex.id}: {need.tokens} > {m_max} slots")
+    if new.num_items:
+        keep = _items_within(new, len(new.input_ids) - 1, new.num_regions)
+        for name, mask_name in TOKEN_TARGETS.items():
+            if name in new.targets:
+                keep &= ~new.targets[mask_name][:, m_max:].any(axis=1)
+        if not keep.all():
+            report.count("items_dropped_by_truncation", int((~keep).sum()), example=ex.id)
+            if not keep.any():
+                report.count("examples_dropped_by_truncation", example=ex.id)
+                return None
+            new = _keep_items(new, keep)
+        if need.tokens > m_max:
+            new = new.with_targets({k: (v[:, :m_max] if TARGETS[k].axes == "PM" else v)
+                                    for k, v in new.targets.items()})
+    return new
+
+
+def bucket_of(ex: Example, buckets: Buckets) -> Optional[BatchShape]:
+    """The smallest bucket holding the example, or None if some size exceeds every bucket."""
+    need = ex.needed()
+    text = Buckets.smallest(buckets.text, need.text)
+    regions = 1 if ex.num_regions == 0 else Buckets.smallest(buckets.regions, need.regions)
+    items = 0 if need.items == 0 else Buckets.smallest(buckets.items, need.items)
+    tokens = 0 if need.tokens == 0 else Buckets.smallest(buckets.tokens, need.tokens)
+    if None in (text, regions, items, tokens):
+        return None
+    return BatchShape(text, regions, items, tokens)
+
+
+def _too_large(ex: Example, buckets: Buckets) -> str:
+    need = ex.needed()
+    parts = []
+    for name, n, sizes in (("text ids", need.text, buckets.text), ("regions", need.regions, buckets.regions),
+                           ("tokens per item", need.tokens, buckets.tokens)):
+        if n > sizes[-1]:
+            parts.append(f"{n} {name} > {sizes[-1]}")
+    return (f"example {ex.id!r} does not fit the largest bucket ({'; '.join(parts)}); raise the "
+            "limit (max_text_len, Buckets) or pass overflow='truncate' to cut it, counted")
+
+
+@dataclasses.dataclass
+class BatchPlan:
+    """One batch to collate: its static shape and its examples with their source positions."""
+
+    shape: BatchShape
+    examples: list[Example]
+    indices: list[int]
+
+
+def plan_batches(examples: Sequence[Example], batch_size: int, buckets: Buckets = DEFAULT_BUCKETS,
+                 overflow: str = "error", report: Optional[DataReport] = None) -> list[BatchPlan]:
+    """Assigns each example its smallest text, region and item bucket and cuts each bucket's
+    examples, in input order, into batches of at most `batch_size` (padded to exactly that by
+    `collate`); the token width M is one for the whole plan, the smallest token bucket that fits
+    every example. Buckets come in ascending order of shape.
+
+    Counts `examples_split_over_items` (rows added by splitting, no item lost) and, with
+    overflow="truncate", `examples_truncated_text`, `examples_truncated_regions`,
+    `examples_truncated_token_sets`, `items_dropped_by_truncation`, `examples_dropped_by_truncation`.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if overflow not in OVERFLOW_POLICIES:
+        raise ValueError(f"overflow must be one of {OVERFLOW_POLICIES}, got {overflow!r}")
+    report = report_or_new(report)
+    p_max = buckets.items[-1]
+    placed: list[tuple[BatchShape, Example, int]] = []
+    for index, ex in enumerate(examples):
+        parts = [ex]
+        if ex.num_items > p_max:
+            n_parts = -(-ex.num_items // p_max)
+            report.count("examples_split_over_items", n_parts - 1,
+                         example=f"{ex.id}: {ex.num_items} items > {p_max}")
+            parts = []
+            for k in range(n_parts):
+                part = _keep_items(ex, np.arange(k * p_max, min((k + 1) * p_max, ex.num_items)))
+                parts.append(dataclasses.replace(part, id=f"{ex.id}#{k}"))
+        for part in parts:
+            shape = bucket_of(part, buckets)
+            if shape is None:
+                if overflow == "error":
+                    raise ValueError(_too_large(part, buckets))
+                part = _truncate(part, buckets, report)
+                if part is None:
+                    continue
+                shape = bucket_of(part, buckets)
+            placed.append((shape, part, index))
+    # One token width for the whole plan: it costs nothing in the forward pass, and a width per
+    # batch would multiply the compiled shapes.
+    width = max((shape.tokens for shape, _, _ in placed), default=0)
+    groups: dict[BatchShape, tuple[list[Example], list[int]]] = {}
+    for shape, part, index in placed:
+        exs, idx = groups.setdefault(shape._replace(tokens=width), ([], []))
+        exs.append(part)
+        idx.append(index)
+    plans = []
+    for shape in sorted(groups):
+        exs, idx = groups[shape]
+        for start in range(0, len(exs), batch_size):
+            plans.append(BatchPlan(shape, exs[start:start + batch_size], idx[start:start + batch_size]))
+    return plans
+
+
+# ---------------------------------------------------------------------------------------------
+# Collation.
+
+RegionFetch = Callable[[str], tuple[np.ndarray, np.ndarray]]
+
+
+def collate(examples: Sequence[Example], shape: BatchShape, batch_size: int, *,
+            regions: Optional[RegionFetch] = None, feat_dim: Optional[int] = None,
+            indices: Optional[Sequence[int]] = None, pad_id: int = 0
+            ) -> tuple[Batch, dict[str, np.ndarray]]:
+    """Pads `examples` (all fitting `shape`) into a Batch of exactly `batch_size` rows plus the
+    targets dict; rows past the examples are padding: text, regions and every target masked.
+
+    Region features come from the example itself or from `regions(image_id)` -> `([R, F] feats,
+    [R, 4] normalised boxes)`. `feat_dim` is needed only when no row has regions (text-only).
+    """
+    if len(examples) > batch_size:
+        raise ValueError(f"{len(examples)} examples for a batch of {batch_size}")
+    names = sorted({k for ex in examples for k in ex.targets})
+    if any(set(ex.targets) != set(names) for ex in examples):
+        raise ValueError("examples of one batch must carry the same targets: "
+                         f"{sorted({tuple(sorted(ex.targets)) for ex in examples})}")
+    fetched = []
+    for ex in examples:
+        if ex.num_regions == 0:
+            fetched.append(None)
+        elif ex.region_feats is not None:
+            fetched.append((ex.region_feats[:ex.num_regions], ex.region_boxes[:ex.num_regions]))
+        elif regions is None:
+            raise ValueError(f"example {ex.id!r} has no region features and no region source was given")
+        else:
+            feats, boxes = regions(ex.image_id)
+            fetched.append((feats[:ex.num_regions], boxes[:ex.num_regions]))
+    dims = {f[0].shape[1] for f in fetched if f is not None}
+    if len(dims) > 1:
+        raise ValueError(f"region features of one batch have different widths {sorted(dims)}")
+    f_dim = dims.pop() if dims else feat_dim
+    if f_dim is None:
+        raise ValueError("text-only batch: pass feat_dim (the model's region feature width)")
+    b, t, r = batch_size, shape.text, shape.regions
+    ids = np.full((b, t), pad_id, np.int32)
+    text_mask = np.zeros((b, t), np.int32)
+    feats = np.zeros((b, r, f_dim), np.float32)
+    boxes = np.zeros((b, r, 4), np.float32)
+    region_mask = np.zeros((b, r), np.int32)
+    rows = []
+    for i, (ex, reg) in enumerate(zip(examples, fetched)):
+        ids[i], text_mask[i] = pad_text(ex.input_ids, t, pad_id)
+        if reg is not None:
+            feats[i], boxes[i], region_mask[i] = pad_regions(reg[0], reg[1], r)
+        rows.append(pad_targets(ex.targets, shape.items, shape.tokens))
+    rows += [empty_targets(names, shape.items, shape.tokens)] * (b - len(examples))
+    targets = {name: np.stack([row[name] for row in rows]) for name in names}
+    index = np.full(b, -1, np.int32)
+    index[:len(examples)] = list(indices) if indices is not None else range(len(examples))
+    targets[EXAMPLE_INDEX] = index
+    return Batch.create(ids, text_mask, feats, boxes, region_mask), targets

@@ -1,0 +1,515 @@
+"""Loaders: real files -> prepared `Example`s -> `(Batch, targets)` batches of static shapes.
+
+    loader = CorefLoader(flickr_root, "flickr30k_obj36.tsv", "vocab.txt", lowercase=True)
+    for batch, targets in loader:          # len(loader) batches; loader.report holds the counts
+        ...
+
+Each loader prepares every example up front (text ids, region indices, target arrays: small)
+and reads region features per batch from the features file, so memory stays at a few batches of
+features. Preparation is deterministic: every random choice (negative pairs, random baselines,
+the caption paired with an image) draws from a generator keyed by the seed and the example's own
+ids (`collate.example_rng`). IoU is computed in pixels on absolute boxes; the Batch gets the
+boxes normalised by the image size.
+
+Everything dropped or changed is counted in `loader.report` (a `DataReport`): the readers' counts
+(notvisual_phrases, phrases_without_box, images_without_features, truncated_sentences,
+over_per_image_cap, ...) plus the ones named in each `prepare_*` docstring.
+"""
+from __future__ import annotations
+
+import collections
+from pathlib import Path
+from typing import Iterator, Optional, Sequence, Union
+
+import numpy as np
+
+from value_jax.data import collate as C
+from value_jax.data.alignment import iou, match_gold_boxes, mismatched_caption_pairs, phrase_overlap
+from value_jax.data.errors import DataReport, PathLike, report_or_new
+from value_jax.data.features import (RegionFeatureReader, RegionRecord, detect_format,
+                                     open_region_features, uniter_name_to_image_id)
+from value_jax.data.flickr30k import PHRASE_TYPES, Flickr30kEntities, coref_links
+from value_jax.data.senteval import SPLITS, read_probing_task, stratified_sample
+from value_jax.data.tokenization import WordPieceTokenizer, phrase_piece_span
+from value_jax.data.visual_genome import (read_image_data, read_region_descriptions, read_relationships,
+                                          sample_relation_pairs)
+
+REGION_SOURCES = ("iou", "gold_in_features")
+CAPTION_MODES = ("region", "mismatched", "none")
+
+
+# ---------------------------------------------------------------------------------------------
+# Region features.
+
+
+def open_features(features: Union[PathLike, RegionFeatureReader], options: Optional[dict] = None
+                  ) -> RegionFeatureReader:
+    """A reader for a path (or the reader itself). UNITER databases name images by npz file
+    (`flickr30k_1000092795.npz`), so they default to `key_to_image_id=uniter_name_to_image_id`."""
+    if isinstance(features, RegionFeatureReader):
+        return features
+    options = dict(options or {})
+    fmt = options.pop("format", None) or detect_format(features)
+    if fmt.startswith("uniter") and "key_to_image_id" not in options:
+        options["key_to_image_id"] = uniter_name_to_image_id
+    return open_region_features(features, fmt, **options)
+
+
+def pixel_boxes(rec: RegionRecord, width: int, height: int, report: DataReport) -> np.ndarray:
+    """`[R, 4]` float64 absolute boxes. Records without an image size (UNITER npz) are scaled by
+    the annotation's size; a record whose size differs from the annotation's is counted
+    (`image_size_mismatch`) and keeps its own pixels."""
+    if rec.box_units == "normalized":
+        return rec.boxes.astype(np.float64) * np.array([width, height, width, height], np.float64)
+    if (rec.image_w, rec.image_h) != (width, height):
+        report.count("image_size_mismatch",
+                     example=f"{rec.image_id}: features {rec.image_w}x{rec.image_h}, "
+                             f"annotation {width}x{height}")
+    return rec.boxes.astype(np.float64)
+
+
+class _RegionCache:
+    """`image_id -> (features, normalised boxes)` with a small LRU (captions of one image share
+    one read)."""
+
+    def __init__(self, reader: RegionFeatureReader, size: int = 64):
+        self.reader, self.size = reader, size
+        self._cache: collections.OrderedDict = collections.OrderedDict()
+
+    def __call__(self, image_id: str) -> tuple[np.ndarray, np.ndarray]:
+        if image_id in self._cache:
+            self._cache.move_to_end(image_id)
+            return self._cache[image_id]
+        rec = self.reader[image_id]
+        value = (rec.features, rec.normalized_boxes())
+        self._cache[image_id] = value
+        if len(self._cache) > self.size:
+            self._cache.popitem(last=False)
+        return value
+
+
+# ---------------------------------------------------------------------------------------------
+# The generic loader.
+
+
+class ExampleLoader:
+    """Batches of prepared examples: an iterable of `(Batch, targets)` with `__len__`.
+
+    Args:
+      examples: prepared examples (their order is kept inside each bucket).
+      batch_size: rows per batch; the last batch of a bucket is padded with masked rows.
+      buckets: static sizes (`collate.Buckets`).
+      regions: `image_id -> (features, normalised boxes)` for examples that do not carry them.
+      feat_dim: region feature width, needed for text-only examples.
+      overflow: "error" or "truncate" for examples larger than the largest bucket.
+      report: counts go here (also `loader.report`).
+    """
+
+    def __init__(self, examples: Sequence[C.Example], batch_size: int, *,
+                 buckets: C.Buckets = C.DEFAULT_BUCKETS, regions: Optional[C.RegionFetch] = None,
+                 feat_dim: Optional[int] = None, overflow: str = "error",
+                 report: Optional[DataReport] = None):
+        self.report = report_or_new(report)
+        self.examples = list(examples)
+        self.batch_size = batch_size
+        self.buckets = buckets
+        self.feat_dim = feat_dim
+        self._regions = regions
+        self.plans = C.plan_batches(self.examples, batch_size, buckets, overflow, self.report)
+
+    def __len__(self) -> int:
+        return len(self.plans)
+
+    def __iter__(self) -> Iterator[tuple]:
+        for plan in self.plans:
+            yield C.collate(plan.examples, plan.shape, self.batch_size, regions=self._regions,
+                            feat_dim=self.feat_dim, indices=plan.indices)
+
+    @property
+    def shapes(self) -> list[C.BatchShape]:
+        """The distinct static shapes of this loader's batches (one compilation each)."""
+        return sorted({p.shape for p in self.plans})
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class _FeatureLoader(ExampleLoader):
+    def _open(self, features, features_options):
+        self._owns_reader = not isinstance(features, RegionFeatureReader)
+        self.features = open_features(features, features_options)
+        return self.features
+
+    def close(self) -> None:
+        if getattr(self, "_owns_reader", False):
+            self.features.close()
+
+
+def _check_text_len(max_text_len: int, buckets: C.Buckets) -> None:
+    if not 2 <= max_text_len <= buckets.text[-1]:
+        raise ValueError(f"max_text_len={max_text_len} must lie in [2, {buckets.text[-1]}] (the "
+                         "largest text bucket); widen Buckets.text for longer inputs")
+
+
+# ---------------------------------------------------------------------------------------------
+# Coreference (Flickr30k Entities).
+
+
+def prepare_coref(flickr_root: PathLike, features: RegionFeatureReader, tokenizer: WordPieceTokenizer, *,
+                  split: str = "val", seed: int = 0, region_source: str = "iou",
+                  iou_threshold: float = 0.5, max_text_len: int = 64, max_images: Optional[int] = None,
+                  negative_ratio: float = 1.0, report: Optional[DataReport] = None) -> list[C.Example]:
+    """One example per caption with >= 1 usable link: the `coref.*` targets of VALUE §3.3.
+
+    A link is a (region, phrase) pair: `region_source="iou"` links a phrase to every detected
+    region whose IoU with one of its gold boxes is >= `iou_threshold`; `"gold_in_features"`
+    links it to the regions that ARE its gold boxes (features that include them, matched within
+    half a pixel). Per linked phrase, round(`negative_ratio` x links) negative items pair it with
+    regions below the threshold for every gold box of the phrase. Every item also gets a random
+    region not linked to the phrase (rand_region) and the tokens of a random other phrase of the
+    caption that is not in its chain (rand_tokens; all-False mask when there is none: a
+    coreferent phrase would not be a random baseline). `max_images` keeps the first N images of
+    the split file, with or without features.
+
+    Counts `phrases_truncated` (cut off by max_text_len), `phrases_of_unknown_type`,
+    `phrases_without_region` (no region passes the threshold / gold box not in features),
+    `negatives_short` (fewer negative regions than asked), `items_without_random_phrase`,
+    `captions_without_links`, `image_size_mismatch`, plus the readers' counts.
+    """
+    if region_source not in REGION_SOURCES:
+        raise ValueError(f"region_source must be one of {REGION_SOURCES}, got {region_source!r}")
+    report = report_or_new(report)
+    examples = []
+    images = Flickr30kEntities(flickr_root).iter_images(split, report)
+    for n_image, (sentences, annotation) in enumerate(images):
+        if max_images is not None and n_image >= max_images:
+            break
+        rec = features.get(annotation.image_id, report)
+        if rec is None:
+            continue
+        boxes = pixel_boxes(rec, annotation.width, annotation.height, report)
+        links_of = collections.defaultdict(list)
+        for link in coref_links(sentences, annotation, report):
+            links_of[link.sentence_index].append(link)
+        for s in sentences:
+            ex = _coref_caption(s, links_of[s.index], boxes, tokenizer, seed, region_source,
+                                iou_threshold, max_text_len, negative_ratio, report)
+            if ex is None:
+                if links_of[s.index]:
+                    report.count("captions_without_links", example=f"{s.image_id}:{s.index}")
+                continue
+            examples.append(ex)
+    return examples
+
+
+def _coref_caption(s, links, boxes, tokenizer, seed, region_source, threshold, max_text_len,
+                   negative_ratio, report) -> Optional[C.Example]:
+    if not links:
+        return None
+    enc = tokenizer.encode_words(s.words, max_text_len, report)
+    spans = [phrase_piece_span(enc, p.first_word_index, p.num_words) for p in s.phrases]
+    rng = C.example_rng(seed, "coref", s.image_id, s.index)
+    n_regions = len(boxes)
+    items = []  # (region, span, type, linked, rand_region, rand_span)
+    for link in links:
+        where = f"{s.image_id}:{s.index} {link.phrase.text!r}"
+        span = spans[link.phrase_index]
+        if span is None:
+            report.count("phrases_truncated", example=where)
+            continue
+        if link.phrase.type not in PHRASE_TYPES:
+            report.count("phrases_of_unknown_type", example=f"{where} {link.phrase.type}")
+            continue
+        overlap = phrase_overlap([np.asarray(link.boxes, np.float64)], boxes)[0]
+        if region_source == "iou":
+            linked = np.flatnonzero(overlap >= threshold)
+        else:
+            found = match_gold_boxes(np.asarray(link.boxes, np.float64), boxes, report=report)
+            linked = np.unique(found[found >= 0])
+        if len(linked) == 0:
+            report.count("phrases_without_region", example=where)
+            continue
+        candidates = np.setdiff1d(np.flatnonzero(overlap < threshold), linked)
+        n_neg = int(round(negative_ratio * len(linked)))
+        negatives = np.sort(rng.choice(candidates, min(n_neg, len(candidates)), replace=False))
+        if len(negatives) < n_neg:
+            report.count("negatives_short", n_neg - len(negatives), example=where)
+        not_linked = np.setdiff1d(np.arange(n_regions), linked)
+        others = [spans[k] for k, p in enumerate(s.phrases)
+                  if k != link.phrase_index and spans[k] is not None and p.chain_id != link.phrase.chain_id]
+        type_id = PHRASE_TYPES.index(link.phrase.type)
+        for region, is_link in [(int(r), True) for r in linked] + [(int(r), False) for r in negatives]:
+            pool = not_linked if len(not_linked) else np.arange(n_regions)
+            rand_region = int(pool[rng.integers(len(pool))])
+            rand_span = others[int(rng.integers(len(others)))] if others else None
+            if rand_span is None:
+                report.count("items_without_random_phrase", example=where)
+            items.append((region, span, type_id, is_link, rand_region, rand_span))
+    if not items:
+        return None
+    width = max(max(e - b for b, e in (it[1], it[5] or (0, 0))) for it in items)
+    p = len(items)
+    tokens = np.zeros((p, width), np.int32)
+    token_mask = np.zeros((p, width), bool)
+    rand_tokens = np.zeros((p, width), np.int32)
+    rand_mask = np.zeros((p, width), bool)
+    for i, (_, span, _, _, _, rand_span) in enumerate(items):
+        n = span[1] - span[0]
+        tokens[i, :n], token_mask[i, :n] = np.arange(*span), True
+        if rand_span is not None:
+            n = rand_span[1] - rand_span[0]
+            rand_tokens[i, :n], rand_mask[i, :n] = np.arange(*rand_span), True
+    targets = {
+        "coref.region": [it[0] for it in items], "coref.tokens": tokens, "coref.token_mask": token_mask,
+        "coref.type": [it[2] for it in items], "coref.linked": [it[3] for it in items],
+        "coref.mask": np.ones(p, bool), "coref.rand_region": [it[4] for it in items],
+        "coref.rand_tokens": rand_tokens, "coref.rand_token_mask": rand_mask,
+    }
+    return C.Example(f"{s.image_id}:{s.index}", enc.ids, targets, image_id=s.image_id, num_regions=n_regions)
+
+
+class CorefLoader(_FeatureLoader):
+    """Flickr30k Entities coreference batches (targets `coref.*`). See `prepare_coref`.
+
+    `features_path` is any region-feature file `open_region_features` reads (or an open reader);
+    `features_options` go to it. `types` lists the entity type of each `coref.type` id.
+    """
+
+    types = PHRASE_TYPES
+
+    def __init__(self, flickr_root: PathLike, features_path, vocab_path: PathLike, lowercase: bool,
+                 split: str = "val", batch_size: int = 8, seed: int = 0, region_source: str = "iou",
+                 iou_threshold: float = 0.5, max_text_len: int = 64, max_images: Optional[int] = None,
+                 report: Optional[DataReport] = None, *, negative_ratio: float = 1.0,
+                 buckets: C.Buckets = C.DEFAULT_BUCKETS, overflow: str = "error",
+                 features_options: Optional[dict] = None):
+        _check_text_len(max_text_len, buckets)
+        report = report_or_new(report)
+        reader = self._open(features_path, features_options)
+        self.tokenizer = WordPieceTokenizer(vocab_path, lowercase)
+        examples = prepare_coref(flickr_root, reader, self.tokenizer, split=split, seed=seed,
+                                 region_source=region_source, iou_threshold=iou_threshold,
+                                 max_text_len=max_text_len, max_images=max_images,
+                                 negative_ratio=negative_ratio, report=report)
+        super().__init__(examples, batch_size, buckets=buckets, regions=_RegionCache(reader),
+                         overflow=overflow, report=report)
+
+
+# ---------------------------------------------------------------------------------------------
+# Relations (Visual Genome).
+
+
+def _encode_caption(tokenizer, text: str, max_text_len: int, report) -> np.ndarray:
+    return tokenizer.encode_words(text.split(), max_text_len, report).ids
+
+
+def prepare_relations(vg_root: PathLike, features: RegionFeatureReader, tokenizer: WordPieceTokenizer, *,
+                      seed: int = 0, num_predicates: int = 32, max_pairs_per_predicate: int = 15000,
+                      max_same_type_per_image: int = 5, iou_threshold: float = 0.5,
+                      captions: str = "region", max_text_len: int = 64, max_images: Optional[int] = None,
+                      negative_ratio: float = 1.0, report: Optional[DataReport] = None
+                      ) -> tuple[list[C.Example], tuple[str, ...]]:
+    """One example per image: VALUE §3.4's sampled relation pairs as `rel.*` targets, and the
+    predicate names (class id = position).
+
+    Subject and object boxes go to their best-IoU detected region (IoU >= `iou_threshold`, else
+    the pair is dropped). Negative pairs (round(`negative_ratio` x positives) per image) are
+    ordered region pairs that no relation of the image (sampled or not) covers in either
+    direction at the threshold; their `rel.pred` is -1. Text: a seeded dense caption of the image
+    (`captions="region"`), one of another image (`"mismatched"`, VALUE's baseline), or none.
+    Sampling runs over every image; `max_images` then keeps the first N image ids that have pairs.
+
+    Counts `relation_pairs_without_region`, `relation_pairs_on_one_region`,
+    `relation_pairs_duplicate_after_alignment`, `negatives_short`, `images_without_relation_pairs`,
+    `images_without_captions` (text left empty), `images_without_size`, `image_size_mismatch`,
+    plus the readers' and the sampler's counts.
+    """
+    if captions not in CAPTION_MODES:
+        raise ValueError(f"captions must be one of {CAPTION_MODES}, got {captions!r}")
+    report = report_or_new(report)
+    root = Path(vg_root)
+    images = read_image_data(root / "image_data.json", report)
+    relations = read_relationships(root / "relationships.json", report)
+    sample = sample_relation_pairs(relations, num_predicates, max_pairs_per_predicate,
+                                   max_same_type_per_image, seed, report)
+    pred_id = {p: i for i, p in enumerate(sample.predicates)}
+    sampled = collections.defaultdict(list)
+    for r in sample.relations:
+        sampled[r.image_id].append(r)
+    image_ids = sorted(sampled)[:max_images] if max_images is not None else sorted(sampled)
+
+    prepared = []  # (image_id, num_regions, targets)
+    for image_id in image_ids:
+        rec = features.get(str(image_id), report)
+        if rec is None:
+            continue
+        info = images.get(image_id)
+        if info is None and rec.box_units == "normalized":
+            report.count("images_without_size", example=image_id)
+            continue
+        boxes = pixel_boxes(rec, info.width, info.height, report) if info else rec.boxes.astype(np.float64)
+        targets = _relation_targets(image_id, sampled[image_id], relations.get(image_id, []), boxes,
+                                    pred_id, iou_threshold, negative_ratio, seed, report)
+        if targets is None:
+            report.count("images_without_relation_pairs", example=image_id)
+            continue
+        prepared.append((image_id, len(boxes), targets))
+
+    texts = _relation_captions([p[0] for p in prepared], root, captions, seed, report)
+    examples = [C.Example(str(image_id), _encode_caption(tokenizer, texts[image_id], max_text_len, report),
+                          targets, image_id=str(image_id), num_regions=n)
+                for image_id, n, targets in prepared]
+    return examples, sample.predicates
+
+
+def _relation_targets(image_id, rels, all_rels, boxes, pred_id, threshold, negative_ratio, seed, report):
+    n = len(boxes)
+    if n < 2:
+        return None
+
+    def region_of(box):
+        ov = iou(np.asarray([box]), boxes)[0]
+        best = int(ov.argmax())
+        return best if ov[best] >= threshold else -1
+
+    pos, seen = [], set()
+    for r in rels:
+        where = f"image {image_id} relationship {r.relationship_id} {r.predicate_norm!r}"
+        s, o = region_of(r.subject.box_xyxy), region_of(r.object.box_xyxy)
+        if s < 0 or o < 0:
+            report.count("relation_pairs_without_region", example=where)
+            continue
+        if s == o:
+            report.count("relation_pairs_on_one_region", example=where)
+            continue
+        key = (s, o, pred_id[r.predicate_norm])
+        if key in seen:
+            report.count("relation_pairs_duplicate_after_alignment", example=where)
+            continue
+        seen.add(key)
+        pos.append(key)
+    if not pos:
+        return None
+    # Every region pair that some annotated relation covers, either way round, is not a negative.
+    subj = iou(np.asarray([r.subject.box_xyxy for r in all_rels]).reshape(-1, 4), boxes) >= threshold
+    obj = iou(np.asarray([r.object.box_xyxy for r in all_rels]).reshape(-1, 4), boxes) >= threshold
+    covered = (subj.T.astype(np.int64) @ obj.astype(np.int64)) > 0
+    covered |= covered.T
+    np.fill_diagonal(covered, True)
+    for s, o, _ in pos:
+        covered[s, o] = covered[o, s] = True
+    cands = np.flatnonzero(~covered.reshape(-1))
+    rng = C.example_rng(seed, "rel", image_id)
+    n_neg = int(round(negative_ratio * len(pos)))
+    neg = np.sort(rng.choice(cands, min(n_neg, len(cands)), replace=False))
+    if len(neg) < n_neg:
+        report.count("negatives_short", n_neg - len(neg), example=f"image {image_id}")
+    items = pos + [(int(k // n), int(k % n), -1) for k in neg]
+    return {"rel.subj": [it[0] for it in items], "rel.obj": [it[1] for it in items],
+            "rel.pred": [it[2] for it in items], "rel.related": [it[2] >= 0 for it in items],
+            "rel.mask": np.ones(len(items), bool)}
+
+
+def _relation_captions(image_ids, root: Path, mode: str, seed: int, report) -> dict:
+    if mode == "none":
+        return {i: "" for i in image_ids}
+    regions = read_region_descriptions(root / "region_descriptions.json", report)
+    by_image = {i: [r.phrase for r in regions.get(i, []) if r.phrase.split()] for i in image_ids}
+    texts = {}
+    for i in image_ids:
+        if not by_image[i]:
+            report.count("images_without_captions", example=i)
+            texts[i] = ""
+    have = [i for i in image_ids if by_image[i]]
+    if mode == "region":
+        for i in have:
+            texts[i] = by_image[i][int(C.example_rng(seed, "caption", i).integers(len(by_image[i])))]
+    elif len(have) >= 2:
+        for pair in mismatched_caption_pairs(have, by_image, seed):
+            texts[pair.image_id] = pair.caption
+    else:
+        for i in have:
+            report.count("images_without_captions", example=f"{i}: no other image to lend a caption")
+            texts[i] = ""
+    return texts
+
+
+class RelationLoader(_FeatureLoader):
+    """Visual Genome relation batches (targets `rel.*`); `predicates` names each `rel.pred` id.
+    See `prepare_relations`."""
+
+    def __init__(self, vg_root: PathLike, features_path, vocab_path: PathLike, lowercase: bool,
+                 batch_size: int = 8, seed: int = 0, num_predicates: int = 32,
+                 max_pairs_per_predicate: int = 15000, max_same_type_per_image: int = 5,
+                 iou_threshold: float = 0.5, captions: str = "region", max_images: Optional[int] = None,
+                 report: Optional[DataReport] = None, *, max_text_len: int = 64,
+                 negative_ratio: float = 1.0, buckets: C.Buckets = C.DEFAULT_BUCKETS,
+                 overflow: str = "error", features_options: Optional[dict] = None):
+        _check_text_len(max_text_len, buckets)
+        report = report_or_new(report)
+        reader = self._open(features_path, features_options)
+        self.tokenizer = WordPieceTokenizer(vocab_path, lowercase)
+        examples, self.predicates = prepare_relations(
+            vg_root, reader, self.tokenizer, seed=seed, num_predicates=num_predicates,
+            max_pairs_per_predicate=max_pairs_per_predicate, max_same_type_per_image=max_same_type_per_image,
+            iou_threshold=iou_threshold, captions=captions, max_text_len=max_text_len,
+            max_images=max_images, negative_ratio=negative_ratio, report=report)
+        super().__init__(examples, batch_size, buckets=buckets, regions=_RegionCache(reader),
+                         overflow=overflow, report=report)
+
+
+# ---------------------------------------------------------------------------------------------
+# SentEval.
+
+
+def senteval_file(path: PathLike, task: str) -> Path:
+    """`path` itself when it is a file, else `<path>/<task>.txt`."""
+    path = Path(path)
+    return path if path.is_file() else path / f"{task}.txt"
+
+
+def prepare_senteval(path: PathLike, task: str, tokenizer: WordPieceTokenizer, *, seed: int = 0,
+                     per_split: Optional[int] = None, max_text_len: int = 64,
+                     report: Optional[DataReport] = None) -> tuple[list[C.Example], tuple[str, ...]]:
+    """One text-only example per sentence (`senteval.*` targets: label id, split 0 tr / 1 va /
+    2 te), tr then va then te in file order; `per_split` draws a seeded stratified sample of each
+    split. Returns the examples and the label names (label id = position)."""
+    report = report_or_new(report)
+    data = read_probing_task(senteval_file(path, task), task, report)
+    examples = []
+    for split_id, split in enumerate(SPLITS):
+        part = (data.splits[split] if per_split is None
+                else stratified_sample(data, split, per_split, seed, report))
+        for tokens, label, line in zip(part.sentences, part.label_ids, part.line_numbers):
+            ids = tokenizer.encode_words(tokens, max_text_len, report).ids
+            examples.append(C.Example(f"{task}:{int(line)}", ids, {
+                "senteval.label": int(label), "senteval.split": split_id, "senteval.mask": True}))
+    return examples, data.label_names
+
+
+class SentEvalLoader(ExampleLoader):
+    """SentEval probing batches, text only: one dummy region of width `feat_dim` with
+    region_mask 0 (the probes read only text states). `labels` names each label id."""
+
+    def __init__(self, path: PathLike, task: str, vocab_path: PathLike, lowercase: bool,
+                 batch_size: int = 8, seed: int = 0, per_split: Optional[int] = None,
+                 max_text_len: int = 64, report: Optional[DataReport] = None, *,
+                 feat_dim: int = 2048, buckets: C.Buckets = C.DEFAULT_BUCKETS, overflow: str = "error"):
+        _check_text_len(max_text_len, buckets)
+        report = report_or_new(report)
+        self.task = task
+        self.tokenizer = WordPieceTokenizer(vocab_path, lowercase)
+        examples, self.labels = prepare_senteval(path, task, self.tokenizer, seed=seed, per_split=per_split,
+                                                 max_text_len=max_text_len, report=report)
+        super().__init__(examples, batch_size, buckets=buckets, feat_dim=feat_dim, overflow=overflow,
+                         report=report)
+
+
+__all__ = ["ExampleLoader", "CorefLoader", "RelationLoader", "SentEvalLoader", "prepare_coref",
+           "prepare_relations", "prepare_senteval", "open_features", "pixel_boxes", "senteval_file"]
