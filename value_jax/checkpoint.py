@@ -22,6 +22,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from value_jax.models import build_model
+from value_jax.runner import _quiet_orbax
 from value_jax.models.configs import config_from_dict
 
 
@@ -42,7 +43,7 @@ def save(out_dir: str, config, params: Any, heads=(), extra: dict | None = None,
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(meta, f, indent=2, sort_keys=True)
         params = jax.tree_util.tree_map(lambda x: np.asarray(x, np.float32), params)
-        with ocp.StandardCheckpointer() as ckptr:
+        with _quiet_orbax(), ocp.StandardCheckpointer() as ckptr:
             ckptr.save(os.path.join(tmp, "params"), params)
             ckptr.wait_until_finished()
         if os.path.exists(out_dir):
@@ -74,7 +75,7 @@ def load(path: str):
     `model.available_heads` lists the pre-training heads whose weights the checkpoint holds.
     """
     config, heads, _ = read_config(path)
-    with ocp.StandardCheckpointer() as ckptr:
+    with _quiet_orbax(), ocp.StandardCheckpointer() as ckptr:
         params = ckptr.restore(os.path.join(os.path.abspath(path), "params"))
     params = jax.tree_util.tree_map(lambda x: np.asarray(x, np.float32), params)
     return build_model(config, heads), params

@@ -16,6 +16,7 @@ with the same loader skips the batches already counted and finishes with identic
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -27,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging as absl_logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from value_jax.api import forward
@@ -183,6 +185,17 @@ def run_probes(model, params, loader: Iterable, probes: Sequence[Probe], *,
     return {p.name: p.finalize(accs[p.name].result(), info) for p in probes}
 
 
+@contextlib.contextmanager
+def _quiet_orbax():
+    """orbax logs every step of a save at INFO; a progress line per checkpoint is enough here."""
+    level = absl_logging.get_verbosity()
+    absl_logging.set_verbosity(min(level, absl_logging.WARNING))  # lower = quieter in absl
+    try:
+        yield
+    finally:
+        absl_logging.set_verbosity(level)
+
+
 def _save(state_dir: str, accs: dict[str, Accumulator], done: int, names) -> None:
     """Atomically replaces `state_dir` with the accumulators after `done` batches."""
     tree = {name: st for name in names if (st := accs[name].state())}
@@ -190,7 +203,7 @@ def _save(state_dir: str, accs: dict[str, Accumulator], done: int, names) -> Non
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     if tree:
-        with ocp.StandardCheckpointer() as ckptr:
+        with _quiet_orbax(), ocp.StandardCheckpointer() as ckptr:
             ckptr.save(os.path.join(tmp, "accumulators"), tree)
             ckptr.wait_until_finished()
     with open(os.path.join(tmp, "progress.json"), "w") as f:
@@ -214,7 +227,7 @@ def _restore(state_dir: str, accs: dict[str, Accumulator], names) -> int:
                          "use another --out_dir or delete it")
     ckpt = os.path.join(os.path.abspath(state_dir), "accumulators")
     if os.path.isdir(ckpt):
-        with ocp.StandardCheckpointer() as ckptr:
+        with _quiet_orbax(), ocp.StandardCheckpointer() as ckptr:
             tree = ckptr.restore(ckpt)
         for name in names:
             accs[name].load(tree.get(name, {}))

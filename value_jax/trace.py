@@ -35,7 +35,8 @@ class Trace:
         `lang3`, `visn.embeddings`, `visn2`, `cross4.lang`, `cross4.visn`).
       text_mask: `[B, T]` 1 on `[CLS] w1..wm [SEP]`. region_mask: `[B, R]` 1 on real regions.
       outputs: the model's outputs (sequence outputs, pooled output, requested head logits).
-      region_feats: `[B, R, F]` the detector features that went in (raw-feature baselines).
+      input_ids: `[B, T]` and region_feats `[B, R, F]`: what went in (control tasks, raw-feature
+        baselines).
       model_type: `uniter` or `lxmert` (static).
     """
 
@@ -44,6 +45,7 @@ class Trace:
     text_mask: Any
     region_mask: Any
     outputs: dict[str, Any]
+    input_ids: Any
     region_feats: Any
     model_type: str = flax.struct.field(pytree_node=False)
 
@@ -55,7 +57,7 @@ class Trace:
             kind, _, rest = name.partition(".")
             (attention if kind == "attention" else hidden)[rest] = value[0]
         return cls(attention, hidden, batch.text_mask, batch.region_mask, dict(outputs or {}),
-                   batch.region_feats, model_type)
+                   batch.input_ids, batch.region_feats, model_type)
 
     # ---- layout -------------------------------------------------------------------------
     @property

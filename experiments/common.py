@@ -1,0 +1,233 @@
+"""What every experiment shares: flags, the model (a converted checkpoint or the built-in demo),
+the demo data, and writing results next to the flags that made them.
+
+With no `--checkpoint` an experiment builds the demo checkpoint: a small deterministic model in
+the ORIGINAL PyTorch layout (`checkpoints_convert.fake`), converted with the real converter —
+so the demo exercises the same path a user's `Epoch20_LXRT.pth` or `uniter-base.pt` takes.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+
+from absl import flags
+
+FLAGS = flags.FLAGS
+
+flags.DEFINE_enum("model", "uniter", ["uniter", "lxmert"], "Which model to probe.")
+flags.DEFINE_string("checkpoint", "", "A converted checkpoint directory (python -m "
+                    "checkpoints_convert). Empty: the built-in demo checkpoint.")
+flags.DEFINE_string("out_dir", "out", "Results go to <out_dir>/<analysis>/<model>/.")
+flags.DEFINE_integer("batch_size", 8, "Examples per forward pass (a multiple of the device count "
+                     "to shard the batch).")
+flags.DEFINE_integer("seed", 0, "Seed of every random choice (negatives, baselines, probers).")
+flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Forward dtype; reductions stay "
+                  "float32. bfloat16 is for TPUs/GPUs (it is slower on CPUs without bf16).")
+flags.DEFINE_integer("max_images", 0, "Use at most this many images / sentences (0 = all).")
+flags.DEFINE_boolean("resume", True, "Resume an interrupted run from its saved accumulators.")
+flags.DEFINE_string("vocab", "", "WordPiece vocab.txt (bert-base-cased for UNITER, "
+                    "bert-base-uncased for LXMERT). Empty with the demo.")
+flags.DEFINE_string("flickr30k_root", "", "Flickr30k Entities root (Sentences/, Annotations/, "
+                    "val.txt). Empty: the demo data.")
+flags.DEFINE_string("flickr30k_features", "", "Region features of the Flickr30k images (LXMERT "
+                    "TSV, UNITER npz dir or LMDB, VOLTA LMDB).")
+flags.DEFINE_string("split", "val", "Flickr30k Entities split.")
+flags.DEFINE_enum("region_source", "iou", ["iou", "gold_in_features"], "How gold boxes become "
+                  "regions: IoU alignment to detected boxes, or gold boxes present in the features.")
+flags.DEFINE_float("iou_threshold", 0.5, "IoU needed to link a gold box to a detected region.")
+flags.DEFINE_string("vg_root", "", "Visual Genome root (relationships.json, ...). Empty: demo.")
+flags.DEFINE_string("vg_features", "", "Region features of the Visual Genome images.")
+flags.DEFINE_string("senteval_dir", "", "Directory of SentEval probing files. Empty: demo.")
+flags.DEFINE_list("senteval_tasks", [], "SentEval tasks to probe (default: every file present).")
+flags.DEFINE_boolean("fusion_include_special", False, "Fusion NMI: also cluster [CLS] and [SEP] "
+                     "(VALUE does not say; default: words and regions only).")
+flags.DEFINE_enum("sentence_pooling", "mean", ["mean", "cls"], "SentEval sentence embedding: mean "
+                  "of the word tokens or the [CLS] state.")
+
+DEMO_FEAT_DIM = 32
+
+
+def using_demo() -> bool:
+    return not FLAGS.checkpoint
+
+
+def model_tag() -> str:
+    return FLAGS.model
+
+
+def result_dir(analysis: str) -> str:
+    return os.path.join(FLAGS.out_dir, analysis, model_tag())
+
+
+def demo_config(model_type: str, vocab_size: int):
+    from value_jax.models import LxmertConfig, UniterConfig
+    if model_type == "uniter":
+        return UniterConfig.tiny(vocab_size=vocab_size, img_dim=DEMO_FEAT_DIM, hidden_size=48,
+                                 num_heads=4, num_layers=4, intermediate_size=96)
+    return LxmertConfig.tiny(vocab_size=vocab_size, visual_feat_dim=DEMO_FEAT_DIM, hidden_size=48,
+                             num_heads=4, intermediate_size=96, l_layers=3, r_layers=2, x_layers=2)
+
+
+def build_demo_checkpoint(root: str, model_type: str, vocab_size: int, seed: int = 0) -> str:
+    """A fake checkpoint in the original PyTorch layout, converted by the real converter.
+
+    Cached under `root/checkpoints/<model>`; rebuilt if missing.
+    """
+    out = os.path.join(root, "checkpoints", model_type)
+    if os.path.isfile(os.path.join(out, "config.json")):
+        return out
+    from checkpoints_convert import convert_checkpoint
+    from checkpoints_convert.fake import write_fake_checkpoint
+    os.makedirs(os.path.join(root, "pytorch"), exist_ok=True)
+    fmt, name = {"uniter": ("uniter", "uniter-demo.pt"), "lxmert": ("lxmert", "Epoch20_LXRT-demo.pth")}[model_type]
+    # Query/key weights scaled so attention logits have std ~1.5: a BERT-style init gives
+    # near-uniform maps, which make a dull demo.
+    src = write_fake_checkpoint(os.path.join(root, "pytorch", name), fmt,
+                                demo_config(model_type, vocab_size), seed=seed,
+                                attention_score_std=1.5)
+    num_heads = demo_config(model_type, vocab_size).num_heads
+    convert_checkpoint(src, fmt, out, num_heads=num_heads, overwrite=True)
+    return out
+
+
+def vocab_path(demo) -> tuple[str, bool]:
+    """(vocab file, lowercase) for the model: UNITER is cased, LXMERT uncased."""
+    lowercase = FLAGS.model == "lxmert"
+    if FLAGS.vocab:
+        return FLAGS.vocab, lowercase
+    return (demo.vocab_uncased if lowercase else demo.vocab_cased), lowercase
+
+
+def load_model(demo=None):
+    """`(model, params)` from `--checkpoint`, or the demo checkpoint; `--dtype` applied."""
+    import value_jax
+    from value_jax.data.tokenization import read_vocab
+    path = FLAGS.checkpoint
+    if not path:
+        vocab, _ = vocab_path(demo)
+        path = build_demo_checkpoint(os.path.join(FLAGS.out_dir, "demo"), FLAGS.model,
+                                     len(read_vocab(vocab)))
+        say(f"no --checkpoint given: using the built-in demo checkpoint {path} "
+            "(random weights in the original PyTorch layout, converted)")
+    model, params = value_jax.load(path)
+    if model.config.model_type != FLAGS.model:
+        raise SystemExit(f"--checkpoint {path} holds a {model.config.model_type} model but "
+                         f"--model={FLAGS.model}")
+    if FLAGS.dtype != model.config.dtype:
+        model = model.clone(config=dataclasses.replace(model.config, dtype=FLAGS.dtype))
+    return model, params
+
+
+def flag_values() -> dict:
+    """The flags this run used (written as flags.json next to the results)."""
+    names = [f.name for f in FLAGS.get_flags_for_module(sys.modules[__name__])]
+    main = sys.modules.get("__main__")
+    if main is not None:
+        names += [f.name for f in FLAGS.get_flags_for_module(main)]
+    return {n: FLAGS[n].value for n in sorted(set(names))}
+
+
+def write(result, analysis: str | None = None) -> str:
+    from value_jax.probes.results import write_result
+    out = result_dir(analysis or result.name)
+    files = write_result(result, out, flag_values())
+    say(f"wrote {', '.join(os.path.basename(f) for f in files)} to {out}")
+    print(result.to_markdown())
+    return out
+
+
+def say(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+# ---- data ---------------------------------------------------------------------------------
+
+DEMO_IMAGES = 30  # Flickr30k demo images (a third land in val)
+
+
+def demo_data():
+    from value_jax.data.demo import make_demo_data
+    return make_demo_data(os.path.join(FLAGS.out_dir, "demo", "data"), seed=0,
+                          n_images=DEMO_IMAGES, feat_dim=DEMO_FEAT_DIM)
+
+
+def needs_demo(*data_flags: str) -> bool:
+    return using_demo() or not all(FLAGS[f].value for f in data_flags)
+
+
+def _max_images():
+    return FLAGS.max_images or None
+
+
+def coref_loader(demo):
+    """Flickr30k Entities captions + regions with coreference targets (also feeds fusion and
+    modality, which need no targets)."""
+    from value_jax.data.loaders import CorefLoader
+    vocab, lowercase = vocab_path(demo)
+    if FLAGS.flickr30k_root:
+        root, feats = FLAGS.flickr30k_root, FLAGS.flickr30k_features
+        if not feats:
+            raise SystemExit("--flickr30k_root needs --flickr30k_features")
+    else:
+        say(f"no --flickr30k_root: using the built-in demo data in {demo.root}")
+        root = demo.flickr_root
+        feats = demo.flickr_features_gold_tsv if FLAGS.region_source == "gold_in_features" \
+            else demo.flickr_features_tsv
+    return CorefLoader(root, feats, vocab, lowercase, split=FLAGS.split,
+                       batch_size=FLAGS.batch_size, seed=FLAGS.seed,
+                       region_source=FLAGS.region_source, iou_threshold=FLAGS.iou_threshold,
+                       max_images=_max_images())
+
+
+def relation_loader(demo, captions="region"):
+    from value_jax.data.loaders import RelationLoader
+    vocab, lowercase = vocab_path(demo)
+    if FLAGS.vg_root:
+        root, feats = FLAGS.vg_root, FLAGS.vg_features
+        if not feats:
+            raise SystemExit("--vg_root needs --vg_features")
+    else:
+        say(f"no --vg_root: using the built-in demo data in {demo.root}")
+        root, feats = demo.vg_root, demo.vg_features_tsv
+    return RelationLoader(root, feats, vocab, lowercase, batch_size=FLAGS.batch_size,
+                          seed=FLAGS.seed, iou_threshold=FLAGS.iou_threshold, captions=captions,
+                          max_images=_max_images())
+
+
+def senteval_loaders(demo, feat_dim):
+    """{task: SentEvalLoader} for `--senteval_tasks` (default: every task file present)."""
+    from value_jax.data.loaders import SentEvalLoader
+    from value_jax.data.senteval import TASKS
+    vocab, lowercase = vocab_path(demo)
+    if FLAGS.senteval_dir:
+        root = FLAGS.senteval_dir
+    else:
+        say(f"no --senteval_dir: using the built-in demo data in {demo.root}")
+        root = demo.senteval_dir
+    tasks = FLAGS.senteval_tasks or [t for t in TASKS if os.path.isfile(os.path.join(root, f"{t}.txt"))]
+    if not tasks:
+        raise SystemExit(f"no SentEval task files (<task>.txt) in {root}")
+    return {t: SentEvalLoader(os.path.join(root, f"{t}.txt"), t, vocab, lowercase,
+                              batch_size=FLAGS.batch_size, seed=FLAGS.seed,
+                              per_split=_max_images(), feat_dim=feat_dim) for t in tasks}
+
+
+def feat_dim(model) -> int:
+    c = model.config
+    return c.img_dim if c.model_type == "uniter" else c.visual_feat_dim
+
+
+def run(model, params, loader, probes, analysis: str):
+    """The runner with this run's resumable state under `<out_dir>/_state/<pass>/<model>`."""
+    from value_jax.runner import run_probes
+    state = os.path.join(FLAGS.out_dir, "_state", analysis, model_tag()) if FLAGS.resume else None
+    report = getattr(loader, "report", None)
+    if report is not None:
+        for line in report.summary_lines():
+            say(f"[{analysis}] data: {line}")
+    results = run_probes(model, params, loader, probes, state_dir=state, label=analysis)
+    if report is not None:
+        for r in results.values():
+            r.data["data_report"] = report.to_dict()
+    return results

@@ -1,0 +1,478 @@
+"""Probing classifiers shared by the analyses: VALUE §3.3.3 (Eq. 3, Eq. 4), §3.4 (Fig. 5).
+
+* Attention prober (Eq. 3): `p(c|i,j) ∝ Σ_k (w_k α^k_ij + μ_k α^k_ji)` is a linear classifier over
+  the `2N` attention values of a pair: `attention_pair_features` builds them, `fit_linear` trains.
+* Layer-wise embedding prober (Eq. 4): `p(c|i,j) ∝ w_cᵀ(W_w e_i ⊙ W_μ e_j) + b_c`: `fit_bilinear`.
+* Control tasks (Hewitt & Liang 2019): `control_labels`, `selectivity`.
+* Seeded (optionally grouped) splits, `ProbeResult`, and `run_probe`, which chains them all.
+
+Every fit trains `P` independent probes at once (one per layer, say) under `jax.vmap` over a
+leading probe axis, full-batch L-BFGS (or Adam) for the convex linear prober and minibatch Adam
+for the bilinear one, L2 on the weight matrices (not on biases), features standardised with train
+statistics, and early stopping on dev accuracy: per probe, the parameters of its best dev epoch
+are kept (`jnp.where`, no per-probe Python control flow), dev loss breaking accuracy ties, and a
+probe stops after `patience` epochs without improving. The loop ends when every probe has stopped
+or at `max_epochs`. Epochs are 0-based indices into `TrainRecord.dev_acc_history`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Optional, Sequence
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+_STD_FLOOR = 1e-6  # features constant on train (e.g. an attention value that is always 0)
+
+
+@flax.struct.dataclass
+class TrainRecord:
+    """How each probe's training went. All arrays have a leading probe axis `[P]`.
+
+    best_epoch: 0-based epoch whose parameters were kept (first epoch of the best dev accuracy).
+    best_dev_acc: dev accuracy at `best_epoch`.
+    epochs_run: epochs each probe trained before its patience ran out (or `max_epochs`).
+    dev_acc_history: `[P, max_epochs]` dev accuracy after every epoch, NaN once a probe stopped.
+    """
+
+    best_epoch: jnp.ndarray
+    best_dev_acc: jnp.ndarray
+    epochs_run: jnp.ndarray
+    dev_acc_history: jnp.ndarray
+
+
+@flax.struct.dataclass
+class LinearProbe:
+    """`P` multinomial logistic regressions on standardised features.
+
+    weights: `{"w": [P, F, C], "b": [P, C]}` acting on `(x - mean) / std`.
+    mean, std: `[P, F]` train statistics.
+    """
+
+    weights: dict
+    mean: jnp.ndarray
+    std: jnp.ndarray
+    record: TrainRecord
+
+    def input_space_weights(self):
+        """`(w [P, F, C], b [P, C])` acting on raw features: for Eq. 3 features, `w[p, k, c]` is
+        `w_k` (k < N) or `μ_{k-N}` (k >= N) of class c, comparable across heads."""
+        w = self.weights["w"] / self.std[..., None]
+        b = self.weights["b"] - jnp.einsum("pf,pfc->pc", self.mean, w)
+        return w, b
+
+
+@flax.struct.dataclass
+class BilinearProbe:
+    """`P` Eq. 4 probers. weights: `{"w_i": [P, D, R], "w_j": [P, D, R], "w_cls": [P, R, C],
+    "b": [P, C]}` acting on standardised `e_i`, `e_j` (`mean_i`, `std_i`, ... are `[P, D]`)."""
+
+    weights: dict
+    mean_i: jnp.ndarray
+    std_i: jnp.ndarray
+    mean_j: jnp.ndarray
+    std_j: jnp.ndarray
+    record: TrainRecord
+
+
+def attention_pair_features(a_ij, a_ji):
+    """Eq. 3's input: `[..., N]` attention of i on j per head, and of j on i -> `[..., 2N]`.
+
+    A linear prober over these features (`fit_linear`) is exactly Eq. 3 per class c,
+    `Σ_k w^c_k α^k_ij + μ^c_k α^k_ji` (plus a class bias): the weights of feature k and N+k are
+    `w_k` and `μ_k`. For a phrase, α is the max over its word pieces (VALUE §3.3.3); N = 144 heads
+    for UNITER (12 layers × 12 heads, flattened layer-major).
+    """
+    a_ij, a_ji = jnp.asarray(a_ij), jnp.asarray(a_ji)
+    if a_ij.shape != a_ji.shape:
+        raise ValueError(f"a_ij {a_ij.shape} and a_ji {a_ji.shape} must have the same shape")
+    return jnp.concatenate([a_ij, a_ji], axis=-1)
+
+
+@jax.custom_vjp
+def _matmul_pretransposed(x, x_t, w):
+    """`x [N, F] @ w [F, C]`, differentiable in `w` only, with `x_t = x.T` given so that the
+    weight gradient `x_t @ g` is a plain matmul: XLA:CPU contracts `x` over its long N axis
+    about 6x slower per step (measured at 8000 x 1536 x 8)."""
+    return x @ w
+
+
+def _matmul_pretransposed_fwd(x, x_t, w):
+    return x @ w, (x_t,)
+
+
+def _matmul_pretransposed_bwd(residuals, g):
+    (x_t,) = residuals
+    return None, None, x_t @ g
+
+
+_matmul_pretransposed.defvjp(_matmul_pretransposed_fwd, _matmul_pretransposed_bwd)
+
+
+def _linear_logits(w, x, x_t=None):
+    if x_t is None:
+        return x @ w["w"] + w["b"]
+    return _matmul_pretransposed(x, x_t, w["w"]) + w["b"]
+
+
+def _bilinear_logits(w, e_i, e_j):
+    return ((e_i @ w["w_i"]) * (e_j @ w["w_j"])) @ w["w_cls"] + w["b"]
+
+
+@functools.partial(jax.jit, static_argnames=(
+    "logits_fn", "max_epochs", "patience", "batch_size", "optimizer"))
+def _train(weights, train, y_train, dev, y_dev, key, learning_rate, l2, *, logits_fn, max_epochs,
+           patience, batch_size, optimizer="adam"):
+    """Trains `P` probes: weights leaves `[P, ...]`, inputs tuples of `[P, N, ...]`, y `[P, N]`."""
+    num_probes, n = y_train.shape
+    # L-BFGS sets its step by line search: learning_rate is Adam's alone.
+    opt = optax.lbfgs() if optimizer == "lbfgs" else optax.adam(learning_rate)
+
+    def objective(w, inputs, y):
+        logits = logits_fn(w, *inputs)
+        nll = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+        penalty = sum(jnp.sum(jnp.square(v)) for v in jax.tree.leaves(w) if v.ndim >= 2)
+        return nll + 0.5 * l2 * penalty
+
+    def one_step(w, state, inputs, y):
+        if optimizer == "lbfgs":
+            value_fn = functools.partial(objective, inputs=inputs, y=y)
+            value, grad = optax.value_and_grad_from_state(value_fn)(w, state=state)
+            updates, state = opt.update(grad, state, w, value=value, grad=grad, value_fn=value_fn)
+        else:
+            updates, state = opt.update(jax.grad(objective)(w, inputs, y), state, w)
+        return optax.apply_updates(w, updates), state
+
+    def dev_scores(w, inputs, y):
+        logits = logits_fn(w, *inputs)
+        nll = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+        return jnp.mean(jnp.argmax(logits, -1) == y), nll
+
+    step = jax.vmap(one_step)
+    scores = jax.vmap(dev_scores)
+    num_batches = n // batch_size
+
+    def run_epoch(w, state, epoch):
+        if batch_size == n:  # full batch: no gather of the whole train set
+            return step(w, state, train, y_train)
+        # One order shared by all probes, so a probe trains the same alone or alongside others.
+        order = jax.random.permutation(jax.random.fold_in(key, epoch), n)
+        batches = order[: num_batches * batch_size].reshape(num_batches, batch_size)
+
+        def body(carry, idx):
+            inputs = tuple(jnp.take(x, idx, axis=1) for x in train)
+            return step(*carry, inputs, jnp.take(y_train, idx, axis=1)), None
+
+        return jax.lax.scan(body, (w, state), batches)[0]
+
+    def keep(mask, new, old):
+        return jax.tree.map(
+            lambda a, b: jnp.where(mask.reshape((-1,) + (1,) * (a.ndim - 1)), a, b), new, old)
+
+    def body(s):
+        w, state = run_epoch(s["w"], s["state"], s["epoch"])
+        acc, nll = scores(w, dev, y_dev)
+        # Dev loss breaks accuracy ties: on a plateau of accuracy keep the better-fitted epoch.
+        improved = s["active"] & ((acc > s["best_acc"]) |
+                                  ((acc == s["best_acc"]) & (nll < s["best_nll"])))
+        bad = jnp.where(improved, 0, s["bad"] + 1)
+        return dict(
+            epoch=s["epoch"] + 1, w=w, state=state, bad=bad,
+            best_w=keep(improved, w, s["best_w"]),
+            best_acc=jnp.where(improved, acc, s["best_acc"]),
+            best_nll=jnp.where(improved, nll, s["best_nll"]),
+            best_epoch=jnp.where(improved, s["epoch"], s["best_epoch"]),
+            history=s["history"].at[:, s["epoch"]].set(jnp.where(s["active"], acc, jnp.nan)),
+            active=s["active"] & (bad < patience))
+
+    init = dict(
+        epoch=jnp.int32(0), w=weights, state=jax.vmap(opt.init)(weights), best_w=weights,
+        best_acc=jnp.full((num_probes,), -1.0), best_nll=jnp.full((num_probes,), jnp.inf),
+        best_epoch=jnp.zeros((num_probes,), jnp.int32),
+        bad=jnp.zeros((num_probes,), jnp.int32), active=jnp.ones((num_probes,), bool),
+        history=jnp.full((num_probes, max_epochs), jnp.nan))
+    s = jax.lax.while_loop(lambda s: (s["epoch"] < max_epochs) & jnp.any(s["active"]), body, init)
+    record = TrainRecord(best_epoch=s["best_epoch"], best_dev_acc=s["best_acc"],
+                         epochs_run=jnp.sum(~jnp.isnan(s["history"]), axis=1),
+                         dev_acc_history=s["history"])
+    return s["best_w"], record
+
+
+@jax.jit
+def _stats(x):
+    mean = jnp.mean(x, axis=1)
+    std = jnp.std(x, axis=1)
+    return mean, jnp.where(std > _STD_FLOOR, std, 1.0)
+
+
+@jax.jit
+def _standardise(x, mean, std):
+    return (x - mean[:, None]) / std[:, None]
+
+
+@functools.partial(jax.jit, static_argnames="logits_fn")
+def _accuracy(weights, inputs, y, logits_fn):
+    return jax.vmap(lambda w, inp, t: jnp.mean(jnp.argmax(logits_fn(w, *inp), -1) == t))(
+        weights, inputs, y)
+
+
+def _features(x, name, ndim=3):
+    x = jnp.asarray(x, jnp.float32)
+    if x.ndim != ndim:
+        raise ValueError(f"{name} must be [P, N, F] (a leading probe axis; x[None] for one "
+                         f"probe), got shape {x.shape}")
+    return x
+
+
+def _labels(y, num_probes, n, num_classes, name):
+    y = np.asarray(y)
+    if y.ndim == 1:
+        y = np.broadcast_to(y, (num_probes,) + y.shape)
+    if y.shape != (num_probes, n):
+        raise ValueError(f"{name} must be [N] or [P, N] = [{num_probes}, {n}], got {y.shape}")
+    if y.size and (y.min() < 0 or y.max() >= num_classes):
+        raise ValueError(f"{name} holds labels in [{y.min()}, {y.max()}], "
+                         f"outside [0, num_classes={num_classes})")
+    return jnp.asarray(y, jnp.int32)
+
+
+def fit_linear(x_train, y_train, x_dev, y_dev, num_classes: int, key, *, l2: float = 1e-4,
+               optimizer: str = "lbfgs", learning_rate: float = 0.1, max_epochs: int = 300,
+               patience: int = 20) -> LinearProbe:
+    """Trains `P` multinomial logistic regressions (the Eq. 3 attention prober, or a linear probe
+    of any features) with early stopping on dev accuracy.
+
+    Args:
+      x_train: `[P, N, F]`; y_train: `[N]` (shared by all probes) or `[P, N]` ints in [0, C).
+      x_dev: `[P, M, F]`; y_dev: `[M]` or `[P, M]`.
+      key: `jax.random` key, accepted for symmetry with `fit_bilinear`: full-batch training from
+        a zero start is deterministic (the problem is convex) and does not use it.
+      l2: objective is `mean cross-entropy + l2/2 ||w||²` (bias not penalised); scikit-learn's
+        `LogisticRegression(C=c)` on the same standardised train set is `l2 = 1 / (c N)`.
+      optimizer: "lbfgs" (default: optax L-BFGS with zoom line search; reaches the l2 optimum in
+        tens of iterations, as scikit-learn's lbfgs does) or "adam" (`learning_rate`).
+      max_epochs, patience: an epoch is one full-batch step (sizes up to ~50k x 2k fit in
+        memory: the train features are held standardised and transposed, 2 copies).
+    Returns: a `LinearProbe` holding each probe's best-dev-epoch parameters.
+    """
+    if optimizer not in ("lbfgs", "adam"):
+        raise ValueError(f"optimizer must be 'lbfgs' or 'adam', got {optimizer!r}")
+    x_train, x_dev = _features(x_train, "x_train"), _features(x_dev, "x_dev")
+    num_probes, n, f = x_train.shape
+    if x_dev.shape[0] != num_probes or x_dev.shape[2] != f:
+        raise ValueError(f"x_dev {x_dev.shape} does not match x_train {x_train.shape}")
+    y_train = _labels(y_train, num_probes, n, num_classes, "y_train")
+    y_dev = _labels(y_dev, num_probes, x_dev.shape[1], num_classes, "y_dev")
+    mean, std = _stats(x_train)
+    weights = {"w": jnp.zeros((num_probes, f, num_classes)),  # convex: zero start is exact
+               "b": jnp.zeros((num_probes, num_classes))}
+    x_train = _standardise(x_train, mean, std)
+    weights, record = _train(
+        weights, (x_train, jnp.swapaxes(x_train, 1, 2)), y_train,
+        (_standardise(x_dev, mean, std),), y_dev, key, learning_rate, l2,
+        logits_fn=_linear_logits, optimizer=optimizer, max_epochs=max_epochs, patience=patience,
+        batch_size=n)
+    return LinearProbe(weights=weights, mean=mean, std=std, record=record)
+
+
+def evaluate(probe: LinearProbe, x, y):
+    """Accuracy `[P]` of each probe on `x [P, N, F]`, `y [N] or [P, N]`."""
+    x = _features(x, "x")
+    y = _labels(y, x.shape[0], x.shape[1], probe.weights["b"].shape[-1], "y")
+    return _accuracy(probe.weights, (_standardise(x, probe.mean, probe.std),), y, _linear_logits)
+
+
+def fit_bilinear(e_i_train, e_j_train, y_train, e_i_dev, e_j_dev, y_dev, num_classes: int, key,
+                 *, rank: Optional[int] = None, l2: float = 1e-5, learning_rate: float = 1e-3,
+                 max_epochs: int = 50, patience: int = 5, batch_size: int = 256) -> BilinearProbe:
+    """Trains `P` layer-wise embedding probers of Eq. 4 with minibatch Adam and early stopping.
+
+    `p(c|i,j) ∝ exp(w_cᵀ (W_w ê_i ⊙ W_μ ê_j) + b_c)`, ê the train-standardised embeddings,
+    `W_w, W_μ ∈ R^{D×D'}` (paper: D = D' = 768), `w_c ∈ R^{D'}` per class.
+
+    Args:
+      e_i_train, e_j_train: `[P, N, D]` embeddings of the pair's two members at each layer (a
+        phrase is the mean of its word pieces); y_train: `[N]` or `[P, N]`.
+      e_i_dev, e_j_dev: `[P, M, D]`; y_dev: `[M]` or `[P, M]`.
+      key: draws the initialisation (the same for every probe) and the minibatch order.
+      rank: D' (default D); a smaller rank gives a low-rank bilinear form.
+      l2: penalty `l2/2 (||W_w||² + ||W_μ||² + ||w||²)` added to the mean cross-entropy.
+    """
+    e_i_train, e_j_train = _features(e_i_train, "e_i_train"), _features(e_j_train, "e_j_train")
+    e_i_dev, e_j_dev = _features(e_i_dev, "e_i_dev"), _features(e_j_dev, "e_j_dev")
+    num_probes, n, d = e_i_train.shape
+    for name, e in (("e_j_train", e_j_train), ("e_i_dev", e_i_dev), ("e_j_dev", e_j_dev)):
+        if e.shape[0] != num_probes or e.shape[2] != d:
+            raise ValueError(f"{name} {e.shape} does not match e_i_train {e_i_train.shape}")
+    if e_i_dev.shape != e_j_dev.shape or e_j_train.shape != e_i_train.shape:
+        raise ValueError(f"e_i and e_j must pair up: train {e_i_train.shape} vs "
+                         f"{e_j_train.shape}, dev {e_i_dev.shape} vs {e_j_dev.shape}")
+    y_train = _labels(y_train, num_probes, n, num_classes, "y_train")
+    y_dev = _labels(y_dev, num_probes, e_i_dev.shape[1], num_classes, "y_dev")
+    rank = rank or d
+    k_i, k_j, k_c, k_order = jax.random.split(key, 4)
+    # Unit-variance projections of standardised inputs keep the initial logits O(1).
+    one = {"w_i": jax.random.normal(k_i, (d, rank)) / np.sqrt(d),
+           "w_j": jax.random.normal(k_j, (d, rank)) / np.sqrt(d),
+           "w_cls": jax.random.normal(k_c, (rank, num_classes)) / np.sqrt(rank),
+           "b": jnp.zeros((num_classes,))}
+    weights = jax.tree.map(lambda v: jnp.broadcast_to(v, (num_probes,) + v.shape), one)
+    mean_i, std_i = _stats(e_i_train)
+    mean_j, std_j = _stats(e_j_train)
+    weights, record = _train(
+        weights, (_standardise(e_i_train, mean_i, std_i), _standardise(e_j_train, mean_j, std_j)),
+        y_train, (_standardise(e_i_dev, mean_i, std_i), _standardise(e_j_dev, mean_j, std_j)),
+        y_dev, k_order, learning_rate, l2, logits_fn=_bilinear_logits,
+        max_epochs=max_epochs, patience=patience, batch_size=min(batch_size, n))
+    return BilinearProbe(weights=weights, mean_i=mean_i, std_i=std_i, mean_j=mean_j, std_j=std_j,
+                         record=record)
+
+
+def evaluate_bilinear(probe: BilinearProbe, e_i, e_j, y):
+    """Accuracy `[P]` of each Eq. 4 probe on `e_i, e_j [P, N, D]`, `y [N] or [P, N]`."""
+    e_i, e_j = _features(e_i, "e_i"), _features(e_j, "e_j")
+    y = _labels(y, e_i.shape[0], e_i.shape[1], probe.weights["b"].shape[-1], "y")
+    inputs = (_standardise(e_i, probe.mean_i, probe.std_i),
+              _standardise(e_j, probe.mean_j, probe.std_j))
+    return _accuracy(probe.weights, inputs, y, _bilinear_logits)
+
+
+def control_labels(type_ids, labels, num_classes: int, rng: np.random.Generator) -> np.ndarray:
+    """Control task of Hewitt & Liang (2019): `[N]` labels where every distinct `type_ids` value
+    gets one label drawn from the task's empirical label distribution, so only memorising types
+    can solve it. For pair tasks the type is the caller's choice (e.g. the phrase's head word, or
+    a (phrase, region class) id); the same type keeps its label across train/dev/test."""
+    type_ids, labels = np.asarray(type_ids), np.asarray(labels)
+    if type_ids.ndim != 1 or type_ids.shape != labels.shape:
+        raise ValueError(f"type_ids {type_ids.shape} and labels {labels.shape} must both be [N]")
+    if labels.size == 0 or labels.min() < 0 or labels.max() >= num_classes:
+        raise ValueError(f"labels must be non-empty ints in [0, {num_classes})")
+    prior = np.bincount(labels, minlength=num_classes) / labels.size
+    types, inverse = np.unique(type_ids, return_inverse=True)
+    return rng.choice(num_classes, size=types.size, p=prior)[inverse].astype(labels.dtype)
+
+
+def selectivity(task_acc, control_acc):
+    """Hewitt & Liang's selectivity: task accuracy minus control-task accuracy (elementwise)."""
+    return np.asarray(task_acc, np.float64) - np.asarray(control_acc, np.float64)
+
+
+def split_indices(n: int, seed: int, fractions: Sequence[float] = (0.8, 0.1, 0.1),
+                  groups=None) -> tuple:
+    """Seeded split of `range(n)` into `len(fractions)` sorted index arrays.
+
+    With `groups` (`[n]`, e.g. image ids) whole groups are shuffled and each lands in the split
+    where its middle sample falls, so no group straddles two splits and sizes are close to the
+    fractions when groups are small.
+    """
+    fractions = np.asarray(fractions, np.float64)
+    if fractions.ndim != 1 or fractions.size < 2 or np.any(fractions < 0) \
+            or not np.isclose(fractions.sum(), 1.0):
+        raise ValueError(f"fractions must be >= 2 non-negative numbers summing to 1, "
+                         f"got {fractions.tolist()}")
+    rng = np.random.default_rng(seed)
+    bounds = np.cumsum(fractions)[:-1]
+    if groups is None:
+        return tuple(np.sort(p) for p in np.split(rng.permutation(n),
+                                                   np.round(bounds * n).astype(int)))
+    groups = np.asarray(groups)
+    if groups.shape != (n,):
+        raise ValueError(f"groups must be [n] = [{n}], got {groups.shape}")
+    _, inverse, counts = np.unique(groups, return_inverse=True, return_counts=True)
+    order = rng.permutation(counts.size)
+    middle = (np.cumsum(counts[order]) - counts[order] / 2) / n
+    split_of_group = np.empty(counts.size, np.int64)
+    split_of_group[order] = np.searchsorted(bounds, middle, side="right")
+    split = split_of_group[inverse]
+    return tuple(np.flatnonzero(split == k) for k in range(fractions.size))
+
+
+@dataclasses.dataclass
+class ProbeResult:
+    """Accuracies (fractions in [0, 1]) per probe, e.g. per layer (`names`: "layer 1", ...).
+
+    best_epoch is 0-based; majority_acc is the test accuracy of always predicting the most
+    frequent train label; control_* fields are set when a control task was run."""
+
+    names: list
+    train_acc: list
+    dev_acc: list
+    test_acc: list
+    best_epoch: list
+    epochs_run: list
+    num_classes: int
+    num_train: int
+    num_dev: int
+    num_test: int
+    majority_acc: float
+    control_test_acc: Optional[list] = None
+    selectivity: Optional[list] = None
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def run_probe(features_or_pairs, labels, *, num_classes: Optional[int] = None, seed: int = 0,
+              fractions=(0.8, 0.1, 0.1), groups=None, control_type_ids=None,
+              names: Optional[Sequence[str]] = None, **fit_kwargs) -> ProbeResult:
+    """Split -> fit -> evaluate (-> control task) for one probing experiment.
+
+    Args:
+      features_or_pairs: `[P, N, F]` (or `[N, F]`) features for `fit_linear`, or a pair
+        `(e_i, e_j)` of `[P, N, D]` (or `[N, D]`) embeddings for `fit_bilinear`.
+      labels: `[N]` ints, shared by all probes. num_classes: default `max(labels) + 1`.
+      seed: drives the split, the probe key and the control labels.
+      groups: `[N]` ids no split may share (e.g. image ids). control_type_ids: `[N]` type ids.
+      fit_kwargs: passed to `fit_linear` / `fit_bilinear`.
+    """
+    bilinear = isinstance(features_or_pairs, (tuple, list))
+    arrays = tuple(features_or_pairs) if bilinear else (features_or_pairs,)
+    arrays = tuple(np.asarray(a, np.float32) for a in arrays)
+    arrays = tuple(a[None] if a.ndim == 2 else a for a in arrays)
+    labels = np.asarray(labels)
+    n = labels.shape[0]
+    if labels.ndim != 1 or any(a.ndim != 3 or a.shape[1] != n for a in arrays):
+        raise ValueError(f"labels must be [N] and features [P, N, F] with the same N; got labels "
+                         f"{labels.shape}, features {[a.shape for a in arrays]}")
+    num_probes = arrays[0].shape[0]
+    names = list(names) if names is not None else [str(p) for p in range(num_probes)]
+    if len(names) != num_probes:
+        raise ValueError(f"{len(names)} names for {num_probes} probes")
+    num_classes = int(num_classes or labels.max() + 1)
+    splits = split_indices(n, seed, fractions, groups)
+    if len(splits) != 3 or min(len(s) for s in splits) == 0:
+        raise ValueError(f"need non-empty train/dev/test splits, got sizes "
+                         f"{[len(s) for s in splits]} from fractions {list(fractions)}")
+    key = jax.random.PRNGKey(seed)
+
+    def fit_and_score(y):
+        part = lambda idx: tuple(a[:, idx] for a in arrays)
+        train, dev = splits[0], splits[1]
+        if bilinear:
+            probe = fit_bilinear(*part(train), y[train], *part(dev), y[dev], num_classes, key,
+                                 **fit_kwargs)
+            score = lambda idx: evaluate_bilinear(probe, *part(idx), y[idx])
+        else:
+            probe = fit_linear(*part(train), y[train], *part(dev), y[dev], num_classes, key,
+                               **fit_kwargs)
+            score = lambda idx: evaluate(probe, *part(idx), y[idx])
+        return probe, [np.asarray(score(idx), np.float64).tolist() for idx in splits]
+
+    probe, (train_acc, dev_acc, test_acc) = fit_and_score(labels)
+    majority = np.argmax(np.bincount(labels[splits[0]], minlength=num_classes))
+    result = ProbeResult(
+        names=names, train_acc=train_acc, dev_acc=dev_acc, test_acc=test_acc,
+        best_epoch=np.asarray(probe.record.best_epoch).tolist(),
+        epochs_run=np.asarray(probe.record.epochs_run).tolist(), num_classes=num_classes,
+        num_train=len(splits[0]), num_dev=len(splits[1]), num_test=len(splits[2]),
+        majority_acc=float(np.mean(labels[splits[2]] == majority)))
+    if control_type_ids is not None:
+        control = control_labels(control_type_ids, labels, num_classes,
+                                 np.random.default_rng(seed))
+        result.control_test_acc = fit_and_score(control)[1][2]
+        result.selectivity = selectivity(test_acc, result.control_test_acc).tolist()
+    return result

@@ -1,0 +1,115 @@
+"""VALUE §3.3.2–3.3.3, Table 2 and Table 3: visual coreference between regions and noun phrases.
+
+Individual heads (Table 2): for each (region v, phrase p) coreference link, V→T = max_{t∈p} α_{v,t}
+on the v2t block and T→V = max_{t∈p} α_{t,v} on the t2v block, per head; per entity type the head
+with the largest mean and that mean. Random baselines: V→T(Rand.) pairs the region with another
+noun phrase of the same sample, T→V(Rand.) the phrase with a random region. Two-stream models:
+V→T from the vision→language, T→V from the language→vision cross-attention.
+
+Targets (from `value_jax.data.collate`), over P items per sample:
+  coref.region [B,P] int, coref.tokens / coref.token_mask [B,P,M], coref.type [B,P] int,
+  coref.linked [B,P] bool (gold link; False = a negative pair for the VCD prober),
+  coref.mask [B,P] bool, coref.rand_region [B,P], coref.rand_tokens / coref.rand_token_mask [B,P,M].
+The per-item features for the probers (VCD: linked or not; VCC: type of a link) are collected.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from value_jax import kernels
+from value_jax.probes import pairs
+from value_jax.probes.results import Result, Table, heatmap
+from value_jax.runner import Probe
+
+ENTITY_TYPES = ("people", "clothing", "bodyparts", "animals", "vehicles", "instruments", "scene",
+                "other")
+
+
+class CorefProbe(Probe):
+    name = "coref"
+    collect_keys = ("att_features", "emb_region", "emb_phrase", "linked", "type", "phrase_ids")
+
+    def __init__(self, types=ENTITY_TYPES, collect_features: bool = True):
+        self.types = tuple(types)
+        self.collect_features = collect_features
+        self.layer_names: list[str] = []
+        self.embedding_layers: list[str] = []
+        if not collect_features:
+            self.collect_keys = ()
+
+    def step(self, trace, targets):
+        v2t, self.layer_names = trace.blocks("v2t")
+        t2v, _ = trace.blocks("t2v")
+        region, region_one = pairs.singleton(targets["coref.region"])
+        tokens, token_mask = targets["coref.tokens"], targets["coref.token_mask"]
+        vt, tv = pairs.both_directions(v2t, t2v, region, region_one, tokens, token_mask)
+        rand_tokens, rand_mask = targets["coref.rand_tokens"], targets["coref.rand_token_mask"]
+        rand_region, _ = pairs.singleton(targets["coref.rand_region"])
+        vt_rand = kernels.set_max_layers(v2t, region, region_one, rand_tokens, rand_mask)
+        tv_rand = kernels.set_max_layers(t2v, tokens, token_mask, rand_region, region_one)
+
+        item = targets["coref.mask"] & targets["coref.linked"]
+        has_rand = item & jnp.any(rand_mask, axis=-1)
+        n_types = len(self.types)
+        stats = {}
+        for key, values, mask in (("v2t", vt, item), ("t2v", tv, item),
+                                  ("v2t_rand", vt_rand, has_rand), ("t2v_rand", tv_rand, item)):
+            stats[key + ".sum"], stats[key + ".count"] = pairs.class_sums(
+                values, targets["coref.type"], mask, n_types)
+        if self.collect_features:
+            b, p = item.shape
+            att = jnp.concatenate([vt, tv], axis=-1)                         # [L, B, P, 2H]
+            stats["att_features"] = jnp.transpose(att, (1, 2, 0, 3)).reshape(b, p, -1)
+            layer_pairs = trace.paired_layers()
+            self.embedding_layers = [a for a, _ in layer_pairs]
+            text, _ = trace.hidden_states("text", [a for a, _ in layer_pairs])
+            image, _ = trace.hidden_states("image", [v for _, v in layer_pairs])
+            stats["emb_region"] = pairs.gather_rows(image, targets["coref.region"])
+            stats["emb_phrase"] = pairs.mean_rows(text, tokens, token_mask)
+            stats["linked"] = targets["coref.linked"].astype(jnp.int32)
+            stats["type"] = targets["coref.type"]
+            ids = jax.vmap(lambda row, idx: row[idx])(trace.input_ids, jnp.where(token_mask, tokens, 0))
+            stats["phrase_ids"] = jnp.where(token_mask, ids, -1)        # control-task types
+            for k in self.collect_keys:
+                stats[k + ".mask"] = targets["coref.mask"]
+        return stats
+
+    def finalize(self, stats, info):
+        heads = stats["v2t.sum"].shape[-1]
+        means = {k: stats[k + ".sum"] / np.maximum(stats[k + ".count"], 1)[:, None, None]
+                 for k in ("v2t", "t2v", "v2t_rand", "t2v_rand")}
+        counts = stats["v2t.count"]
+        rows, per_type = [], {}
+        for c, type_name in enumerate(self.types):
+            if counts[c] == 0:
+                continue
+            entry = {"links": int(counts[c])}
+            row = [type_name, int(counts[c])]
+            for d in ("v2t", "t2v"):
+                label, flat, value = pairs.best_heads(means[d][c:c + 1], self.layer_names)[0]
+                rand_same_head = float(means[d + "_rand"][c].reshape(-1)[flat])
+                rand_best = float(means[d + "_rand"][c].max())
+                entry[d] = {"head": label, "value": value, "rand_same_head": rand_same_head,
+                            "rand_best_head_value": rand_best}
+                row += [label, value, rand_same_head]
+            per_type[type_name] = entry
+            rows.append(row)
+        table = Table("Table 2: visual coreference, best head per entity type (max attention over "
+                      "phrase tokens; Rand. = same head on random pairs)",
+                      ["type", "links", "V→T head", "V→T", "V→T (Rand.)", "T→V head", "T→V",
+                       "T→V (Rand.)"], rows)
+        total = np.maximum(counts.sum(), 1)
+        overall = {d: (stats[d + ".sum"].sum(0) / total) for d in ("v2t", "t2v")}
+        data = {"per_type": per_type, "layers": self.layer_names, "heads": heads,
+                "mean_per_head": {d: means[d] for d in means}, "links": int(counts.sum())}
+        figures = {f"coref_{d}_heads": heatmap(overall[d], f"Coreference {d.upper()} max attention, "
+                                               "all types", ylabel="layer (" + ", ".join(
+                                                   self.layer_names[:1]) + " first)")
+                   for d in overall}
+        result = Result(self.name, data, [table], figures)
+        if self.collect_features and stats.get("linked") is not None and len(stats["linked"]):
+            from value_jax.probes.pair_probers import coref_probers
+            coref_probers(result, stats, self.types, self.embedding_layers)
+        return result

@@ -1,0 +1,71 @@
+"""Shared machinery of the pair analyses (coreference: region–phrase; relations: region–region).
+
+Both reduce the same way: per pair and head a max attention in each direction (`kernels.set_max`),
+per-class sums of those for the head tables, and per-pair features collected for the trained
+probers (Eq. 3 attention features, Eq. 4 layer-wise embeddings).
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from value_jax import kernels
+
+
+def gather_rows(states, idx):
+    """`states [L, B, S, D]`, `idx [B, P]` → `[B, P, L, D]` (the rows of each item, every layer)."""
+    picked = jax.vmap(lambda s: jnp.take_along_axis(s, idx[:, :, None], axis=1))(states)
+    return jnp.transpose(picked, (1, 2, 0, 3))
+
+
+def mean_rows(states, idx, mask):
+    """`states [L, B, S, D]`, token sets `idx/mask [B, P, M]` → `[B, P, L, D]` mean embedding
+    (VALUE Eq. 4: a phrase's embedding is the mean of its tokens). Empty sets give 0."""
+    idx = jnp.where(mask, idx, 0)
+    w = mask.astype(states.dtype)
+
+    def one_layer(s):                                   # s [B, S, D]
+        rows = jax.vmap(lambda sb, ib: sb[ib])(s, idx)  # [B, P, M, D]
+        total = jnp.einsum("bpmd,bpm->bpd", rows, w)
+        return total / jnp.maximum(jnp.sum(w, -1), 1.0)[..., None]
+
+    return jnp.transpose(jax.vmap(one_layer)(states), (1, 2, 0, 3))
+
+
+def class_sums(values, classes, item_mask, num_classes):
+    """Per-class sums of `values [L, B, P, H]` over the items where `item_mask [B, P]`:
+    returns `(sums [C, L, H], counts [C])`."""
+    w = jax.nn.one_hot(classes, num_classes, dtype=jnp.float32) * item_mask[..., None]
+    return jnp.einsum("lbph,bpc->clh", values.astype(jnp.float32), w), jnp.sum(w, axis=(0, 1))
+
+
+def singleton(idx):
+    """`[B, P]` indices → `([B, P, 1] indices, [B, P, 1] all-true mask)` for `kernels.set_max`."""
+    return idx[..., None], jnp.ones(idx.shape + (1,), bool)
+
+
+def both_directions(block_ab, block_ba, a_idx, a_mask, b_idx, b_mask):
+    """Max attention a→b on `block_ab [L, B, H, A, B']` and b→a on `block_ba`: `[L, B, P, H]` each."""
+    ab = kernels.set_max_layers(block_ab, a_idx, a_mask, b_idx, b_mask)
+    ba = kernels.set_max_layers(block_ba, b_idx, b_mask, a_idx, a_mask)
+    return ab, ba
+
+
+def head_label(layer_names: list[str], flat_index: int, heads: int) -> str:
+    """1-based `layer-head` as VALUE's tables write it; LXMERT cross layers as `x<j>`."""
+    layer, head = divmod(int(flat_index), heads)
+    name = layer_names[layer]
+    if name.startswith("layer"):
+        return f"{name[len('layer'):]}-{head + 1}"
+    if name.startswith("cross"):
+        return f"x{name.split('.')[0][len('cross'):]}-{head + 1}"
+    return f"{name}-{head + 1}"
+
+
+def best_heads(means: np.ndarray, layer_names: list[str]):
+    """For `means [C, L, H]`, per class: (label of the best head, its flat index, its value)."""
+    c, _, h = means.shape
+    flat = means.reshape(c, -1)
+    best = np.nanargmax(np.where(np.isnan(flat), -np.inf, flat), axis=1)
+    return [(head_label(layer_names, b, h), int(b), float(flat[i, b])) for i, b in enumerate(best)]
