@@ -16,7 +16,7 @@ from value_jax.probes.results import Table
 
 # Small, explicit prober budgets; pass larger ones from the experiment for real data.
 PROBER_SETTINGS = {"linear": dict(max_epochs=300, patience=30),
-                   "bilinear": dict(max_epochs=30, patience=5, rank=128)}
+                   "bilinear": dict(max_epochs=200, patience=20, rank=128)}
 
 
 def _types(*arrays) -> np.ndarray:
