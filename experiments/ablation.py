@@ -49,12 +49,20 @@ def main(argv):
     del argv
     if FLAGS.label_match and not FLAGS.objects_vocab:
         raise app.UsageError("--label_match needs --objects_vocab")
-    real = FLAGS.checkpoint and FLAGS.vocab and FLAGS.flickr30k_root and FLAGS.flickr30k_features
-    demo = None if real else common.demo_data()
+    if bool(FLAGS.flickr30k_root) != bool(FLAGS.flickr30k_features):
+        raise app.UsageError("--flickr30k_root and --flickr30k_features go together")
+    demo = common.demo_data() if common.needs_demo("flickr30k_root", "flickr30k_features",
+                                                   "vocab") else None
     if demo is not None:
-        common.say(f"data flags left empty: using the built-in demo data under {demo.root} "
-                   "(synthetic Flickr30k Entities + region features; the numbers mean nothing)")
+        common.say(f"empty --flickr30k_root / --vocab / --checkpoint: the built-in demo under "
+                   f"{demo.root} stands in for them (synthetic data and random weights: the "
+                   "numbers mean nothing)")
     model, params = common.load_model(demo)
+    run(model, params, demo)
+
+
+def run(model, params, demo):
+    """Both ablation directions for the loaded model; writes <out_dir>/ablation/<model>/."""
     vocab, lowercase = common.vocab_path(demo)
     root, features = _inputs(demo)
     data = prepare_ablation(root, features, WordPieceTokenizer(vocab, lowercase), split=FLAGS.split,
@@ -69,10 +77,10 @@ def main(argv):
     sweep = sorted({float(t) for t in FLAGS.sweep} | {thr})
     vis = [Vis4Lang("none"), Vis4Lang("all")] + [Vis4Lang("object", t) for t in sweep]
     lang = [Lang4Vis(text, thr) for text in ("none", "phrase", "all")]
-    out = common.result_dir("ablation")
-    state = os.path.join(out, "state") if FLAGS.resume else None
+    state = os.path.join(FLAGS.out_dir, "_state", "ablation", common.model_tag()) \
+        if FLAGS.resume else None
     result = run_ablation(model, params, data, vis, lang, FLAGS.batch_size, threshold=thr,
-                          fold=common.using_demo(), state_dir=state)
+                          state_dir=state)
     result.data["inputs"] = {"flickr30k_root": root, "features": features, "vocab": vocab,
                              "demo": demo is not None}
     common.write(result, "ablation")

@@ -64,9 +64,12 @@ def demo_config(model_type: str, vocab_size: int):
     from value_jax.models import LxmertConfig, UniterConfig
     if model_type == "uniter":
         return UniterConfig.tiny(vocab_size=vocab_size, img_dim=DEMO_FEAT_DIM, hidden_size=48,
-                                 num_heads=4, num_layers=4, intermediate_size=96)
+                                 num_heads=4, num_layers=4, intermediate_size=96,
+                                 num_region_labels=1601)
+    # The detector's real class counts, so the demo uses the real class-index convention.
     return LxmertConfig.tiny(vocab_size=vocab_size, visual_feat_dim=DEMO_FEAT_DIM, hidden_size=48,
-                             num_heads=4, intermediate_size=96, l_layers=3, r_layers=2, x_layers=2)
+                             num_heads=4, intermediate_size=96, l_layers=3, r_layers=2, x_layers=2,
+                             num_object_labels=1600, num_attr_labels=400)
 
 
 def build_demo_checkpoint(root: str, model_type: str, vocab_size: int, seed: int = 0) -> str:
@@ -75,8 +78,15 @@ def build_demo_checkpoint(root: str, model_type: str, vocab_size: int, seed: int
     Cached under `root/checkpoints/<model>`; rebuilt if missing.
     """
     out = os.path.join(root, "checkpoints", model_type)
-    if os.path.isfile(os.path.join(out, "config.json")):
-        return out
+    config_path = os.path.join(out, "config.json")
+    if os.path.isfile(config_path):
+        import json
+        with open(config_path) as f:
+            cached = json.load(f)
+        want = dataclasses.asdict(demo_config(model_type, vocab_size))
+        if all(cached.get(k) == v for k, v in want.items()):
+            return out
+        say(f"rebuilding the demo checkpoint {out}: its config differs from this version's")
     from checkpoints_convert import convert_checkpoint
     from checkpoints_convert.fake import write_fake_checkpoint
     os.makedirs(os.path.join(root, "pytorch"), exist_ok=True)

@@ -31,12 +31,13 @@ Every setting is one row per example of the same pass: `run_ablation` runs each 
 """
 from __future__ import annotations
 
+import hashlib
 import math
+import os
 from typing import Optional, Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from value_jax.data.ablation_data import AblationData, AblationLoader, Lang4Vis, Vis4Lang, summary
 from value_jax.data.flickr30k import PHRASE_TYPES
@@ -213,7 +214,8 @@ class Lang4VisProbe(Probe):
         s, n = len(self.settings), len(self.types)
         every = jnp.ones_like(targets["valid"])
         top1 = (jnp.argmax(logits, axis=-1) == index).astype(jnp.float32)
-        stats = {**_grouped("xe_raw", xe_raw, targets, every, s, n), **_grouped("top1", top1, targets, every, s, n)}
+        stats = {**_grouped("xe_raw", xe_raw, targets, every, s, n),
+                 **_grouped("top1", top1, targets, every, s, n)}
         if self.head == "mrc":
             if targets["target_probs"].shape[-1] != logits.shape[-1]:
                 raise ValueError(f"detector distributions have {targets['target_probs'].shape[-1]} classes, "
@@ -299,21 +301,31 @@ def run_ablation(model, params, data: AblationData, vis_settings: Sequence[Vis4L
     """Both directions over `data`: one `run_probes` pass each (settings as rows), merged into
     one Result named `ablation`. `fold` maps the detector's classes onto a demo model's small
     head (`ablation_data.fold_classes`)."""
-    import os
     model_type = model.config.model_type
+    top = max(int(e.input_ids.max()) for e in data.examples)
+    if top >= model.config.vocab_size:
+        raise ValueError(f"token id {top} >= the model's vocab_size {model.config.vocab_size}: the "
+                         "vocab file does not belong to this checkpoint (a demo checkpoint built "
+                         "for another demo vocab? delete <out_dir>/demo/checkpoints)")
+
+    def state(kind, settings):
+        # Keyed by what the accumulators depend on, so a resumed run never mixes in another's.
+        key = repr((model_type, [s for s in settings], [e.id for e in data.examples], batch_size))
+        return state_dir and os.path.join(state_dir, f"{kind}-{hashlib.sha1(key.encode()).hexdigest()[:12]}")
+
     results = []
     if vis_settings:
         loader = AblationLoader(data, vis_settings, batch_size, model_type)
         probe = Vis4LangProbe(vis_settings, model_type, threshold)
         results.append(run_probes(model, params, loader, [probe], label="ablation vis4lang",
-                                  state_dir=state_dir and os.path.join(state_dir, "vis4lang"),
+                                  state_dir=state("vis4lang", vis_settings),
                                   progress_every=progress_every)[probe.name])
     if lang_settings:
         loader = AblationLoader(data, lang_settings, batch_size, model_type,
                                 head_classes=head_classes(model), fold=fold)
         probe = Lang4VisProbe(lang_settings, model_type)
         results.append(run_probes(model, params, loader, [probe], label="ablation lang4vis",
-                                  state_dir=state_dir and os.path.join(state_dir, "lang4vis"),
+                                  state_dir=state("lang4vis", lang_settings),
                                   progress_every=progress_every)[probe.name])
     notes = ["Global [IMG] features of CTRL models are not modelled (UNITER/LXMERT have none)."]
     if fold:

@@ -1,0 +1,456 @@
+"""Cross-modal input ablation data (Frank, Bugliarello & Elliott 2021): Flickr30k Entities phrases
+with their gold boxes, aligned to detected regions, collated per ablation setting.
+
+    data = prepare_ablation(flickr_root, "flickr30k_obj36.tsv", tokenizer, split="val")
+    loader = AblationLoader(data, [Vis4Lang("none"), Vis4Lang("object", 0.5)], batch_size=16,
+                            model_type="uniter", head_classes=1601)
+    for batch, targets in loader: ...
+
+One example per (sentence, phrase whose chain has >= 1 gold box), as the reference
+`load_annotations` builds them (14,433 on val). Overlaps follow the reference exactly: IoT =
+intersection / GOLD-box area and IoU, each the max over the phrase's gold boxes, with VOLTA's
+inclusive-pixel `+1` areas (`pixel_inclusive=True`); a region is ablated or masked when its
+overlap is strictly greater than the threshold.
+
+Settings (one row per setting and example; rows of several settings share batches):
+  Vis4Lang(kind, threshold)  the phrase's word pieces become [MASK] (labels: the original ids);
+      regions ablated — none; `object`: IoT > threshold; `all`: every real region; `outside`: a
+      control ablating the regions that overlap no gold box at all — get the DATASET-MEAN
+      feature (per-example weighting like the reference `_avg_feature`), never zeros.
+  Lang4Vis(text, threshold)  text none / phrase ([MASK] on the phrase) / all ([MASK] on every
+      word piece, [CLS]/[SEP] kept); regions with IoT > threshold are masked as in pre-training:
+      features zeroed, plus `region_masked=1` for UNITER (its mask embedding); the target is
+      the masked region of highest IoU. Examples with no masked region are left out, counted as
+      `lang4vis_no_region_masked` (the reference would score region 0 there).
+CTRL models' global [IMG] region (never ablated, recomputed as the regions' mean) is not
+modelled: the original UNITER and LXMERT have none.
+
+Class indices: `object_ids` are 0-based over the detector's 1600 foreground classes; in the
+1601-way `cls_prob` (background at column 0) the same class sits at `object_ids + 1`.
+
+Counted in `data.report`, never dropped silently: the readers' counts (notvisual_phrases,
+phrases_without_box, images_without_features, truncated_sentences, ...), `phrases_truncated`
+(a phrase cut off by max_text_len), `phrases_of_unknown_type`, `images_without_regions`,
+`images_without_object_ids`, `lang4vis_no_region_masked`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Iterator, Optional, Sequence, Union
+
+import numpy as np
+
+from value_jax.batch import Batch
+from value_jax.data import collate as C
+from value_jax.data.alignment import phrase_overlap
+from value_jax.data.errors import DataFormatError, DataReport, PathLike, read_text_lines, report_or_new
+from value_jax.data.features import NUM_OBJECT_CLASSES, RegionFeatureReader, dataset_mean_feature
+from value_jax.data.flickr30k import PHRASE_TYPES, Flickr30kEntities, coref_links
+from value_jax.data.loaders import open_features, pixel_boxes
+from value_jax.data.tokenization import WordPieceTokenizer, phrase_piece_span
+
+VISION_ABLATIONS = ("none", "object", "all", "outside")
+TEXT_ABLATIONS = ("none", "phrase", "all")
+# The reference task config (`xm-influence_test_tasks.yml`): max_seq_length 38.
+DEFAULT_MAX_TEXT_LEN = 38
+_COUNTERS = ("notvisual_phrases", "phrases_without_box", "images_without_features",
+             "examples_without_features", "images_without_regions", "images_without_object_ids",
+             "phrases_of_unknown_type", "phrases_truncated", "truncated_sentences")
+
+
+@dataclasses.dataclass
+class ImageRegions:
+    """Detected regions of one image (shared by all of its examples).
+
+    features [R, F] float32; boxes [R, 4] absolute pixels; normalized_boxes [R, 4] x1/W, y1/H,
+    x2/W, y2/H; cls_prob [R, 1601] (background at 0) or None; object_ids [R] 0-based over the
+    1600 foreground classes and object_conf [R], or None when the features hold neither.
+    """
+
+    image_id: str
+    features: np.ndarray
+    boxes: np.ndarray
+    normalized_boxes: np.ndarray
+    cls_prob: Optional[np.ndarray]
+    object_ids: Optional[np.ndarray]
+    object_conf: Optional[np.ndarray]
+
+    @property
+    def num_regions(self) -> int:
+        return len(self.features)
+
+
+@dataclasses.dataclass
+class AblationExample:
+    """One (sentence, phrase) example. `span` is the phrase's half-open word-piece span in
+    `input_ids` (`[CLS] ... [SEP]`); `iot` / `iou` `[R]` are the max over the phrase's gold boxes;
+    `label_class` is the detector class (0-based over 1600) the head noun matched, or -1."""
+
+    id: str
+    image_id: str
+    sentence_index: int
+    phrase_index: int
+    phrase: str
+    entity_type: str
+    input_ids: np.ndarray
+    span: tuple[int, int]
+    regions: ImageRegions
+    iot: np.ndarray
+    iou: np.ndarray
+    head_noun: str
+    label_match: bool = False
+    label_class: int = -1
+
+    @property
+    def type_id(self) -> int:
+        return PHRASE_TYPES.index(self.entity_type)
+
+
+@dataclasses.dataclass
+class AblationData:
+    examples: list[AblationExample]
+    mean_feature: np.ndarray
+    mask_id: int
+    pad_id: int
+    report: DataReport
+    label_match_vocab: bool = False
+
+    def label_match_subset(self) -> "AblationData":
+        """The LabelMatch examples only (the mean feature stays the full set's)."""
+        if not self.label_match_vocab:
+            raise ValueError("LabelMatch needs the detector's objects_vocab.txt (pass objects_vocab)")
+        return dataclasses.replace(self, examples=[e for e in self.examples if e.label_match])
+
+
+# ---------------------------------------------------------------------------------------------
+# LabelMatch.
+
+
+def read_objects_vocab(path: PathLike) -> dict[str, int]:
+    """`objects_vocab.txt` (one class per line, synonyms comma-separated) -> lower-cased name ->
+    0-based class (first line wins). A `__background__` first line (the 1601-line copies) is
+    skipped so indices stay 0-based over the foreground classes."""
+    lines = read_text_lines(path)
+    if lines and lines[0].strip() == "__background__":
+        lines = lines[1:]
+    if len(lines) != NUM_OBJECT_CLASSES:
+        raise DataFormatError(path, f"{len(lines)} classes", f"{NUM_OBJECT_CLASSES} (VG objects)")
+    names: dict[str, int] = {}
+    for k, line in enumerate(lines):
+        for name in line.split(","):
+            names.setdefault(name.strip().lower(), k)
+    return names
+
+
+def head_noun(phrase_words: Sequence[str]) -> str:
+    """The phrase's last word, lower-cased (Flickr30k phrases end with their head noun)."""
+    return phrase_words[-1].lower()
+
+
+def match_label(noun: str, vocab: dict[str, int]) -> int:
+    """Detector class of `noun` or of `noun` without a plural `s`; -1 when neither is a label."""
+    for form in (noun, noun[:-1] if noun.endswith("s") and len(noun) > 1 else None):
+        if form and form in vocab:
+            return vocab[form]
+    return -1
+
+
+# ---------------------------------------------------------------------------------------------
+# Preparation.
+
+
+def _image_regions(rec, annotation, report) -> ImageRegions:
+    boxes = pixel_boxes(rec, annotation.width, annotation.height, report)
+    return ImageRegions(annotation.image_id, rec.features.astype(np.float32), boxes,
+                        rec.normalized_boxes(),
+                        rec.cls_prob, rec.object_ids, rec.object_conf)
+
+
+def prepare_ablation(flickr_root: PathLike, features: Union[PathLike, RegionFeatureReader],
+                     tokenizer: WordPieceTokenizer, *, split: str = "val",
+                     max_text_len: int = DEFAULT_MAX_TEXT_LEN, max_images: Optional[int] = None,
+                     objects_vocab: Optional[PathLike] = None, pixel_inclusive: bool = True,
+                     features_options: Optional[dict] = None,
+                     report: Optional[DataReport] = None) -> AblationData:
+    """Every (sentence, phrase with >= 1 gold box) example of `split`, with its regions.
+
+    `max_images` keeps the first N images of the split file. `objects_vocab` enables the
+    LabelMatch flag. The dataset-mean feature averages the regions of every example's image,
+    an image counting once per example, as the reference does.
+    """
+    report = report_or_new(report)
+    reader = open_features(features, features_options)
+    vocab = read_objects_vocab(objects_vocab) if objects_vocab else None
+    examples: list[AblationExample] = []
+    try:
+        images = Flickr30kEntities(flickr_root).iter_images(split, report)
+        for n, (sentences, annotation) in enumerate(images):
+            if max_images is not None and n >= max_images:
+                break
+            links = coref_links(sentences, annotation, report)
+            if not links:
+                continue
+            rec = reader.get(annotation.image_id, report)
+            if rec is None:
+                report.count("examples_without_features", len(links), example=annotation.image_id)
+                continue
+            if rec.num_boxes == 0:
+                report.count("images_without_regions", example=annotation.image_id)
+                continue
+            regions = _image_regions(rec, annotation, report)
+            if regions.object_ids is None:
+                report.count("images_without_object_ids", example=annotation.image_id)
+            encodings = {}
+            for link in links:
+                s, p = link.sentence, link.phrase
+                where = f"{s.image_id}:{s.index} {p.text!r}"
+                if p.type not in PHRASE_TYPES:
+                    report.count("phrases_of_unknown_type", example=f"{where} {p.type}")
+                    continue
+                if s.index not in encodings:
+                    encodings[s.index] = tokenizer.encode_words(s.words, max_text_len, report)
+                enc = encodings[s.index]
+                span = phrase_piece_span(enc, p.first_word_index, p.num_words)
+                if span is None:
+                    report.count("phrases_truncated", example=where)
+                    continue
+                gold = [np.asarray(link.boxes, np.float64)]
+                iot = phrase_overlap(gold, regions.boxes, "iot", pixel_inclusive)[0]
+                iou = phrase_overlap(gold, regions.boxes, "iou", pixel_inclusive)[0]
+                noun = head_noun(s.words[p.word_span[0]:p.word_span[1]])
+                label = match_label(noun, vocab) if vocab is not None else -1
+                examples.append(AblationExample(
+                    f"{s.image_id}:{s.index}:{link.phrase_index}", s.image_id, s.index,
+                    link.phrase_index, p.text, p.type, enc.ids, span, regions,
+                    iot.astype(np.float32), iou.astype(np.float32), noun, label >= 0, label))
+        if not examples:
+            raise ValueError(f"no ablation example in {flickr_root} split {split!r} with features "
+                             f"{getattr(reader, 'path', reader)}; data report: {report.summary_lines()}")
+        mean = dataset_mean_feature(reader, [e.image_id for e in examples], report)
+        for name in _COUNTERS:  # listed even at zero, so a reader of the report sees they were checked
+            report.count(name, 0)
+    finally:
+        if reader is not features:
+            reader.close()
+    return AblationData(examples, mean, tokenizer.mask_id, tokenizer.pad_id, report, vocab is not None)
+
+
+# ---------------------------------------------------------------------------------------------
+# Settings and the ablated inputs of one example.
+
+
+@dataclasses.dataclass(frozen=True)
+class Vis4Lang:
+    kind: str = "none"
+    threshold: float = 0.5
+
+    def __post_init__(self):
+        if self.kind not in VISION_ABLATIONS:
+            raise ValueError(f"vision ablation must be one of {VISION_ABLATIONS}, got {self.kind!r}")
+
+    @property
+    def name(self) -> str:
+        return f"object@{self.threshold:.2f}" if self.kind == "object" else self.kind
+
+    def ablated(self, ex: AblationExample) -> np.ndarray:
+        """`[R]` bool: the regions whose features become the dataset mean."""
+        r = ex.regions.num_regions
+        if self.kind == "none":
+            return np.zeros(r, bool)
+        if self.kind == "all":
+            return np.ones(r, bool)
+        if self.kind == "outside":
+            return ex.iot <= 0.0
+        return ex.iot > self.threshold
+
+
+@dataclasses.dataclass(frozen=True)
+class Lang4Vis:
+    text: str = "none"
+    threshold: float = 0.5
+
+    def __post_init__(self):
+        if self.text not in TEXT_ABLATIONS:
+            raise ValueError(f"text ablation must be one of {TEXT_ABLATIONS}, got {self.text!r}")
+
+    @property
+    def name(self) -> str:
+        return self.text
+
+    def masked(self, ex: AblationExample) -> np.ndarray:
+        return ex.iot > self.threshold
+
+
+def target_region(ex: AblationExample, masked: np.ndarray) -> int:
+    """The masked region with the highest IoU with a gold box (-1 when none is masked)."""
+    if not masked.any():
+        return -1
+    return int(np.argmax(np.where(masked, ex.iou, -np.inf)))
+
+
+def masked_text(ex: AblationExample, what: str, mask_id: int) -> np.ndarray:
+    ids = ex.input_ids.copy()
+    if what == "phrase":
+        ids[ex.span[0]:ex.span[1]] = mask_id
+    elif what == "all":
+        ids[1:-1] = mask_id
+    return ids
+
+
+def fold_classes(probs: Optional[np.ndarray], object_id: int, num_foreground: int):
+    """Maps the detector's 1600 foreground classes onto a head with `num_foreground` of them
+    (class k -> k mod num_foreground; background stays at column 0). Only for the demo's tiny
+    heads: a real checkpoint's head matches the detector and nothing is folded."""
+    if num_foreground == NUM_OBJECT_CLASSES:
+        return probs, object_id
+    folded = None
+    if probs is not None:
+        folded = np.zeros(num_foreground + 1, np.float32)
+        folded[0] = probs[0]
+        np.add.at(folded, 1 + np.arange(NUM_OBJECT_CLASSES) % num_foreground, probs[1:])
+    return folded, object_id % num_foreground
+
+
+# ---------------------------------------------------------------------------------------------
+# Collation.
+
+
+class AblationLoader:
+    """`(Batch, targets)` batches for a list of settings of ONE kind (all Vis4Lang or all
+    Lang4Vis), shapes bucketed (text length, regions) and batches padded to `batch_size`.
+
+    Targets, `[B]` unless noted (padding rows: valid False, setting -1):
+      common     setting (index into `settings`), type (PHRASE_TYPES index), valid, label_match,
+                 example_index
+      Vis4Lang   labels / label_mask [B, T] (original ids at the phrase, True there), num_ablated
+      Lang4Vis   target_region, target_object (0-based foreground class of the head), target_conf,
+                 target_probs [B, head_classes] (1601-way heads only) and has_probs, num_masked
+
+    `head_classes` is the size of the model's region-classification head: 1601 (UNITER `mrc`,
+    background at 0) or 1600 (LXMERT `obj`). A smaller head (the demo) needs `fold=True`.
+    """
+
+    def __init__(self, data: AblationData, settings: Sequence[Union[Vis4Lang, Lang4Vis]],
+                 batch_size: int, model_type: str, *, head_classes: Optional[int] = None,
+                 fold: bool = False, buckets: C.Buckets = C.DEFAULT_BUCKETS):
+        kinds = {type(s) for s in settings}
+        if len(kinds) != 1:
+            raise ValueError("one loader takes settings of one kind, got "
+                             f"{sorted(k.__name__ for k in kinds)}")
+        self.data, self.settings, self.batch_size = data, list(settings), batch_size
+        self.model_type, self.buckets = model_type, buckets
+        self.vision = kinds.pop() is Vis4Lang
+        self.head_classes = head_classes
+        if not self.vision:
+            background = model_type == "uniter"
+            if head_classes is None:
+                raise ValueError("Lang4Vis needs head_classes (the model's region-classification head size)")
+            self.num_foreground = head_classes - int(background)
+            self.background = background
+            if self.num_foreground != NUM_OBJECT_CLASSES and not fold:
+                raise ValueError(f"the {model_type} head has {self.num_foreground} foreground classes, "
+                                 f"the detector {NUM_OBJECT_CLASSES}; pass fold=True only for a demo model")
+        rows = []
+        for s_idx, setting in enumerate(self.settings):
+            for e_idx, ex in enumerate(data.examples):
+                if not self.vision:
+                    if ex.regions.object_ids is None:
+                        raise ValueError(f"image {ex.image_id}: the features hold no object ids "
+                                         "(objects_id / cls_prob), needed for MRC targets")
+                    if not setting.masked(ex).any():
+                        if s_idx == 0:
+                            data.report.count("lang4vis_no_region_masked", example=ex.id)
+                        continue
+                rows.append((s_idx, e_idx))
+        if not self.vision:
+            data.report.count("lang4vis_no_region_masked", 0)
+        groups: dict[tuple, list] = {}
+        for s_idx, e_idx in rows:
+            ex = data.examples[e_idx]
+            shape = (C.Buckets.smallest(buckets.text, len(ex.input_ids)),
+                     C.Buckets.smallest(buckets.regions, ex.regions.num_regions))
+            if None in shape:
+                raise ValueError(f"example {ex.id}: {len(ex.input_ids)} ids / {ex.regions.num_regions} "
+                                 f"regions exceed the largest bucket {buckets.text[-1]} / "
+                                 f"{buckets.regions[-1]}")
+            groups.setdefault(shape, []).append((s_idx, e_idx))
+        self.plans = [(shape, members[i:i + batch_size]) for shape, members in sorted(groups.items())
+                      for i in range(0, len(members), batch_size)]
+
+    def __len__(self) -> int:
+        return len(self.plans)
+
+    def __iter__(self) -> Iterator[tuple[Batch, dict]]:
+        for shape, members in self.plans:
+            yield self.collate(shape, members)
+
+    def collate(self, shape: tuple[int, int], members) -> tuple[Batch, dict]:
+        b, (t, r) = self.batch_size, shape
+        f = len(self.data.mean_feature)
+        ids = np.full((b, t), self.data.pad_id, np.int32)
+        text_mask = np.zeros((b, t), np.int32)
+        feats = np.zeros((b, r, f), np.float32)
+        boxes = np.zeros((b, r, 4), np.float32)
+        region_mask = np.zeros((b, r), np.int32)
+        region_masked = np.zeros((b, r), np.int32)
+        tg = {"setting": np.full(b, -1, np.int32), "type": np.zeros(b, np.int32),
+              "valid": np.zeros(b, bool), "label_match": np.zeros(b, bool),
+              C.EXAMPLE_INDEX: np.full(b, -1, np.int32)}
+        if self.vision:
+            tg.update(labels=np.zeros((b, t), np.int32), label_mask=np.zeros((b, t), bool),
+                      num_ablated=np.zeros(b, np.float32))
+        else:
+            n_probs = self.head_classes if self.background else 1
+            tg.update(target_region=np.zeros(b, np.int32), target_object=np.zeros(b, np.int32),
+                      target_conf=np.zeros(b, np.float32), has_probs=np.zeros(b, bool),
+                      target_probs=np.zeros((b, n_probs), np.float32), num_masked=np.zeros(b, np.float32))
+        for i, (s_idx, e_idx) in enumerate(members):
+            ex, setting = self.data.examples[e_idx], self.settings[s_idx]
+            reg = ex.regions
+            row_feats = reg.features.copy()
+            tg["setting"][i], tg["type"][i], tg["valid"][i] = s_idx, ex.type_id, True
+            tg["label_match"][i], tg[C.EXAMPLE_INDEX][i] = ex.label_match, e_idx
+            if self.vision:
+                text = masked_text(ex, "phrase", self.data.mask_id)
+                ablate = setting.ablated(ex)
+                row_feats[ablate] = self.data.mean_feature
+                tg["labels"][i, ex.span[0]:ex.span[1]] = ex.input_ids[ex.span[0]:ex.span[1]]
+                tg["label_mask"][i, ex.span[0]:ex.span[1]] = True
+                tg["num_ablated"][i] = ablate.sum()
+            else:
+                text = masked_text(ex, setting.text, self.data.mask_id)
+                masked = setting.masked(ex)
+                row_feats[masked] = 0.0
+                if self.model_type == "uniter":
+                    region_masked[i, :reg.num_regions] = masked
+                k = target_region(ex, masked)
+                probs = reg.cls_prob[k] if (self.background and reg.cls_prob is not None) else None
+                probs, obj = fold_classes(probs, int(reg.object_ids[k]), self.num_foreground)
+                tg["target_region"][i], tg["target_object"][i] = k, obj
+                tg["target_conf"][i] = reg.object_conf[k] if reg.object_conf is not None else 1.0
+                tg["num_masked"][i] = masked.sum()
+                if probs is not None:
+                    tg["target_probs"][i], tg["has_probs"][i] = probs, True
+            ids[i], text_mask[i] = C.pad_text(text, t, self.data.pad_id)
+            feats[i], boxes[i], region_mask[i] = C.pad_regions(row_feats, reg.normalized_boxes, r)
+        return Batch.create(ids, text_mask, feats, boxes, region_mask, region_masked), tg
+
+
+def summary(data: AblationData) -> dict:
+    """Example counts per entity type, LabelMatch size and, on LabelMatch, how often the
+    detector's top class at the best-IoU region equals the phrase's label (Frank et al. §6)."""
+    types = {t: 0 for t in PHRASE_TYPES}
+    agree = n_match = n_scored = 0
+    for ex in data.examples:
+        types[ex.entity_type] += 1
+        n_match += ex.label_match
+        if ex.label_match and ex.regions.object_ids is not None:
+            n_scored += 1
+            agree += int(ex.regions.object_ids[int(np.argmax(ex.iou))] == ex.label_class)
+    out = {"examples": len(data.examples), "per_type": types,
+           "images": len({e.image_id for e in data.examples})}
+    if data.label_match_vocab:
+        out["label_match_examples"] = n_match
+        out["detector_top1_agrees_with_label"] = agree / n_scored if n_scored else math.nan
+    return out
