@@ -27,17 +27,16 @@ import numpy as np
 import optax
 
 _STD_FLOOR = 1e-6  # features constant on train (e.g. an attention value that is always 0)
+# Full float32 matmuls for the linear prober: on GPU the default (TF32) shifts L-BFGS line
+# searches and so early-stopping epochs; the cost there is negligible (skinny C-wide products).
+_EXACT = jax.lax.Precision.HIGHEST
 
 
 @flax.struct.dataclass
 class TrainRecord:
-    """How each probe's training went. All arrays have a leading probe axis `[P]`.
-
-    best_epoch: 0-based epoch whose parameters were kept (first epoch of the best dev accuracy).
-    best_dev_acc: dev accuracy at `best_epoch`.
-    epochs_run: epochs each probe trained before its patience ran out (or `max_epochs`).
-    dev_acc_history: `[P, max_epochs]` dev accuracy after every epoch, NaN once a probe stopped.
-    """
+    """Per probe `[P]`: `best_epoch` (0-based; its parameters were kept), `best_dev_acc`,
+    `epochs_run` (until patience ran out, or `max_epochs`), and `dev_acc_history`
+    `[P, max_epochs]` (dev accuracy after every epoch, NaN once the probe stopped)."""
 
     best_epoch: jnp.ndarray
     best_dev_acc: jnp.ndarray
@@ -47,11 +46,8 @@ class TrainRecord:
 
 @flax.struct.dataclass
 class LinearProbe:
-    """`P` multinomial logistic regressions on standardised features.
-
-    weights: `{"w": [P, F, C], "b": [P, C]}` acting on `(x - mean) / std`.
-    mean, std: `[P, F]` train statistics.
-    """
+    """`P` multinomial logistic regressions: weights `{"w": [P, F, C], "b": [P, C]}` act on
+    `(x - mean) / std`, with `mean`, `std` `[P, F]` from train."""
 
     weights: dict
     mean: jnp.ndarray
@@ -98,24 +94,17 @@ def _matmul_pretransposed(x, x_t, w):
     """`x [N, F] @ w [F, C]`, differentiable in `w` only, with `x_t = x.T` given so that the
     weight gradient `x_t @ g` is a plain matmul: XLA:CPU contracts `x` over its long N axis
     about 6x slower per step (measured at 8000 x 1536 x 8)."""
-    return x @ w
+    return jnp.matmul(x, w, precision=_EXACT)
 
 
-def _matmul_pretransposed_fwd(x, x_t, w):
-    return x @ w, (x_t,)
-
-
-def _matmul_pretransposed_bwd(residuals, g):
-    (x_t,) = residuals
-    return None, None, x_t @ g
-
-
-_matmul_pretransposed.defvjp(_matmul_pretransposed_fwd, _matmul_pretransposed_bwd)
+_matmul_pretransposed.defvjp(
+    lambda x, x_t, w: (jnp.matmul(x, w, precision=_EXACT), x_t),
+    lambda x_t, g: (None, None, jnp.matmul(x_t, g, precision=_EXACT)))
 
 
 def _linear_logits(w, x, x_t=None):
     if x_t is None:
-        return x @ w["w"] + w["b"]
+        return jnp.matmul(x, w["w"], precision=_EXACT) + w["b"]
     return _matmul_pretransposed(x, x_t, w["w"]) + w["b"]
 
 
@@ -204,9 +193,8 @@ def _train(weights, train, y_train, dev, y_dev, key, learning_rate, l2, *, logit
 
 @jax.jit
 def _stats(x):
-    mean = jnp.mean(x, axis=1)
     std = jnp.std(x, axis=1)
-    return mean, jnp.where(std > _STD_FLOOR, std, 1.0)
+    return jnp.mean(x, axis=1), jnp.where(std > _STD_FLOOR, std, 1.0)
 
 
 @jax.jit
@@ -220,9 +208,9 @@ def _accuracy(weights, inputs, y, logits_fn):
         weights, inputs, y)
 
 
-def _features(x, name, ndim=3):
+def _features(x, name):
     x = jnp.asarray(x, jnp.float32)
-    if x.ndim != ndim:
+    if x.ndim != 3:
         raise ValueError(f"{name} must be [P, N, F] (a leading probe axis; x[None] for one "
                          f"probe), got shape {x.shape}")
     return x
@@ -282,7 +270,7 @@ def fit_linear(x_train, y_train, x_dev, y_dev, num_classes: int, key, *, l2: flo
 def evaluate(probe: LinearProbe, x, y):
     """Accuracy `[P]` of each probe on `x [P, N, F]`, `y [N] or [P, N]`."""
     x = _features(x, "x")
-    y = _labels(y, x.shape[0], x.shape[1], probe.weights["b"].shape[-1], "y")
+    y = _labels(y, *x.shape[:2], probe.weights["b"].shape[-1], "y")
     return _accuracy(probe.weights, (_standardise(x, probe.mean, probe.std),), y, _linear_logits)
 
 
@@ -305,12 +293,11 @@ def fit_bilinear(e_i_train, e_j_train, y_train, e_i_dev, e_j_dev, y_dev, num_cla
     e_i_train, e_j_train = _features(e_i_train, "e_i_train"), _features(e_j_train, "e_j_train")
     e_i_dev, e_j_dev = _features(e_i_dev, "e_i_dev"), _features(e_j_dev, "e_j_dev")
     num_probes, n, d = e_i_train.shape
-    for name, e in (("e_j_train", e_j_train), ("e_i_dev", e_i_dev), ("e_j_dev", e_j_dev)):
-        if e.shape[0] != num_probes or e.shape[2] != d:
-            raise ValueError(f"{name} {e.shape} does not match e_i_train {e_i_train.shape}")
-    if e_i_dev.shape != e_j_dev.shape or e_j_train.shape != e_i_train.shape:
-        raise ValueError(f"e_i and e_j must pair up: train {e_i_train.shape} vs "
-                         f"{e_j_train.shape}, dev {e_i_dev.shape} vs {e_j_dev.shape}")
+    if e_j_train.shape != e_i_train.shape or e_j_dev.shape != e_i_dev.shape \
+            or e_i_dev.shape[::2] != (num_probes, d):
+        raise ValueError(f"embeddings must be [P, N, D] with matching P, D and e_i/e_j pairing; "
+                         f"got train {e_i_train.shape} / {e_j_train.shape}, "
+                         f"dev {e_i_dev.shape} / {e_j_dev.shape}")
     y_train = _labels(y_train, num_probes, n, num_classes, "y_train")
     y_dev = _labels(y_dev, num_probes, e_i_dev.shape[1], num_classes, "y_dev")
     rank = rank or d
@@ -335,7 +322,7 @@ def fit_bilinear(e_i_train, e_j_train, y_train, e_i_dev, e_j_dev, y_dev, num_cla
 def evaluate_bilinear(probe: BilinearProbe, e_i, e_j, y):
     """Accuracy `[P]` of each Eq. 4 probe on `e_i, e_j [P, N, D]`, `y [N] or [P, N]`."""
     e_i, e_j = _features(e_i, "e_i"), _features(e_j, "e_j")
-    y = _labels(y, e_i.shape[0], e_i.shape[1], probe.weights["b"].shape[-1], "y")
+    y = _labels(y, *e_i.shape[:2], probe.weights["b"].shape[-1], "y")
     inputs = (_standardise(e_i, probe.mean_i, probe.std_i),
               _standardise(e_j, probe.mean_j, probe.std_j))
     return _accuracy(probe.weights, inputs, y, _bilinear_logits)
@@ -430,37 +417,31 @@ def run_probe(features_or_pairs, labels, *, num_classes: Optional[int] = None, s
       fit_kwargs: passed to `fit_linear` / `fit_bilinear`.
     """
     bilinear = isinstance(features_or_pairs, (tuple, list))
-    arrays = tuple(features_or_pairs) if bilinear else (features_or_pairs,)
-    arrays = tuple(np.asarray(a, np.float32) for a in arrays)
-    arrays = tuple(a[None] if a.ndim == 2 else a for a in arrays)
+    arrays = [np.asarray(a, np.float32) for a in (features_or_pairs if bilinear
+                                                  else [features_or_pairs])]
+    arrays = [a[None] if a.ndim == 2 else a for a in arrays]
     labels = np.asarray(labels)
-    n = labels.shape[0]
-    if labels.ndim != 1 or any(a.ndim != 3 or a.shape[1] != n for a in arrays):
-        raise ValueError(f"labels must be [N] and features [P, N, F] with the same N; got labels "
-                         f"{labels.shape}, features {[a.shape for a in arrays]}")
-    num_probes = arrays[0].shape[0]
+    n, num_probes = labels.shape[0], arrays[0].shape[0]
     names = list(names) if names is not None else [str(p) for p in range(num_probes)]
-    if len(names) != num_probes:
-        raise ValueError(f"{len(names)} names for {num_probes} probes")
+    if labels.ndim != 1 or any(a.shape[:2] != (num_probes, n) for a in arrays) \
+            or len(names) != num_probes:
+        raise ValueError(f"need labels [N], features [P, N, F] and P names; got labels "
+                         f"{labels.shape}, features {[a.shape for a in arrays]}, "
+                         f"{len(names)} names")
     num_classes = int(num_classes or labels.max() + 1)
     splits = split_indices(n, seed, fractions, groups)
     if len(splits) != 3 or min(len(s) for s in splits) == 0:
         raise ValueError(f"need non-empty train/dev/test splits, got sizes "
                          f"{[len(s) for s in splits]} from fractions {list(fractions)}")
-    key = jax.random.PRNGKey(seed)
+    fit, score = (fit_bilinear, evaluate_bilinear) if bilinear else (fit_linear, evaluate)
 
     def fit_and_score(y):
-        part = lambda idx: tuple(a[:, idx] for a in arrays)
+        part = lambda idx: [a[:, idx] for a in arrays]
         train, dev = splits[0], splits[1]
-        if bilinear:
-            probe = fit_bilinear(*part(train), y[train], *part(dev), y[dev], num_classes, key,
-                                 **fit_kwargs)
-            score = lambda idx: evaluate_bilinear(probe, *part(idx), y[idx])
-        else:
-            probe = fit_linear(*part(train), y[train], *part(dev), y[dev], num_classes, key,
-                               **fit_kwargs)
-            score = lambda idx: evaluate(probe, *part(idx), y[idx])
-        return probe, [np.asarray(score(idx), np.float64).tolist() for idx in splits]
+        probe = fit(*part(train), y[train], *part(dev), y[dev], num_classes,
+                    jax.random.PRNGKey(seed), **fit_kwargs)
+        return probe, [np.asarray(score(probe, *part(idx), y[idx]), np.float64).tolist()
+                       for idx in splits]
 
     probe, (train_acc, dev_acc, test_acc) = fit_and_score(labels)
     majority = np.argmax(np.bincount(labels[splits[0]], minlength=num_classes))
