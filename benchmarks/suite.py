@@ -124,14 +124,15 @@ def hf_model(model_type, batch):
     import torch
     import transformers
     torch.set_num_threads(FLAGS.threads)
-    tt = lambda x: torch.from_numpy(np.array(x))
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    tt = lambda x: torch.from_numpy(np.array(x)).to(dev)
     if model_type == "uniter":
-        hf = transformers.BertModel(transformers.BertConfig(attn_implementation="eager")).eval()
+        hf = transformers.BertModel(transformers.BertConfig(attn_implementation="eager")).eval().to(dev)
         ids = np.concatenate([np.asarray(batch.input_ids),
                               np.asarray(batch.input_ids)[:, :1].repeat(batch.num_regions, 1)], 1)
         kw = dict(input_ids=tt(ids.astype(np.int64)))
     else:
-        hf = transformers.LxmertModel(transformers.LxmertConfig(attn_implementation="eager")).eval()
+        hf = transformers.LxmertModel(transformers.LxmertConfig(attn_implementation="eager")).eval().to(dev)
         kw = dict(input_ids=tt(np.asarray(batch.input_ids).astype(np.int64)),
                   visual_feats=tt(batch.region_feats), visual_pos=tt(batch.region_boxes))
     t = batch.text_len
@@ -139,6 +140,8 @@ def hf_model(model_type, batch):
     def forward():
         with torch.no_grad():
             o = hf(**kw, output_attentions=True, output_hidden_states=True)
+            o = {k: ([h.cpu() for h in v] if isinstance(v, tuple) else v) for k, v in o.items()}
+            o = type("Out", (), o)
         if model_type == "uniter":
             att = [a.numpy() for a in o.attentions]
             states = [h.numpy() for h in o.hidden_states[1:]]
