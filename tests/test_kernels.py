@@ -386,6 +386,21 @@ def test_kmeans2_counts_lloyd_steps_like_twin():
     assert (got != np.asarray(KMEANS2(x, mask))).any()
 
 
+@pytest.mark.parametrize("num_iters", [2, 3, 20])
+def test_kmeans2_several_steps_per_loop_test_change_nothing(monkeypatch, num_iters):
+    """Accelerators take 4 Lloyd steps per loop-exit test; the result must equal one step per
+    test, including when num_iters is no multiple of 4 (steps past it must be no-ops)."""
+    x, _, mask = _modality_data(np.random.default_rng(18), sep=0.5)
+    # A fresh function per call: jit would otherwise reuse the trace made before the patch.
+    solve = lambda n: np.asarray(jax.jit(lambda a, m: kernels.kmeans2(a, m, n))(x, mask))
+    one = solve(num_iters)
+    if num_iters < 20:           # the data must be able to tell extra steps apart
+        assert (one != solve(20)).any()
+    monkeypatch.setattr(kernels, "_steps_per_check", lambda: 4)
+    four = solve(num_iters)
+    np.testing.assert_array_equal(four, one)
+
+
 def test_kmeans2_fewer_starts_never_beat_all_starts():
     x, _, mask = _modality_data(np.random.default_rng(17), sep=0.5)
     full = np.asarray(KMEANS2(x, mask))
