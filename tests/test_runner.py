@@ -68,11 +68,12 @@ def test_one_pass_matches_per_sample_means(tiny):
     assert res["image_to_text"].data["probability"].shape == (cfg.num_layers, cfg.num_heads)
 
 
-def test_killed_run_resumes_with_identical_numbers(tiny, tmp_path):
+def test_killed_run_resumes_with_identical_numbers(tiny, tmp_path, monkeypatch):
     cfg, model, params = tiny
     loader = _loader(cfg, n_batches=7)
     full = run_probes(model, params, loader, _probes(), progress_every=100)
-    state = str(tmp_path / "state")
+    monkeypatch.chdir(tmp_path)
+    state = os.path.join("out", "_state", "fusion")   # relative, as the experiments' default
     with pytest.raises(_Interrupted):
         run_probes(model, params, _interrupting(loader, 5), _probes(), state_dir=state,
                    checkpoint_every=2, progress_every=100)

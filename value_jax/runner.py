@@ -199,7 +199,8 @@ def _quiet_orbax():
 def _save(state_dir: str, accs: dict[str, Accumulator], done: int, names) -> None:
     """Atomically replaces `state_dir` with the accumulators after `done` batches."""
     tree = {name: st for name in names if (st := accs[name].state())}
-    tmp = state_dir.rstrip("/") + ".tmp"
+    state_dir = os.path.abspath(state_dir)                  # orbax refuses relative paths
+    tmp = state_dir + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     if tree:
@@ -208,7 +209,7 @@ def _save(state_dir: str, accs: dict[str, Accumulator], done: int, names) -> Non
             ckptr.wait_until_finished()
     with open(os.path.join(tmp, "progress.json"), "w") as f:
         json.dump({"batches_done": done, "probes": list(names)}, f)
-    old = state_dir.rstrip("/") + ".old"
+    old = state_dir + ".old"
     shutil.rmtree(old, ignore_errors=True)
     if os.path.exists(state_dir):
         os.replace(state_dir, old)
