@@ -132,7 +132,9 @@ def _pct(x: float) -> str:
 
 
 def _num(x) -> object:
-    return "None" if x is None else ("n/a" if math.isnan(x) else float(x))
+    """A table cell: "—" where the metric does not exist (LXMERT has no 1601-way head), "n/a"
+    where it exists but has no examples."""
+    return "—" if x is None else ("n/a" if math.isnan(x) else float(x))
 
 
 # ---------------------------------------------------------------------------------------------
