@@ -18,6 +18,8 @@ import shutil
 from absl import app, flags
 
 from experiments import common
+
+flags.adopt_module_key_flags(common)   # --help lists the shared flags
 from value_jax.data.ablation_data import DEFAULT_MAX_TEXT_LEN, Lang4Vis, Vis4Lang, prepare_ablation
 from value_jax.data.tokenization import WordPieceTokenizer
 from value_jax.probes.ablation import run_ablation

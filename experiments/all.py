@@ -4,9 +4,11 @@ One pass over Flickr30k Entities runs fusion, modality, image-to-text, coreferen
 summary together (each sample through the model once); then Visual Genome relations (+ the
 mismatched-caption baseline) and the SentEval probes. Without data flags: the built-in demo.
 """
-from absl import app
+from absl import app, flags
 
 from experiments import common, suite
+
+flags.adopt_module_key_flags(common)   # --help lists the shared flags
 
 FLICKR = ("fusion", "modality", "coref", "head_summary")
 

@@ -1,20 +1,16 @@
-"""`python -m experiments.coref --model=uniter|lxmert`: see value_jax/probes/ for the definition.
+"""`python -m experiments.coref --model=uniter|lxmert`.
 
-Runs on Flickr30k Entities (`--flickr30k_root`, `--flickr30k_features`) or, without them, on
-the built-in demo data. Writes results.json, table.md, figures and flags.json to
-<out_dir>/<analysis>/<model>/.
+VALUE §3.3.2–3.3.3: visual coreference heads per entity type (Table 2), with random
+pairs as baseline, and the VCD/VCC attention and embedding probers (Table 3).
+On Flickr30k Entities (`--flickr30k_root`, `--flickr30k_features`, `--vocab`), else the
+built-in demo data.
 """
-from absl import app
+from absl import app, flags
 
 from experiments import common, suite
 
-
-def main(argv):
-    del argv
-    demo = common.demo_data() if common.needs_demo("flickr30k_root", "vocab") else None
-    model, params = common.load_model(demo)
-    suite.run_flickr(model, params, demo, {"coref"}, "coref")
-
+flags.adopt_module_key_flags(common)   # --help lists the shared flags
+main = suite.flickr_main("coref")
 
 if __name__ == "__main__":
     app.run(main)

@@ -17,6 +17,8 @@ from absl import app, flags
 from experiments import common, suite
 from experiments.common import FLAGS
 
+flags.adopt_module_key_flags(common)   # --help lists the shared flags
+
 flags.DEFINE_list("models", ["uniter", "lxmert"], "Models to run the demo on.")
 flags.DEFINE_boolean("analyses", True, "Run every VALUE analysis after the attention summary.")
 flags.DEFINE_boolean("ablation", True, "Also run the cross-modal input ablation.")

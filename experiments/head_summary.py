@@ -1,20 +1,16 @@
-"""`python -m experiments.head_summary --model=uniter|lxmert`: see value_jax/probes/ for the definition.
+"""`python -m experiments.head_summary --model=uniter|lxmert`.
 
-Runs on Flickr30k Entities (`--flickr30k_root`, `--flickr30k_features`) or, without them, on
-the built-in demo data. Writes results.json, table.md, figures and flags.json to
-<out_dir>/<analysis>/<model>/.
+VL-InterpreT's per-head statistics: mean attention per query→key block (t2t, t2v, v2t,
+v2v) for every head of every layer.
+On Flickr30k Entities (`--flickr30k_root`, `--flickr30k_features`, `--vocab`), else the
+built-in demo data.
 """
-from absl import app
+from absl import app, flags
 
 from experiments import common, suite
 
-
-def main(argv):
-    del argv
-    demo = common.demo_data() if common.needs_demo("flickr30k_root", "vocab") else None
-    model, params = common.load_model(demo)
-    suite.run_flickr(model, params, demo, {"head_summary"}, "head_summary")
-
+flags.adopt_module_key_flags(common)   # --help lists the shared flags
+main = suite.flickr_main("head_summary")
 
 if __name__ == "__main__":
     app.run(main)

@@ -4,9 +4,11 @@ SentEval probing tasks per layer on text-only input (`--senteval_dir`, `--sentev
 built-in demo). For the BERT-base baseline, convert BERT with `--format=bert` and pass it as
 `--checkpoint` with `--model=uniter`. Writes to <out_dir>/linguistic/<task>/<model>/.
 """
-from absl import app
+from absl import app, flags
 
 from experiments import common, suite
+
+flags.adopt_module_key_flags(common)   # --help lists the shared flags
 
 
 def main(argv):

@@ -1,20 +1,16 @@
-"""`python -m experiments.modality --model=uniter|lxmert`: see value_jax/probes/ for the definition.
+"""`python -m experiments.modality --model=uniter|lxmert`.
 
-Runs on Flickr30k Entities (`--flickr30k_root`, `--flickr30k_features`) or, without them, on
-the built-in demo data. Writes results.json, table.md, figures and flags.json to
-<out_dir>/<analysis>/<model>/.
+VALUE §3.2–3.3.1: modality importance of the [CLS] attention per head, per layer and
+overall (Fig. 3, 4a), and the image-to-text heads (Fig. 4b).
+On Flickr30k Entities (`--flickr30k_root`, `--flickr30k_features`, `--vocab`), else the
+built-in demo data.
 """
-from absl import app
+from absl import app, flags
 
 from experiments import common, suite
 
-
-def main(argv):
-    del argv
-    demo = common.demo_data() if common.needs_demo("flickr30k_root", "vocab") else None
-    model, params = common.load_model(demo)
-    suite.run_flickr(model, params, demo, {"modality"}, "modality")
-
+flags.adopt_module_key_flags(common)   # --help lists the shared flags
+main = suite.flickr_main("modality")
 
 if __name__ == "__main__":
     app.run(main)

@@ -8,6 +8,8 @@ from absl import app, flags
 
 from experiments import common, suite
 
+flags.adopt_module_key_flags(common)   # --help lists the shared flags
+
 flags.DEFINE_boolean("mismatched", True, "Also run the mismatched-caption baseline.")
 
 

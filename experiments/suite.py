@@ -30,6 +30,17 @@ def flickr_probes(model, loader, analyses):
     return probes
 
 
+def flickr_main(analysis: str):
+    """The absl `main` of a script that runs one Flickr30k analysis (`--model`, `--checkpoint`,
+    data flags; the built-in demo without them). Outputs go to <out_dir>/<analysis>/<model>/."""
+    def main(argv):
+        del argv
+        demo = common.demo_data() if common.needs_demo("flickr30k_root", "vocab") else None
+        model, params = common.load_model(demo)
+        run_flickr(model, params, demo, {analysis}, analysis)
+    return main
+
+
 def run_flickr(model, params, demo, analyses, state_name):
     loader = common.coref_loader(demo)
     probes = flickr_probes(model, loader, analyses)
