@@ -21,6 +21,7 @@ from checkpoints_convert import (ConversionError, LAYOUTS, convert_checkpoint, c
 from checkpoints_convert.fake import make_state_dict, state_dict_shapes, write_fake_checkpoint
 from value_jax.checkpoint import load, read_config
 from value_jax.models import LxmertConfig, UniterConfig, build_model, param_shapes
+from torch_refs import perturb, random_inputs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 U, L = UniterConfig.tiny(), LxmertConfig.tiny()
@@ -149,26 +150,6 @@ class _Shape:
 
 # ---- HF parity through the converter ---------------------------------------------------------
 
-def _perturb(module, seed):
-    """HF init leaves biases at 0 and LayerNorms at 1; perturb them so a swap would show."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.add_(torch.randn(p.shape, generator=gen) * 0.05)
-    return module.eval()
-
-
-def _inputs(feat_dim, vocab, b=2, t=7, r=5, text_lens=(7, 4), region_lens=(5, 3), seed=0):
-    rng = np.random.default_rng(seed)
-    ids = rng.integers(1, vocab, (b, t))
-    text_mask = (np.arange(t)[None] < np.array(text_lens)[:, None]).astype(np.int64)
-    feats = rng.normal(size=(b, r, feat_dim)).clip(0).astype(np.float32)
-    x1y1 = rng.uniform(0, 0.5, (b, r, 2))
-    boxes = np.concatenate([x1y1, x1y1 + rng.uniform(0.1, 0.5, (b, r, 2))], -1).astype(np.float32)
-    region_mask = (np.arange(r)[None] < np.array(region_lens)[:, None]).astype(np.int64)
-    return ids, text_mask, feats, boxes, region_mask
-
-
 def _close(ours, theirs, what, diffs):
     ours, theirs = np.asarray(ours), theirs.detach().numpy()
     assert ours.shape == theirs.shape, what
@@ -186,7 +167,7 @@ def _hf_lxmert_config(**kw):
 
 
 def _lxmert_parity(hf, result, pretraining=True):
-    ids, tm, feats, boxes, rm = _inputs(L.visual_feat_dim, L.vocab_size)
+    ids, tm, feats, boxes, rm = random_inputs(L.visual_feat_dim, L.vocab_size)
     t = lambda x: torch.from_numpy(np.asarray(x))
     base = hf.lxmert if pretraining else hf
     with torch.no_grad():
@@ -228,7 +209,7 @@ def _lxmert_parity(hf, result, pretraining=True):
 @pytest.fixture(scope="module")
 def hf_lxmert():
     torch.manual_seed(0)
-    hf = _perturb(transformers.LxmertForPreTraining(_hf_lxmert_config(num_qa_labels=5)), 1)
+    hf = perturb(transformers.LxmertForPreTraining(_hf_lxmert_config(num_qa_labels=5)), 1)
     return hf
 
 
@@ -274,12 +255,12 @@ def test_bert_parity_on_uniter_text_path(tmp_path):
         num_attention_heads=U.num_heads, intermediate_size=U.intermediate_size,
         max_position_embeddings=U.max_position_embeddings, hidden_act="gelu",
         attn_implementation="eager")
-    hf = _perturb(transformers.BertForPreTraining(cfg), 5)
+    hf = perturb(transformers.BertForPreTraining(cfg), 5)
     config_json = tmp_path / "config.json"
     config_json.write_text(cfg.to_json_string())
     result = convert_state_dict(hf.state_dict(), "bert", model_config=str(config_json))
     assert result.config.num_heads == U.num_heads and result.report.text_only
-    ids, tm, *_ = _inputs(8, U.vocab_size)
+    ids, tm, *_ = random_inputs(8, U.vocab_size)
     with torch.no_grad():
         t = lambda x: torch.from_numpy(np.asarray(x))
         enc = hf.bert(input_ids=t(ids), attention_mask=t(tm), output_hidden_states=True,
@@ -350,7 +331,7 @@ def test_cli_writes_a_directory_that_loads_and_runs(tmp_path):
     jax.tree_util.tree_map(np.testing.assert_array_equal, params, expected)
     _, _, meta = read_config(str(out))
     assert meta["format"] == "uniter" and meta["text_only"] is False
-    ids, tm, feats, boxes, rm = _inputs(U.img_dim, U.vocab_size)
+    ids, tm, feats, boxes, rm = random_inputs(U.img_dim, U.vocab_size)
     trace = value_jax.forward(model, params, value_jax.Batch.create(ids, tm, feats, boxes, rm),
                               heads=model.available_heads)
     probs = np.asarray(trace.attention["layer1"])

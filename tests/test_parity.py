@@ -15,29 +15,9 @@ transformers = pytest.importorskip("transformers")
 import value_jax  # noqa: E402
 from checkpoints_convert import convert_state_dict  # noqa: E402
 from value_jax.models import LxmertConfig, UniterConfig, build_model  # noqa: E402
+from torch_refs import perturb, random_inputs  # noqa: E402
 
 TOL = 1e-5
-
-
-def _perturb(module, seed):
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.add_(torch.randn(p.shape, generator=gen) * 0.05)
-    return module.eval()
-
-
-def _inputs(feat_dim, vocab, b, t, r, seed=0):
-    rng = np.random.default_rng(seed)
-    text_lens = [t] + [max(3, t // 2)] * (b - 1)
-    region_lens = [r] + [max(2, r - 7)] * (b - 1)
-    ids = rng.integers(1000 if vocab > 2000 else 1, vocab, (b, t))
-    tm = (np.arange(t)[None] < np.array(text_lens)[:, None]).astype(np.int64)
-    feats = rng.normal(size=(b, r, feat_dim)).clip(0).astype(np.float32)
-    x1y1 = rng.uniform(0, 0.5, (b, r, 2))
-    boxes = np.concatenate([x1y1, x1y1 + rng.uniform(0.1, 0.5, (b, r, 2))], -1).astype(np.float32)
-    rm = (np.arange(r)[None] < np.array(region_lens)[:, None]).astype(np.int64)
-    return ids, tm, feats, boxes, rm
 
 
 class _Recorder:
@@ -77,13 +57,13 @@ def test_lxmert_every_attention_map_and_hidden_state(size):
         intermediate_size=cfg.intermediate_size, l_layers=cfg.l_layers, r_layers=cfg.r_layers,
         x_layers=cfg.x_layers, visual_feat_dim=cfg.visual_feat_dim, hidden_act="gelu",
         attn_implementation="eager")
-    hf = _perturb(transformers.LxmertModel(hf_cfg), 1)
+    hf = perturb(transformers.LxmertModel(hf_cfg), 1)
     recorders = [{k: _Recorder(m) for k, m in (("cross", x.visual_attention.att),
                                                 ("lang_self", x.lang_self_att.self),
                                                 ("visn_self", x.visn_self_att.self))}
                  for x in hf.encoder.x_layers]
     b, t, r = (2, 7, 5) if size == "tiny" else (2, 20, 36)
-    ids, tm, feats, boxes, rm = _inputs(cfg.visual_feat_dim, cfg.vocab_size, b, t, r)
+    ids, tm, feats, boxes, rm = random_inputs(cfg.visual_feat_dim, cfg.vocab_size, b, t, r)
     tt = lambda x: torch.from_numpy(np.asarray(x))
     with torch.no_grad():
         out = hf(input_ids=tt(ids), attention_mask=tt(tm), visual_feats=tt(feats),
@@ -122,9 +102,9 @@ def test_uniter_text_path_matches_bert(size):
         vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_layers,
         num_attention_heads=cfg.num_heads, intermediate_size=cfg.intermediate_size,
         hidden_act="gelu", attn_implementation="eager")
-    hf = _perturb(transformers.BertModel(hf_cfg), 3)
+    hf = perturb(transformers.BertModel(hf_cfg), 3)
     b, t = (2, 7) if size == "tiny" else (2, 20)
-    ids, tm, *_ = _inputs(8, cfg.vocab_size, b, t, 1)
+    ids, tm, *_ = random_inputs(8, cfg.vocab_size, b, t, 1)
     with torch.no_grad():
         out = hf(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(tm),
                  output_hidden_states=True, output_attentions=True)
