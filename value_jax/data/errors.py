@@ -43,6 +43,31 @@ class DataFormatError(ValueError):
         super().__init__(f"{where}: {found} (expected {expected})")
 
 
+class NoExamplesError(ValueError):
+    """Nothing is left to run on after reading and filtering the data.
+
+    Raised by the loaders (`CorefLoader`, `RelationLoader`, `SentEvalLoader`) instead of handing
+    an empty loader to the probes, whose accumulators would then fail far from the cause. The
+    message says "no examples left", names what was read, and lists the data report's summary
+    lines so the caller sees what was dropped and why.
+
+    Attributes:
+      what: the data that was read (e.g. `Flickr30k Entities val split of <root>`).
+      report: the `DataReport` with every count made while reading.
+    """
+
+    def __init__(self, what: str, report: "DataReport", hint: str = ""):
+        self.what = what
+        self.report = report
+        lines = report.summary_lines()
+        msg = f"no examples left from {what}"
+        if hint:
+            msg += f" ({hint})"
+        msg += " after reading and filtering."
+        msg += ("\nData report:\n  " + "\n  ".join(lines)) if lines else "\nData report: nothing counted."
+        super().__init__(msg)
+
+
 class DataReport:
     """Named counts of dropped / changed items, each with its first few examples.
 
