@@ -496,3 +496,112 @@ def test_normalized_boxes_maths():
 def test_uniter_name_to_image_id():
     assert uniter_name_to_image_id("flickr30k_1000092795.npz") == "1000092795"
     assert uniter_name_to_image_id("coco_val2014_000000391895.npz") == "000000391895"
+
+
+# --------------------------------------------------------------------------- checked records
+
+_WRITERS = {"lxmert_tsv": write_lxmert_tsv, "uniter_npz": write_uniter_npz_dir,
+            "uniter_lmdb": write_uniter_lmdb, "volta_lmdb": write_volta_lmdb}
+
+
+def _open(path, fmt, **options):
+    if fmt.startswith("uniter"):
+        options["key_to_image_id"] = uniter_name_to_image_id
+    return open_region_features(path, format=fmt, **options)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("field,value", [("features", np.nan), ("features", np.inf),
+                                         ("boxes", np.nan)])
+def test_nonfinite_image_is_dropped_and_counted_by_get(tmp_path, fmt, field, value):
+    # One NaN in one image used to flow into every mean downstream with exit 0.
+    recs = random_records(3, num_boxes=4, seed=5, feat_dim=16)
+    getattr(recs[1], field)[2, 1] = value
+    path = tmp_path / "x"
+    _WRITERS[fmt](path, recs)
+    with _open(path, fmt) as r:
+        report = DataReport()
+        assert r.get(recs[0].image_id, report) is not None
+        assert r.get(recs[1].image_id, report) is None
+        assert r.get(recs[2].image_id, report) is not None
+        assert report["images_with_nonfinite_features"] == 1
+        (example,) = report.examples("images_with_nonfinite_features")
+        assert str(path) in example and repr(recs[1].image_id) in example, example
+        assert f"{field}: 1 non-finite value(s)" in example and "at box 2" in example, example
+        if fmt == "lxmert_tsv":
+            assert f"{path}:2 " in example, example
+        with pytest.raises(DataFormatError, match=f"image {recs[1].image_id!r}: {field}"):
+            r[recs[1].image_id]
+        for image_id in r:
+            rec = r.get(image_id, DataReport())
+            assert rec is None or (np.isfinite(rec.features).all() and np.isfinite(rec.boxes).all())
+
+
+def test_mean_feature_skips_nonfinite_images(tmp_path):
+    recs = random_records(3, num_boxes=4, seed=5, feat_dim=8)
+    recs[0].features[0, 0] = np.nan
+    write_lxmert_tsv(tmp_path / "f.tsv", recs)
+    report = DataReport()
+    with open_region_features(tmp_path / "f.tsv") as r:
+        mean = dataset_mean_feature(r, report=report)
+    assert np.isfinite(mean).all() and report["images_with_nonfinite_features"] == 1
+    np.testing.assert_allclose(mean, np.concatenate([x.features for x in recs[1:]]).mean(0),
+                               rtol=1e-6)
+
+
+@pytest.mark.parametrize("fmt", ["lxmert_tsv", "volta_lmdb"])
+def test_zero_image_size_names_file_and_image(tmp_path, fmt):
+    recs = random_records(2, num_boxes=3, seed=2, feat_dim=8)
+    recs[1].image_w = recs[1].image_h = 0
+    path = tmp_path / "x"
+    _WRITERS[fmt](path, recs)
+    with _open(path, fmt) as r:
+        assert r[recs[0].image_id].image_w > 0
+        for read in (lambda i: r[i], lambda i: r.get(i, DataReport())):
+            with pytest.raises(DataFormatError) as err:
+                read(recs[1].image_id)
+            msg = str(err.value)
+            assert msg.startswith(str(path) + (":2: " if fmt == "lxmert_tsv" else " ["))
+            assert f"image {recs[1].image_id!r}: img_w x img_h = 0x0" in msg, msg
+
+
+def test_zero_uniter_image_size_is_refused(tmp_path):
+    recs = random_records(2, num_boxes=3, seed=2, feat_dim=8)
+    write_uniter_npz_dir(tmp_path / "npz", recs)
+    sizes = {recs[0].image_id: (100, 80), recs[1].image_id: (0, 0)}
+    with pytest.raises(ValueError, match=rf"image_sizes\['{recs[1].image_id}'\] = \(0, 0\)"):
+        open_region_features(tmp_path / "npz", image_sizes=sizes)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_feature_width_differs_between_images(tmp_path, fmt):
+    # Before: each image kept its own width and collate failed later without naming the file.
+    recs = (random_records(2, num_boxes=3, seed=1, feat_dim=16)
+            + random_records(1, num_boxes=3, seed=2, feat_dim=12, image_ids=["77"]))
+    path = tmp_path / "x"
+    _WRITERS[fmt](path, recs)
+    with _open(path, fmt) as r:
+        assert r[recs[0].image_id].features.shape == (3, 16)
+        with pytest.raises(DataFormatError) as err:
+            r.get("77", DataReport())
+    msg = str(err.value)
+    assert str(path) in msg and "image '77' has 12 feature values per box" in msg, msg
+    assert f"expected 16, as image {recs[0].image_id!r} at {path}" in msg, msg
+    if fmt == "lxmert_tsv":
+        assert msg.startswith(f"{path}:3: ") and f"at {path}:1)" in msg
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_feature_width_against_feature_dim(tmp_path, fmt):
+    recs = random_records(2, num_boxes=3, seed=1, feat_dim=16)
+    recs.append(random_records(1, num_boxes=0, seed=3, feat_dim=16, image_ids=["empty"])[0])
+    path = tmp_path / "x"
+    _WRITERS[fmt](path, recs)
+    with _open(path, fmt, feature_dim=2048) as r:
+        assert r["empty"].features.shape == (0, 2048)
+        with pytest.raises(DataFormatError,
+                           match=rf"image '{recs[1].image_id}' has 16 feature values per box "
+                                 r"\(expected 2048, as feature_dim = 2048\)"):
+            r[recs[1].image_id]
+    with _open(path, fmt, feature_dim=16) as r:
+        assert r["empty"].features.shape == (0, 16)

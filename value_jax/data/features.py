@@ -47,6 +47,22 @@ so near-ties may resolve differently from the detector's float32).
 Missing images: ``reader[image_id]`` raises ``KeyError`` saying where it looked;
 ``reader.get(image_id, report)`` returns None and counts ``images_without_features`` in a
 ``DataReport``. Malformed data raises ``DataFormatError`` naming file, line or key, and field.
+
+Every record is checked before it leaves a reader (``_Reader._checked``), because one NaN in a
+feature row turns every downstream mean into NaN without an error:
+
+- a non-finite value (NaN, +-Inf; float16 overflow gives Inf) in ``boxes``, ``features``,
+  ``cls_prob``, ``object_conf`` or ``attr_conf``: ``get`` drops the whole image and counts it as
+  ``images_with_nonfinite_features`` (examples name file:line or [key], image id, field and box);
+  ``reader[image_id]`` raises ``DataFormatError``. Such an image never reaches a batch.
+- an image size that is not positive (``img_w``/``img_h`` of 0 in a TSV line or VOLTA value, or
+  in the ``image_sizes`` given for UNITER files) raises ``DataFormatError`` naming the file and
+  image id: boxes are normalised by the size, so no number computed from them could be right,
+  and a file whose extractor wrote a 0x0 size is suspect as a whole.
+- the feature width (values per box) must be the same for every image of a reader: the
+  ``feature_dim`` option when given, else the width of the first image read. A mismatch raises
+  ``DataFormatError`` naming file, image id, the expected width (and where it came from) and the
+  width found. Images with no boxes carry no width and are not compared.
 """
 from __future__ import annotations
 
@@ -192,7 +208,7 @@ class _Reader:
     format = ""
 
     def __init__(self, path: PathLike, keys: Iterable[Any],
-                 key_to_image_id: Optional[Callable[[str], str]]):
+                 key_to_image_id: Optional[Callable[[str], str]], feature_dim: Optional[int] = None):
         self.path = os.fspath(path)
         self._id_to_key: dict[str, Any] = {}
         for key in keys:
@@ -204,6 +220,8 @@ class _Reader:
                                       "one key per image id (check key_to_image_id)")
             self._id_to_key[image_id] = key
         self.report = DataReport()
+        # The width every image must have: `feature_dim`, else the first non-empty image's.
+        self._width, self._width_from = feature_dim, f"feature_dim = {feature_dim}"
 
     def image_ids(self) -> list[str]:
         return list(self._id_to_key)
@@ -222,10 +240,16 @@ class _Reader:
         key = self._id_to_key.get(image_id)
         if key is None:
             raise ImageNotFoundError(self._missing_message(image_id))
-        return self._load(image_id, key, self.report)
+        rec, nonfinite = self._checked(image_id, key, self.report)
+        if nonfinite:
+            raise DataFormatError(found=f"image {image_id!r}: {nonfinite}",
+                                  expected="finite boxes and features (reader.get() counts "
+                                           "and skips such images)", **self._where(key))
+        return rec
 
     def get(self, image_id, report: Optional[DataReport] = None) -> Optional[RegionRecord]:
-        """The record, or None if the id is absent, counted as ``images_without_features``.
+        """The record, or None if the id is absent (counted as ``images_without_features``) or
+        the record holds a non-finite value (counted as ``images_with_nonfinite_features``).
 
         Counts (also boxes_dropped_by_conf_th, images_without_size) go to ``report``, or to the
         reader's own ``self.report`` when none is given.
@@ -235,7 +259,35 @@ class _Reader:
         if image_id not in self._id_to_key:
             report.count("images_without_features", example=image_id)
             return None
-        return self._load(image_id, self._id_to_key[image_id], report)
+        key = self._id_to_key[image_id]
+        rec, nonfinite = self._checked(image_id, key, report)
+        if nonfinite:
+            report.count("images_with_nonfinite_features",
+                         example=f"{_place(self._where(key))} image {image_id!r}: {nonfinite}")
+            return None
+        return rec
+
+    def _checked(self, image_id: str, key: Any, report: DataReport) -> tuple[RegionRecord, str]:
+        """The record and a description of its first non-finite value ("" if none); raises on a
+        feature width that differs from the reader's (see the module docstring)."""
+        rec = self._load(image_id, key, report)
+        if not rec.num_boxes:
+            if self._width is not None:  # keep [0, D] shapes consistent within the reader
+                rec.features = np.zeros((0, self._width), np.float32)
+        else:
+            width = rec.features.shape[1]
+            if self._width is None:
+                self._width = width
+                self._width_from = f"image {image_id!r} at {_place(self._where(key))}"
+            elif width != self._width:
+                raise DataFormatError(
+                    found=f"image {image_id!r} has {width} feature values per box",
+                    expected=f"{self._width}, as {self._width_from}", **self._where(key))
+        return rec, _nonfinite(rec)
+
+    def _where(self, key: Any) -> dict:
+        """``DataFormatError`` place arguments (path and line or key) of one stored image."""
+        raise NotImplementedError
 
     def _missing_message(self, image_id: str) -> str:
         examples = ", ".join(repr(i) for i in list(self._id_to_key)[:3])
@@ -261,6 +313,33 @@ class _Reader:
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.format} {self.path!r}: {len(self)} images>"
+
+
+def _place(where: dict) -> str:
+    """``path:line`` or ``path [key]``, as a ``DataFormatError`` prints the place."""
+    text = where["path"]
+    if where.get("line") is not None:
+        text += f":{where['line']}"
+    if where.get("key") is not None:
+        text += f" [{where['key']}]"
+    return text
+
+
+_CHECKED_FIELDS = ("boxes", "features", "cls_prob", "object_conf", "attr_conf")
+
+
+def _nonfinite(rec: RegionRecord) -> str:
+    """``"features: 3 non-finite values, first nan at box 7"``, or "" when all are finite."""
+    for name in _CHECKED_FIELDS:
+        arr = getattr(rec, name)
+        if arr is None or arr.size == 0:
+            continue
+        bad = ~np.isfinite(arr)
+        if bad.any():
+            first = np.argwhere(bad)[0]
+            return (f"{name}: {int(bad.sum())} non-finite value(s), first "
+                    f"{arr[tuple(first)]} at box {int(first[0])}")
+    return ""
 
 
 def _as_id(image_id: object) -> str:
@@ -373,8 +452,7 @@ def _short(value: Any, n: int = 24) -> str:
     return text if len(text) <= n else text[: n - 3] + "..."
 
 
-def _record_from_item(item: Mapping, image_id: str, where: dict,
-                      feature_dim: Optional[int]) -> RegionRecord:
+def _record_from_item(item: Mapping, image_id: str, where: dict) -> RegionRecord:
     """A RegionRecord from LXMERT-TSV-named fields (TSV line, or VOLTA's pickled dict)."""
     def required(name):
         alias, value = _pick(item, name)
@@ -385,6 +463,10 @@ def _record_from_item(item: Mapping, image_id: str, where: dict,
 
     image_h = _int_field(required("img_h")[1], "img_h", where)
     image_w = _int_field(required("img_w")[1], "img_w", where)
+    if image_w <= 0 or image_h <= 0:
+        raise DataFormatError(found=f"image {image_id!r}: img_w x img_h = {image_w}x{image_h}",
+                              expected="a positive image size (boxes are normalised by it)",
+                              **where)
     alias, value = _pick(item, "num_boxes")
     if alias is not None:
         num_boxes = _int_field(value, alias, where)
@@ -402,10 +484,7 @@ def _record_from_item(item: Mapping, image_id: str, where: dict,
     boxes = _array_field(required("boxes")[1], "boxes", np.float32, where, num_boxes, 4)
     features = _array_field(required("features")[1], "features", np.float32, where, num_boxes, -1)
     if num_boxes == 0:
-        features = np.zeros((0, feature_dim or FEATURE_DIM), np.float32)
-    if feature_dim is not None and features.shape[1] != feature_dim:
-        raise DataFormatError(found=f"field 'features' has {features.shape[1]} values per box",
-                              expected=f"feature_dim = {feature_dim}", **where)
+        features = np.zeros((0, FEATURE_DIM), np.float32)
     cls_prob = optional("cls_prob", np.float32, -1)
     if cls_prob is not None and num_boxes == 0:
         cls_prob = cls_prob.reshape(0, NUM_OBJECT_CLASSES + 1)
@@ -455,7 +534,6 @@ class LxmertTsvReader(_Reader):
                  cache_index: bool = True, feature_dim: Optional[int] = None):
         _raise_csv_field_limit()
         path = os.fspath(path)
-        self._feature_dim = feature_dim
         self._fd = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
         try:
             stat = os.fstat(self._fd)
@@ -474,7 +552,7 @@ class LxmertTsvReader(_Reader):
         self._lengths = np.asarray(index["lengths"], np.int64)
         self._lines = np.asarray(index["lines"], np.int64)
         self._lock = threading.Lock()
-        super().__init__(path, [], None)
+        super().__init__(path, [], None, feature_dim)
         self._id_to_key = dict(zip(index["ids"], range(len(index["ids"]))))
 
     def _load_index(self, stat) -> Optional[dict]:
@@ -502,9 +580,11 @@ class LxmertTsvReader(_Reader):
                                   line=int(self._lines[row]))
         return data
 
+    def _where(self, row: int) -> dict:
+        return {"path": self.path, "line": int(self._lines[row])}
+
     def _load(self, image_id: str, row: int, report: DataReport) -> RegionRecord:
-        lineno = int(self._lines[row])
-        where = {"path": self.path, "line": lineno}
+        where = self._where(row)
         data = self._read(row).rstrip(b"\r\n")
         try:
             if b'"' not in data:
@@ -532,7 +612,7 @@ class LxmertTsvReader(_Reader):
             raise DataFormatError(found=f"img_id {item['img_id']!r}",
                                   expected=f"{image_id!r} (the file changed after it was indexed)",
                                   **where)
-        return _record_from_item(item, image_id, where, self._feature_dim)
+        return _record_from_item(item, image_id, where)
 
     def close(self) -> None:
         if self._fd >= 0:
@@ -609,6 +689,10 @@ def _write_json_atomic(path: str, obj: dict) -> bool:
 class _UniterMixin:
     def _init_uniter(self, image_sizes, conf_th, min_bb, max_bb):
         self._image_sizes = dict(image_sizes) if image_sizes is not None else None
+        for image_id, size in (self._image_sizes or {}).items():
+            if len(size) != 2 or not all(v > 0 for v in size):
+                raise ValueError(f"image_sizes[{image_id!r}] = {size!r} for {self.path} (expected a "
+                                 "positive (width, height): boxes are scaled by it)")
         self._conf_th, self._min_bb, self._max_bb = conf_th, min_bb, max_bb
 
     def _uniter_record(self, image_id: str, dump: Mapping, where: dict,
@@ -679,6 +763,7 @@ class UniterNpzDirReader(_UniterMixin, _Reader):
       key_to_image_id: maps an npz file name to the image id used for lookups.
       conf_th, min_bb, max_bb: if conf_th is set, keep UNITER's first ``uniter_num_bb`` boxes;
         dropped boxes are counted as boxes_dropped_by_conf_th.
+      feature_dim: if given, every image must have this many feature values per box.
       Counts go to the report given to ``get``, else to ``reader.report``.
     """
 
@@ -686,13 +771,17 @@ class UniterNpzDirReader(_UniterMixin, _Reader):
 
     def __init__(self, path: PathLike, *, image_sizes: Optional[Mapping[str, tuple]] = None,
                  key_to_image_id: Optional[Callable[[str], str]] = None,
-                 conf_th: Optional[float] = None, min_bb: int = 10, max_bb: int = 100):
+                 conf_th: Optional[float] = None, min_bb: int = 10, max_bb: int = 100,
+                 feature_dim: Optional[int] = None):
         names = sorted(e.name for e in os.scandir(path) if e.name.endswith(".npz") and e.is_file())
-        super().__init__(path, names, key_to_image_id)
+        super().__init__(path, names, key_to_image_id, feature_dim)
         self._init_uniter(image_sizes, conf_th, min_bb, max_bb)
 
+    def _where(self, name: str) -> dict:
+        return {"path": os.path.join(self.path, name)}
+
     def _load(self, image_id: str, name: str, report: DataReport) -> RegionRecord:
-        file = os.path.join(self.path, name)
+        file = self._where(name)["path"]
         try:
             with np.load(file, allow_pickle=False) as npz:
                 dump = {k: npz[k] for k in npz.files}
@@ -728,7 +817,8 @@ class UniterLmdbReader(_UniterMixin, _LmdbReader):
 
     def __init__(self, path: PathLike, *, image_sizes: Optional[Mapping[str, tuple]] = None,
                  key_to_image_id: Optional[Callable[[str], str]] = None,
-                 conf_th: Optional[float] = None, min_bb: int = 10, max_bb: int = 100):
+                 conf_th: Optional[float] = None, min_bb: int = 10, max_bb: int = 100,
+                 feature_dim: Optional[int] = None):
         path = os.fspath(path)
         self._open_env(path)
         try:
@@ -740,14 +830,17 @@ class UniterLmdbReader(_UniterMixin, _LmdbReader):
             except ValueError as e:
                 raise DataFormatError(path, f"'__keys__' is not JSON ({e})", "a JSON list",
                                       key="__keys__") from None
-            super().__init__(path, names, key_to_image_id)
+            super().__init__(path, names, key_to_image_id, feature_dim)
+            self._init_uniter(image_sizes, conf_th, min_bb, max_bb)
         except BaseException:
             self.close()
             raise
-        self._init_uniter(image_sizes, conf_th, min_bb, max_bb)
+
+    def _where(self, name: str) -> dict:
+        return {"path": self.path, "key": name}
 
     def _load(self, image_id: str, name: str, report: DataReport) -> RegionRecord:
-        where = {"path": self.path, "key": name}
+        where = self._where(name)
         raw = self._get(name.encode("utf-8"))
         if raw is None:
             raise DataFormatError(found="a key listed in '__keys__' with no value",
@@ -816,7 +909,6 @@ class VoltaLmdbReader(_LmdbReader):
     def __init__(self, path: PathLike, *, feature_dim: Optional[int] = None,
                  key_to_image_id: Optional[Callable[[str], str]] = None):
         path = os.fspath(path)
-        self._feature_dim = feature_dim
         self._open_env(path)
         try:
             raw = self._get(b"keys")
@@ -827,14 +919,18 @@ class VoltaLmdbReader(_LmdbReader):
             except Exception as e:  # a damaged pickle can raise nearly anything
                 raise DataFormatError(path, f"unpicklable 'keys' ({type(e).__name__}: {e})",
                                       "a pickled list of id bytes", key="keys") from None
-            super().__init__(path, keys, key_to_image_id)
+            super().__init__(path, keys, key_to_image_id, feature_dim)
         except BaseException:
             self.close()
             raise
 
+    def _where(self, key) -> dict:
+        key_bytes = key if isinstance(key, bytes) else str(key).encode("utf-8")
+        return {"path": self.path, "key": key_bytes.decode("utf-8", "replace")}
+
     def _load(self, image_id: str, key, report: DataReport) -> RegionRecord:
         key_bytes = key if isinstance(key, bytes) else str(key).encode("utf-8")
-        where = {"path": self.path, "key": key_bytes.decode("utf-8", "replace")}
+        where = self._where(key)
         raw = self._get(key_bytes)
         if raw is None:
             raise DataFormatError(found="a key listed in 'keys' with no value",
@@ -847,7 +943,7 @@ class VoltaLmdbReader(_LmdbReader):
         if not isinstance(item, Mapping):
             raise DataFormatError(found=f"a pickled {type(item).__name__}",
                                   expected="a dict of TSV fields", **where)
-        return _record_from_item(item, image_id, where, self._feature_dim)
+        return _record_from_item(item, image_id, where)
 
 
 # --------------------------------------------------------------------------- entry points
@@ -899,7 +995,7 @@ def open_region_features(path: PathLike, format: Optional[str] = None,
 
     ``options`` go to the format's reader: ``LxmertTsvReader(index_path, cache_index,
     feature_dim)``, ``UniterNpzDirReader`` / ``UniterLmdbReader(image_sizes, key_to_image_id,
-    conf_th, min_bb, max_bb)``, ``VoltaLmdbReader(feature_dim, key_to_image_id)``.
+    conf_th, min_bb, max_bb, feature_dim)``, ``VoltaLmdbReader(feature_dim, key_to_image_id)``.
     """
     fmt = format or detect_format(path)
     if fmt not in _READERS:
