@@ -53,7 +53,7 @@ def test_real_65567_multi_type_and_lower_case_start(real):
     assert p.type == "bodyparts"
     assert sents[2].words[0] == "a" and sents[2].phrases[0].text == "a man"
     assert report["multi_type_phrases"] == 1
-    assert report.examples("multi_type_phrases") == ["65567:4 bodyparts/people"]
+    assert report.examples("multi_type_phrases") == ["65567.txt:4 bodyparts/people"]
 
 
 def test_real_81641_caption_without_period(real):
@@ -199,6 +199,11 @@ GOOD = "[/EN#137644/people Several men] play [/EN#137645/other cards] ."
     ("[/EN#12 men] play .", "phrase types ''"),
     ("[/XX#12/people men] play .", "phrase header '[/XX#12/people'"),
     ("[/EN#12/people men ] play .", "empty word before ']'"),
+    # A stray ']' outside a phrase used to be read as part of a word.
+    ("[/EN#137644/people Several men] play] cards .", "'play]' outside any phrase"),
+    ("Several men ] play .", "']' outside any phrase"),
+    ("[/EN#12/people men]] play .", "word 'men]' in phrase '[/EN#12/people'"),
+    ("[/EN#12/people a]b men] play .", "word 'a]b' in phrase"),
 ])
 def test_malformed_sentences_name_file_and_line(tmp_path, bad, found):
     path = _sentences_file(tmp_path, [GOOD, GOOD, bad, GOOD])
@@ -303,3 +308,45 @@ def test_data_format_error_fields():
     assert isinstance(e, ValueError)
     assert (e.path, e.line, e.key, e.expected, e.found) == ("a/b.json", None, "[2].x", "4 fields", "3 fields")
     assert str(e) == "a/b.json [[2].x]: 3 fields (expected 4 fields)"
+
+
+def test_empty_sentences_file_is_counted(tmp_path):
+    # An empty file gave no example and no count.
+    path = tmp_path / "Sentences" / "36979.txt"
+    path.parent.mkdir(parents=True)
+    path.write_text("")
+    report = DataReport()
+    assert parse_sentences(path, report) == []
+    assert report["empty_sentence_files"] == 1 and report.examples("empty_sentence_files") == ["36979.txt"]
+    path.write_text("\n\n")
+    assert parse_sentences(path, report) == [] and report["empty_sentence_files"] == 2
+    assert report.examples("blank_caption_lines") == ["36979.txt:1", "36979.txt:2"]
+
+
+def test_root_with_an_empty_sentences_file(tmp_path):
+    fx = write_flickr30k(tmp_path, n_images=3, seed=1)
+    empty = fx.splits["val"][0]
+    (tmp_path / "Sentences" / f"{empty}.txt").write_text("")
+    report = DataReport()
+    links = Flickr30kEntities(tmp_path).coref_links("val", report)
+    assert not [x for x in links if x.image_id == empty]
+    assert report.examples("empty_sentence_files") == [f"{empty}.txt"]
+
+
+def test_non_utf8_sentences_name_file_and_line(tmp_path):
+    path = _sentences_file(tmp_path, [GOOD, GOOD])
+    path.write_bytes(path.read_bytes() + b"[/EN#1/people A caf\xe9 owner] waves .\n")
+    with pytest.raises(DataFormatError) as e:
+        parse_sentences(path)
+    assert str(e.value).startswith(f"{path}:3: bytes b'\\xe9' at column 20") and e.value.line == 3
+
+
+def test_non_utf8_xml_and_zero_size_name_the_file(tmp_path):
+    path = _xml(tmp_path, f"<annotation>\n\t{SIZE}\n\t<object><name>1</name></object>\n</annotation>\n")
+    path.write_bytes(path.read_bytes().replace(b"<name>1</name>", b"<name>1\xff</name>"))
+    with pytest.raises(DataFormatError) as e:
+        parse_annotations(path)
+    assert str(e.value).startswith(f"{path}:7: malformed XML") and e.value.line == 7
+    zero = SIZE.replace("333", "0").replace("500", "0")
+    with pytest.raises(DataFormatError, match=r"123\.xml \[size\]: image size 0x0 \(expected a positive"):
+        parse_annotations(_xml(tmp_path, f"<annotation>{zero}</annotation>"))

@@ -151,6 +151,7 @@ def test_fixture_round_trip(tmp_path, version):
     assert read_objects(tmp_path / "objects.json") == m.objects
     assert read_relationships(tmp_path / "relationships.json") == m.relations
     assert read_region_descriptions(tmp_path / "region_descriptions.json") == m.regions
+    assert read_objects(tmp_path / "attributes.json") == m.attributes
     raw = json.loads((tmp_path / "relationships.json").read_text())
     r0 = raw[0]["relationships"][0]
     if version == "1.0":
@@ -215,3 +216,43 @@ def test_degenerate_and_empty_are_counted(tmp_path):
     assert report["degenerate_boxes"] == 2 and report["empty_predicates"] == 1
     sample_relation_pairs(rels, report=report)
     assert report["empty_predicates"] == 2
+
+
+def test_v10_attributes_name_objects_with_object_names(tmp_path):
+    # read_objects used to refuse every v1.0 attributes.json entry (no 'names' / 'name').
+    m = write_visual_genome(tmp_path, n_images=3, seed=2, version="1.0")
+    raw = json.loads((tmp_path / "attributes.json").read_text())
+    first = raw[0]["attributes"][0]
+    assert "id" in raw[0] and "image_id" not in raw[0]
+    assert "object_names" in first and "names" not in first and "id" in first and "attributes" in first
+    assert any("attributes" not in a for a in raw[0]["attributes"])  # as in the real file
+    attrs = read_objects(tmp_path / "attributes.json")
+    assert attrs == m.attributes and attrs.keys() == m.objects.keys()
+    assert [o.name for o in attrs[1]] == [o.name for o in m.objects[1]]
+    assert attrs[1][0].attributes and attrs[1][0].names == (attrs[1][0].name,)
+    path = _write(tmp_path, "a.json", [{"id": 1, "attributes": [
+        {"id": 5, "x": 1, "y": 2, "w": 3, "h": 4, "object_names": ["clock", "tower"], "attributes": ["green"]}]}])
+    assert read_objects(path) == {1: [VGObject(5, "clock", (1.0, 2.0, 4.0, 6.0), (), ("clock", "tower"),
+                                               ("green",))]}
+
+
+def test_non_utf8_json_names_file_and_line(tmp_path):
+    path = tmp_path / "objects.json"
+    path.write_bytes(b'[{"image_id": 1,\n "objects": [{"object_id": 1, "names": ["caf\xe9"],'
+                     b' "x": 0, "y": 0, "w": 1, "h": 1}]}]')
+    with pytest.raises(DataFormatError, match=r"objects\.json:2: bytes b'\\xe9' at column 45 .*UTF-8"):
+        read_objects(path)
+
+
+def test_zero_image_size_names_the_entry(tmp_path):
+    path = _write(tmp_path, "image_data.json", [{"image_id": 1, "width": 800, "height": 600},
+                                                {"image_id": 2, "width": 0, "height": 0}])
+    with pytest.raises(DataFormatError, match=r"image_data\.json \[\[1\] image 2\]: image size 0x0"):
+        read_image_data(path)
+
+
+def test_non_finite_json_number_is_refused(tmp_path):
+    path = _write(tmp_path, "objects.json", '[{"image_id": 1, "objects": [{"object_id": 1, "names": ["a"],'
+                                            ' "x": NaN, "y": 0, "w": 1, "h": 1}]}]')
+    with pytest.raises(DataFormatError, match=r"objects\[0\]\.x\]: nan \(float\) \(expected a number value\)"):
+        read_objects(path)

@@ -4,6 +4,10 @@ Readers never drop or alter an input item without saying so: each one takes an o
 `DataReport` and counts there every phrase, box, image or line it leaves out or changes, with a
 few examples. Malformed input (something a reader cannot interpret) raises `DataFormatError`
 naming the file, the 1-based line or the key, what was expected and what was found.
+
+One line numbering everywhere: a line cited in a `DataFormatError` or a report example is
+1-based, as an editor shows it, and examples write it `<file name>:<line>` (`file_line`), e.g.
+`36979.txt:3`, `past_present.txt:12`, `val.txt:4`.
 """
 from __future__ import annotations
 
@@ -135,21 +139,39 @@ class DataReport:
         return lines
 
 
+def file_line(path: PathLike, line: int) -> str:
+    """`<file name>:<line>` for report examples, `line` 1-based as an editor shows it."""
+    return f"{os.path.basename(os.fspath(path))}:{line}"
+
+
 def report_or_new(report: Optional[DataReport]) -> DataReport:
     """The caller's report, or a throw-away one so readers can count unconditionally."""
     return DataReport() if report is None else report
+
+
+def read_utf8(path: PathLike) -> str:
+    """The whole file as text; bytes that are not UTF-8 raise `DataFormatError` at the 1-based
+    line and column where they start (a bare `UnicodeDecodeError` names neither file nor line)."""
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        column = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
+        bad = data[e.start:e.end]
+        raise DataFormatError(path, f"bytes {bad!r} at column {column} that are not UTF-8 ({e.reason})",
+                              "UTF-8 text", line=line) from None
 
 
 def read_text_lines(path: PathLike) -> list[str]:
     """UTF-8 lines of a file without their `\\n` / `\\r\\n` ends; one final newline is not a line.
 
     `str.splitlines` is avoided on purpose: it also splits on `\\x0b`, `\\x1c`, `\\u2028`, ...,
-    which would shift every later line number.
+    which would shift every later line number. Non-UTF-8 bytes raise `DataFormatError` at their
+    1-based line (`read_utf8`).
     """
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
-    lines = text.split("\n")
+    lines = read_utf8(path).split("\n")
     if lines and lines[-1] == "":
         lines.pop()
     return [ln[:-1] if ln.endswith("\r") else ln for ln in lines]
-

@@ -8,7 +8,8 @@ is counted in a `DataReport`.
 
 Conventions:
   * `Sentence.index` is the 0-based line of the caption in its file (UNRELATED_CAPTIONS is 1-based;
-    `read_unrelated_captions` converts).
+    `read_unrelated_captions` converts). Messages and report examples cite a caption as
+    `<image id>.txt:<1-based line>` (`sentence_place`), like every other file:line here.
   * `Phrase.first_word_index` / `num_words` index `Sentence.words`, the caption's space-separated
     tokens with the markup removed; `word_span` is half-open.
   * `Annotation.boxes` are `[x1, y1, x2, y2]` ints, 0-based: 1 is subtracted from each file
@@ -23,7 +24,8 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Iterable, Iterator, Optional
 
-from value_jax.data.errors import DataFormatError, DataReport, PathLike, read_text_lines, report_or_new
+from value_jax.data.errors import (DataFormatError, DataReport, PathLike, file_line, read_text_lines,
+                                   report_or_new)
 
 # The 8 types VALUE's coreference table uses ("other" included) plus the box-less `notvisual`.
 PHRASE_TYPES = ("people", "clothing", "bodyparts", "animals", "vehicles", "instruments", "scene",
@@ -99,6 +101,11 @@ def _image_id_of(path: PathLike) -> str:
     return Path(path).stem
 
 
+def sentence_place(s: "Sentence") -> str:
+    """`<image id>.txt:<line>`: the caption's Sentences file and 1-based line."""
+    return f"{s.image_id}.txt:{s.index + 1}"
+
+
 def _parse_line(path: PathLike, line_no: int, line: str, report: DataReport) -> tuple[list[str], list[Phrase]]:
     words: list[str] = []
     phrases: list[Phrase] = []
@@ -118,6 +125,10 @@ def _parse_line(path: PathLike, line_no: int, line: str, report: DataReport) -> 
             open_words, open_start = [], len(words)
             continue
         if open_header is None:
+            if "]" in token:
+                # The reference parser would fold it into a word and skew every word index.
+                raise DataFormatError(path, f"{token!r} outside any phrase",
+                                      "']' only to close a '[/EN#...' phrase", line=line_no)
             words.append(token)
             continue
         closes = token.endswith("]")
@@ -125,13 +136,16 @@ def _parse_line(path: PathLike, line_no: int, line: str, report: DataReport) -> 
         if not word:
             raise DataFormatError(path, f"empty word before ']' in phrase {open_header[2]!r}",
                                   "']' attached to the phrase's last word", line=line_no)
+        if "]" in word:
+            raise DataFormatError(path, f"word {word!r} in phrase {open_header[2]!r}",
+                                  "one ']', at the end of the phrase's last word", line=line_no)
         open_words.append(word)
         words.append(word)
         if closes:
             chain, types, _ = open_header
             phrases.append(Phrase(chain, types, " ".join(open_words), open_start, len(open_words)))
             if len(types) > 1:
-                report.count("multi_type_phrases", example=f"{_image_id_of(path)}:{line_no} {'/'.join(types)}")
+                report.count("multi_type_phrases", example=f"{file_line(path, line_no)} {'/'.join(types)}")
             open_header = None
     if open_header is not None:
         raise unclosed()
@@ -153,7 +167,7 @@ def _parse_header(path, line_no, token, report) -> tuple[str, tuple[str, ...], s
                               "one or more '/<type>' names", line=line_no)
     for t in types:
         if t not in ALL_PHRASE_TYPES:
-            report.count("unknown_phrase_types", example=f"{_image_id_of(path)}:{line_no} {t}")
+            report.count("unknown_phrase_types", example=f"{file_line(path, line_no)} {t}")
     return chain, types, token
 
 
@@ -162,9 +176,11 @@ def parse_sentences(path: PathLike, report: Optional[DataReport] = None) -> list
 
     Accepts multi-type phrases (`bodyparts/people`), `notvisual` (chain 0), captions without a
     final period, adjacent phrases, `&` / `#` inside phrases and lower-case starts. Counts
-    `blank_caption_lines`, `multi_type_phrases`, `unknown_phrase_types` (kept) and
-    `chain_ids_with_several_types` (kept: the real data reuses chain ids across types).
-    Raises DataFormatError (file:line) on unclosed, empty or malformed phrases.
+    `blank_caption_lines`, `multi_type_phrases`, `unknown_phrase_types` (kept),
+    `chain_ids_with_several_types` (kept: the real data reuses chain ids across types) and
+    `empty_sentence_files` (no caption at all: the image then gives no example).
+    Raises DataFormatError (file:line) on unclosed, empty or malformed phrases, on a `]` that
+    closes no phrase, and on bytes that are not UTF-8.
     """
     report = report_or_new(report)
     image_id = _image_id_of(path)
@@ -172,7 +188,7 @@ def parse_sentences(path: PathLike, report: Optional[DataReport] = None) -> list
     types_by_chain: dict[str, set[str]] = {}
     for i, line in enumerate(read_text_lines(path)):
         if not line.strip():
-            report.count("blank_caption_lines", example=f"{image_id}:{i + 1}")
+            report.count("blank_caption_lines", example=file_line(path, i + 1))
             continue
         words, phrases = _parse_line(path, i + 1, line, report)
         sentences.append(Sentence(image_id, i, " ".join(words), words, phrases))
@@ -183,6 +199,8 @@ def parse_sentences(path: PathLike, report: Optional[DataReport] = None) -> list
         if len(types) > 1:
             report.count("chain_ids_with_several_types",
                          example=f"{image_id} chain {chain}: {'/'.join(sorted(types))}")
+    if not sentences:
+        report.count("empty_sentence_files", example=Path(path).name)
     return sentences
 
 
@@ -202,8 +220,9 @@ def parse_annotations(path: PathLike, report: Optional[DataReport] = None) -> An
     ids in `nobox` (`<nobndbox>` > 0) and/or `scene` (`<scene>` > 0). Counts `degenerate_boxes`
     (x2 < x1 or y2 < y1, kept), `boxes_outside_image` (kept), `objects_with_several_bndbox` (first
     kept, as in the reference) and `objects_without_box_or_flag` (box-less, both flags 0).
-    Raises DataFormatError on malformed XML (with ElementTree's line) or missing/non-integer
-    fields (with the element path as key).
+    Raises DataFormatError on malformed XML or bytes that are not UTF-8 (with ElementTree's
+    1-based line), missing/non-integer fields (with the element path as key) and a width or
+    height <= 0 (key `size`).
     """
     report = report_or_new(report)
     image_id = _image_id_of(path)
@@ -218,6 +237,10 @@ def parse_annotations(path: PathLike, report: Optional[DataReport] = None) -> An
     if size is None:
         raise DataFormatError(path, "no <size>", "<size> with <width>, <height>, <depth>", key="size")
     width, height, depth = (_int_text(path, size.find(k), f"size/{k}") for k in ("width", "height", "depth"))
+    if width <= 0 or height <= 0:
+        # Features without a size (UNITER npz) are scaled by it: every box would be wrong.
+        raise DataFormatError(path, f"image size {width}x{height}", "a positive width and height",
+                              key="size")
     boxes: dict[str, list[list[int]]] = {}
     scene: set[str] = set()
     nobox: set[str] = set()
@@ -262,12 +285,12 @@ def read_split(path: PathLike, report: Optional[DataReport] = None) -> list[str]
     for i, line in enumerate(read_text_lines(path), start=1):
         s = line.strip()
         if not s:
-            report.count("blank_lines", example=f"{Path(path).name}:{i}")
+            report.count("blank_lines", example=file_line(path, i))
             continue
         if not _CHAIN_ID.match(s):
             raise DataFormatError(path, f"{s!r}", "one numeric image id per line", line=i)
         if s in seen:
-            report.count("duplicate_image_ids", example=f"{Path(path).name}:{i} {s}")
+            report.count("duplicate_image_ids", example=f"{file_line(path, i)} {s}")
             continue
         seen.add(s)
         ids.append(s)
@@ -302,7 +325,7 @@ def coref_links(sentences: Iterable[Sentence], annotation: Annotation,
     for s in sentences:
         skip = (s.image_id, s.index) in unrelated
         for k, p in enumerate(s.phrases):
-            where = f"{s.image_id}:{s.index + 1} {p.text!r}"
+            where = f"{sentence_place(s)} {p.text!r}"
             if skip:
                 report.count("unrelated_caption_phrases", example=where)
             elif p.is_notvisual:

@@ -13,7 +13,8 @@ from typing import Optional
 
 import numpy as np
 
-from value_jax.data.errors import DataFormatError, DataReport, PathLike, read_text_lines, report_or_new
+from value_jax.data.errors import (DataFormatError, DataReport, PathLike, file_line, read_text_lines,
+                                   report_or_new)
 
 SPLITS = ("tr", "va", "te")
 
@@ -80,9 +81,10 @@ def read_probing_task(path: PathLike, task: Optional[str] = None,
     belong to the task's label set (else DataFormatError at file:line).
 
     Counts `blank_lines` (skipped), `repeated_spaces` (lines whose sentence had empty tokens,
-    dropped from the token list) and `known_labels_absent` (labels of a known task missing from the
-    file: e.g. tree_depth's 12). A line that is not 3 tab-separated fields, has an unknown split,
-    an empty label or an empty sentence raises DataFormatError at file:line.
+    dropped from the token list), `known_labels_absent` (labels of a known task missing from the
+    file: e.g. tree_depth's 12) and `empty_probing_splits` (a partition with no line). A line
+    that is not 3 tab-separated fields, has an unknown split, an empty label or an empty sentence,
+    or bytes that are not UTF-8, raises DataFormatError at file:line (1-based).
     """
     report = report_or_new(report)
     task = task or Path(path).stem
@@ -90,7 +92,7 @@ def read_probing_task(path: PathLike, task: Optional[str] = None,
     rows: dict[str, tuple[list, list, list]] = {s: ([], [], []) for s in SPLITS}
     for i, line in enumerate(read_text_lines(path), start=1):
         if not line.strip():
-            report.count("blank_lines", example=f"{Path(path).name}:{i}")
+            report.count("blank_lines", example=file_line(path, i))
             continue
         fields = line.split("\t")
         if len(fields) != 3:
@@ -103,13 +105,16 @@ def read_probing_task(path: PathLike, task: Optional[str] = None,
                                   f"one of {known}" if known else "a non-empty label", line=i)
         tokens = sentence.split(" ")
         if "" in tokens:
-            report.count("repeated_spaces", example=f"{Path(path).name}:{i}")
+            report.count("repeated_spaces", example=file_line(path, i))
             tokens = [t for t in tokens if t]
         if not tokens:
             raise DataFormatError(path, "an empty sentence", "at least one token", line=i)
         rows[split][0].append(tokens)
         rows[split][1].append(label)
         rows[split][2].append(i)
+    for split, (sents, _, _) in rows.items():
+        if not sents:
+            report.count("empty_probing_splits", example=f"{Path(path).name}: {split}")
     present = sort_labels({x for _, labels, _ in rows.values() for x in labels})
     if known is not None:
         for x in known:

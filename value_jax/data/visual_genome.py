@@ -3,8 +3,9 @@
 Accepted schemas (one list entry per image in every file):
   * image id: `image_id` (v1.2) or `id` (v1.0, and `region_descriptions.json` in every version);
   * object id: `object_id` (v1.2) or `id` (v1.0); relationship id: `relationship_id` or `id`;
-  * object name: `names` (list, objects.json and some relationship versions) or `name` (str);
-    optional `synsets`, `attributes`, `merged_object_ids`;
+  * object name: `names` (list, objects.json, v1.2 attributes.json and some relationship
+    versions), `object_names` (list, v1.0 attributes.json) or `name` (str); optional `synsets`,
+    `attributes`, `merged_object_ids`;
   * boxes: `x, y, w, h` (objects) or `x, y, width, height` (regions), top-left + size in pixels,
     converted here to `x1, y1, x2, y2 = x, y, x + w, y + h` (floats).
 
@@ -17,12 +18,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from pathlib import Path
 from typing import Iterable, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
-from value_jax.data.errors import DataFormatError, DataReport, PathLike, read_text_lines, report_or_new
+from value_jax.data.errors import (DataFormatError, DataReport, PathLike, read_text_lines, read_utf8,
+                                   report_or_new)
 
 Box = tuple[float, float, float, float]
 
@@ -100,7 +103,8 @@ def _check(path, key, v, kind):
     ok = {
         "int": isinstance(v, int) and not isinstance(v, bool),
         "int?": v is None or (isinstance(v, int) and not isinstance(v, bool)),
-        "number": isinstance(v, (int, float)) and not isinstance(v, bool),
+        # Python's json reads NaN / Infinity; a box made of them would poison every IoU.
+        "number": isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v),
         "str": isinstance(v, str),
         "str?": v is None or isinstance(v, str),
         "list": isinstance(v, list),
@@ -110,12 +114,17 @@ def _check(path, key, v, kind):
     return v
 
 
-def _load_list(path: PathLike) -> list:
+def _load_json(path: PathLike, expected: str):
+    """Parsed JSON; non-UTF-8 bytes and syntax errors raise at their 1-based line."""
     try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
+        return json.loads(read_utf8(path))
     except json.JSONDecodeError as e:
-        raise DataFormatError(path, f"invalid JSON ({e.msg})", "a JSON list", line=e.lineno) from None
+        raise DataFormatError(path, f"invalid JSON ({e.msg}, column {e.colno})", expected,
+                              line=e.lineno) from None
+
+
+def _load_list(path: PathLike) -> list:
+    data = _load_json(path, "a JSON list")
     if not isinstance(data, list):
         raise DataFormatError(path, f"top-level {type(data).__name__}", "a JSON list (one entry per image)")
     return data
@@ -144,10 +153,15 @@ def _box(e: _Entry, report: DataReport, wh=("w", "h")) -> Box:
     return float(x), float(y), float(x + w), float(y + h)
 
 
+# Name lists of an object: `names` (v1.2 objects / attributes), `object_names` (v1.0 attributes).
+_NAME_LISTS = ("names", "object_names")
+
+
 def _object(e: _Entry, report: DataReport) -> VGObject:
     object_id = e.get(("object_id", "id"), "int")
-    if e.has("names"):
-        names = tuple(e.get(("names",), "list"))
+    list_key = next((k for k in _NAME_LISTS if e.has(k)), None)
+    if list_key is not None:
+        names = tuple(e.get((list_key,), "list"))
     else:
         names = (e.get(("name",), "str"),)
     if not names or not all(isinstance(n, str) for n in names):
@@ -190,11 +204,17 @@ def normalize_predicate(raw: str, synonyms: Optional[Mapping[str, str]] = None) 
 
 
 def read_image_data(path: PathLike, report: Optional[DataReport] = None) -> dict[int, VGImage]:
-    """`image_data.json` -> {image_id: VGImage}, file order."""
+    """`image_data.json` -> {image_id: VGImage}, file order. A width or height <= 0 raises
+    DataFormatError naming the entry and image id."""
     report = report_or_new(report)
     out = {}
     for _, e, image_id in _entries(path):
-        out[image_id] = VGImage(image_id, e.get(("width",), "int"), e.get(("height",), "int"),
+        width, height = e.get(("width",), "int"), e.get(("height",), "int")
+        if width <= 0 or height <= 0:
+            # Boxes are normalised by this size: no number computed from them could be right.
+            raise DataFormatError(path, f"image size {width}x{height}", "a positive width and height",
+                                  key=e.key)
+        out[image_id] = VGImage(image_id, width, height,
                                 e.get(("url",), "str?", optional=True),
                                 e.get(("coco_id",), "int?", optional=True),
                                 e.get(("flickr_id",), "int?", optional=True))
@@ -202,8 +222,8 @@ def read_image_data(path: PathLike, report: Optional[DataReport] = None) -> dict
 
 
 def read_objects(path: PathLike, report: Optional[DataReport] = None) -> dict[int, list[VGObject]]:
-    """`objects.json` or `attributes.json` -> {image_id: [VGObject]}. Counts `degenerate_boxes`
-    (w or h <= 0, kept)."""
+    """`objects.json` or `attributes.json` (v1.2: `names`; v1.0: `object_names`) ->
+    {image_id: [VGObject]}. Counts `degenerate_boxes` (w or h <= 0, kept)."""
     report = report_or_new(report)
     out = {}
     for _, e, image_id in _entries(path):
@@ -380,8 +400,7 @@ def _index_maps(path, d: dict, kind: str, required: bool) -> tuple[dict[int, str
 def load_sgg_dicts(path: PathLike) -> SGGDicts:
     """Reads and cross-checks the SGG index maps: string keys -> int, 1..N without gaps, inverse
     maps consistent. Raises DataFormatError naming the offending key."""
-    with open(path, encoding="utf-8") as f:
-        d = json.load(f)
+    d = _load_json(path, "a JSON object")
     if not isinstance(d, dict):
         raise DataFormatError(path, f"top-level {type(d).__name__}", "a JSON object")
     labels = _index_maps(path, d, "label", True)
