@@ -13,7 +13,9 @@ import value_jax
 from value_jax.data import collate as C
 from value_jax.data.alignment import iou
 from value_jax.data.demo import MARKER, make_demo_data
+from value_jax.data.errors import NoExamplesError
 from value_jax.data.features import open_region_features
+from value_jax.data.fixtures.features import write_lxmert_tsv
 from value_jax.data.flickr30k import PHRASE_TYPES, Flickr30kEntities
 from value_jax.data.loaders import CorefLoader, RelationLoader, SentEvalLoader
 from value_jax.data.senteval import SPLITS
@@ -74,8 +76,9 @@ def test_coref_targets_point_at_the_phrase_tokens_and_its_regions(demo, coref):
     tok = coref.tokenizer
     checked = {"linked": 0, "negative": 0, "rand": 0}
     for ex, batch, t, row in _rows(coref):
-        image_id, index = ex.id.split(":")
-        sentence = flickr.sentences(image_id)[int(index)]
+        file, line = ex.id.split(":")  # <image id>.txt:<1-based line>
+        image_id = file.removesuffix(".txt")
+        (sentence,) = [x for x in flickr.sentences(image_id) if x.index == int(line) - 1]
         ann = flickr.annotation(image_id)
         rec = feats[image_id]
         np.testing.assert_allclose(batch.region_boxes[row, :rec.num_boxes], rec.normalized_boxes())
@@ -254,8 +257,8 @@ def test_relation_captions_modes(demo, rel):
 def test_relation_seed_and_report(demo, rel):
     assert _batches_equal(rel, _relations(demo, seed=0))
     assert not _batches_equal(rel, _relations(demo, seed=3))
-    strict = _relations(demo, iou_threshold=0.99)
-    assert strict.report["relation_pairs_without_region"] > 0
+    strict = _relations(demo, iou_threshold=0.9)
+    assert strict.report["relation_pairs_without_region"] > 0 and strict.examples
     few = _relations(demo, num_predicates=2, max_images=3)
     assert len(few.predicates) == 2 and len(few.examples) <= 3
     assert few.report["relations_of_rare_predicates"] > 0
@@ -336,3 +339,80 @@ def test_one_batch_of_each_loader_runs_through_a_tiny_model(demo, coref, rel, mo
         v2t, _ = trace.blocks("v2t")
         assert v2t.shape[1:] == (4, config.num_heads, batch.num_regions, batch.text_len)
         assert np.isfinite(np.asarray(v2t)).all()
+
+
+# ---- what filtering can leave: non-finite features, nothing at all ---------------------------
+
+def _all_finite(loader):
+    for batch, targets in loader:
+        assert np.isfinite(batch.region_feats).all() and np.isfinite(batch.region_boxes).all()
+
+
+def test_coref_drops_an_image_with_a_nan_feature(demo, coref, tmp_path):
+    # One NaN used to reach the batch and turn every table cell downstream into nan, exit 0.
+    with open_region_features(demo.flickr_features_tsv) as reader:
+        records = [reader[i] for i in reader]
+    bad = coref.examples[0].image_id
+    (rec,) = [r for r in records if r.image_id == bad]
+    rec.features[3, 5] = np.nan
+    path = tmp_path / "with_nan.tsv"
+    write_lxmert_tsv(path, records)
+    loader = CorefLoader(demo.flickr_root, str(path), demo.vocab_uncased, lowercase=True, batch_size=4)
+    assert loader.report["images_with_nonfinite_features"] == 1
+    (example,) = loader.report.examples("images_with_nonfinite_features")
+    line = [r.image_id for r in records].index(bad) + 1
+    assert example.startswith(f"{path}:{line} image {bad!r}: features: 1 non-finite") and "at box 3" in example
+    assert bad not in {e.image_id for e in loader.examples}
+    assert [e.id for e in loader.examples] == [e.id for e in coref.examples if e.image_id != bad]
+    _all_finite(loader)
+
+
+@pytest.mark.parametrize("max_images", [0, -1])
+def test_coref_with_no_image_left_says_so(demo, max_images):
+    # --max_images=-1 used to give an empty loader and KeyError: 'v2t.sum' in the probes.
+    with pytest.raises(NoExamplesError, match=rf"no examples left .*max_images={max_images} keeps no image"):
+        CorefLoader(demo.flickr_root, demo.flickr_features_tsv, demo.vocab_uncased, lowercase=True,
+                    max_images=max_images)
+
+
+def test_coref_with_every_image_dropped_lists_the_report(demo, tmp_path):
+    path = tmp_path / "other_images.tsv"
+    write_lxmert_tsv(path, [])
+    with pytest.raises(NoExamplesError) as err:
+        CorefLoader(demo.flickr_root, str(path), demo.vocab_uncased, lowercase=True)
+    n_val = len(Flickr30kEntities(demo.flickr_root).image_ids("val"))
+    assert f"images_without_features: {n_val}" in str(err.value)
+    assert err.value.report["images_without_features"] == n_val
+
+
+def test_relations_with_no_usable_pair_say_so(demo):
+    # No region within IoU 1.01 of any box: before, KeyError: 'pair.count' in the probes.
+    with pytest.raises(NoExamplesError, match=r"no examples left .*Visual Genome") as err:
+        _relations(demo, iou_threshold=1.01)
+    assert "relation_pairs_without_region" in str(err.value)
+    assert err.value.report["images_without_relation_pairs"] > 0
+
+
+def test_relations_negative_max_images_keeps_none(demo, rel):
+    # A plain slice [:-1] kept every image but the last.
+    with pytest.raises(NoExamplesError, match="max_images=-1 keeps no image"):
+        _relations(demo, max_images=-1)
+    assert len(_relations(demo, max_images=1).examples) == 1
+
+
+def test_senteval_empty_file_says_so(demo, tmp_path):
+    # Before: ValueError: axes don't match array, far from the cause.
+    (tmp_path / "past_present.txt").write_text("")
+    with pytest.raises(NoExamplesError, match=r"no examples left from SentEval task past_present in .*"
+                                              r"past_present\.txt") as err:
+        SentEvalLoader(tmp_path, "past_present", demo.vocab_uncased, True, feat_dim=FEAT_DIM)
+    assert err.value.report["empty_probing_splits"] == 3
+
+
+def test_example_ids_cite_one_based_lines(demo, coref):
+    ex = coref.examples[0]
+    file, line = ex.id.split(":")
+    sentences = Flickr30kEntities(demo.flickr_root).sentences(ex.image_id)
+    assert file == f"{ex.image_id}.txt" and int(line) - 1 in {s.index for s in sentences}
+    loader = SentEvalLoader(demo.senteval_dir, "past_present", demo.vocab_uncased, True, feat_dim=FEAT_DIM)
+    assert loader.examples[0].id == "past_present.txt:1"

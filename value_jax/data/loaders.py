@@ -12,8 +12,13 @@ ids (`collate.example_rng`). IoU is computed in pixels on absolute boxes; the Ba
 boxes normalised by the image size.
 
 Everything dropped or changed is counted in `loader.report` (a `DataReport`): the readers' counts
-(notvisual_phrases, phrases_without_box, images_without_features, truncated_sentences,
-over_per_image_cap, ...) plus the ones named in each `prepare_*` docstring.
+(notvisual_phrases, phrases_without_box, images_without_features, images_with_nonfinite_features,
+truncated_sentences, over_per_image_cap, ...) plus the ones named in each `prepare_*` docstring.
+A loader left with no example at all raises `errors.NoExamplesError` (a ValueError) whose message
+says "no examples left" and lists the report, so a caller never runs the probes on nothing.
+
+Example ids cite their source as `<file>:<1-based line>` where there is one (a caption:
+`<image id>.txt:<line>`, a SentEval sentence: `<task>.txt:<line>`), else the image id.
 """
 from __future__ import annotations
 
@@ -25,10 +30,10 @@ import numpy as np
 
 from value_jax.data import collate as C
 from value_jax.data.alignment import iou, match_gold_boxes, mismatched_caption_pairs, phrase_overlap
-from value_jax.data.errors import DataReport, PathLike, report_or_new
+from value_jax.data.errors import DataReport, NoExamplesError, PathLike, file_line, report_or_new
 from value_jax.data.features import (RegionFeatureReader, RegionRecord, detect_format,
                                      open_region_features, uniter_name_to_image_id)
-from value_jax.data.flickr30k import PHRASE_TYPES, Flickr30kEntities, coref_links
+from value_jax.data.flickr30k import PHRASE_TYPES, Flickr30kEntities, coref_links, sentence_place
 from value_jax.data.senteval import SPLITS, read_probing_task, stratified_sample
 from value_jax.data.tokenization import WordPieceTokenizer, phrase_piece_span
 from value_jax.data.visual_genome import (read_image_data, read_region_descriptions, read_relationships,
@@ -150,6 +155,23 @@ class _FeatureLoader(ExampleLoader):
         if getattr(self, "_owns_reader", False):
             self.features.close()
 
+    def _require_examples(self, examples, what: str, report: DataReport, max_images) -> None:
+        try:
+            _require_examples(examples, f"{what} with features {self.features.path}", report, max_images)
+        except NoExamplesError:
+            self.close()
+            raise
+
+
+def _require_examples(examples: Sequence, what: str, report: DataReport,
+                      max_images: Optional[int] = None) -> None:
+    """Raises `NoExamplesError` (with the report) when filtering left nothing: an empty loader
+    would otherwise fail far away, in the probes' accumulators."""
+    if not examples:
+        hint = (f"max_images={max_images} keeps no image"
+                if max_images is not None and max_images <= 0 else "")
+        raise NoExamplesError(what, report, hint)
+
 
 def _check_text_len(max_text_len: int, buckets: C.Buckets) -> None:
     if not 2 <= max_text_len <= buckets.text[-1]:
@@ -188,7 +210,7 @@ def prepare_coref(flickr_root: PathLike, features: RegionFeatureReader, tokenize
     examples = []
     images = Flickr30kEntities(flickr_root).iter_images(split, report)
     for n_image, (sentences, annotation) in enumerate(images):
-        if max_images is not None and n_image >= max_images:
+        if max_images is not None and n_image >= max_images:  # max_images <= 0: none
             break
         rec = features.get(annotation.image_id, report)
         if rec is None:
@@ -202,7 +224,7 @@ def prepare_coref(flickr_root: PathLike, features: RegionFeatureReader, tokenize
                                 iou_threshold, max_text_len, negative_ratio, report)
             if ex is None:
                 if links_of[s.index]:
-                    report.count("captions_without_links", example=f"{s.image_id}:{s.index}")
+                    report.count("captions_without_links", example=sentence_place(s))
                 continue
             examples.append(ex)
     return examples
@@ -218,7 +240,7 @@ def _coref_caption(s, links, boxes, tokenizer, seed, region_source, threshold, m
     n_regions = len(boxes)
     items = []  # (region, span, type, linked, rand_region, rand_span)
     for link in links:
-        where = f"{s.image_id}:{s.index} {link.phrase.text!r}"
+        where = f"{sentence_place(s)} {link.phrase.text!r}"
         span = spans[link.phrase_index]
         if span is None:
             report.count("phrases_truncated", example=where)
@@ -271,7 +293,7 @@ def _coref_caption(s, links, boxes, tokenizer, seed, region_source, threshold, m
         "coref.mask": np.ones(p, bool), "coref.rand_region": [it[4] for it in items],
         "coref.rand_tokens": rand_tokens, "coref.rand_token_mask": rand_mask,
     }
-    return C.Example(f"{s.image_id}:{s.index}", enc.ids, targets, image_id=s.image_id, num_regions=n_regions)
+    return C.Example(sentence_place(s), enc.ids, targets, image_id=s.image_id, num_regions=n_regions)
 
 
 class CorefLoader(_FeatureLoader):
@@ -297,6 +319,8 @@ class CorefLoader(_FeatureLoader):
                                  region_source=region_source, iou_threshold=iou_threshold,
                                  max_text_len=max_text_len, max_images=max_images,
                                  negative_ratio=negative_ratio, report=report)
+        self._require_examples(examples, f"the Flickr30k Entities {split} split of {flickr_root}",
+                               report, max_images)
         super().__init__(examples, batch_size, buckets=buckets, regions=_RegionCache(reader),
                          overflow=overflow, report=report)
 
@@ -342,7 +366,9 @@ def prepare_relations(vg_root: PathLike, features: RegionFeatureReader, tokenize
     sampled = collections.defaultdict(list)
     for r in sample.relations:
         sampled[r.image_id].append(r)
-    image_ids = sorted(sampled)[:max_images] if max_images is not None else sorted(sampled)
+    # max(.., 0): a negative count keeps no image, as in prepare_coref (a plain slice would keep
+    # all but the last |max_images|).
+    image_ids = sorted(sampled)[:max(max_images, 0)] if max_images is not None else sorted(sampled)
 
     prepared = []  # (image_id, num_regions, targets)
     for image_id in image_ids:
@@ -460,6 +486,8 @@ class RelationLoader(_FeatureLoader):
             max_pairs_per_predicate=max_pairs_per_predicate, max_same_type_per_image=max_same_type_per_image,
             iou_threshold=iou_threshold, captions=captions, max_text_len=max_text_len,
             max_images=max_images, negative_ratio=negative_ratio, report=report)
+        self._require_examples(examples, f"the Visual Genome relations of {vg_root}", report,
+                               max_images)
         super().__init__(examples, batch_size, buckets=buckets, regions=_RegionCache(reader),
                          overflow=overflow, report=report)
 
@@ -481,14 +509,15 @@ def prepare_senteval(path: PathLike, task: str, tokenizer: WordPieceTokenizer, *
     2 te), tr then va then te in file order; `per_split` draws a seeded stratified sample of each
     split. Returns the examples and the label names (label id = position)."""
     report = report_or_new(report)
-    data = read_probing_task(senteval_file(path, task), task, report)
+    file = senteval_file(path, task)
+    data = read_probing_task(file, task, report)
     examples = []
     for split_id, split in enumerate(SPLITS):
         part = (data.splits[split] if per_split is None
                 else stratified_sample(data, split, per_split, seed, report))
         for tokens, label, line in zip(part.sentences, part.label_ids, part.line_numbers):
             ids = tokenizer.encode_words(tokens, max_text_len, report).ids
-            examples.append(C.Example(f"{task}:{int(line)}", ids, {
+            examples.append(C.Example(file_line(file, int(line)), ids, {
                 "senteval.label": int(label), "senteval.split": split_id, "senteval.mask": True}))
     return examples, data.label_names
 
@@ -507,6 +536,7 @@ class SentEvalLoader(ExampleLoader):
         self.tokenizer = WordPieceTokenizer(vocab_path, lowercase)
         examples, self.labels = prepare_senteval(path, task, self.tokenizer, seed=seed, per_split=per_split,
                                                  max_text_len=max_text_len, report=report)
+        _require_examples(examples, f"SentEval task {task} in {senteval_file(path, task)}", report)
         super().__init__(examples, batch_size, buckets=buckets, feat_dim=feat_dim, overflow=overflow,
                          report=report)
 
