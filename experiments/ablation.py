@@ -82,7 +82,8 @@ def run(model, params, demo):
     state = os.path.join(FLAGS.out_dir, "_state", "ablation", common.model_tag()) \
         if FLAGS.resume else None
     result = run_ablation(model, params, data, vis, lang, FLAGS.batch_size, threshold=thr,
-                          state_dir=state)
+                          state_dir=state, fingerprint=common.run_fingerprint(
+                              (root, features, FLAGS.objects_vocab)))
     result.data["inputs"] = {"flickr30k_root": root, "features": features, "vocab": vocab,
                              "demo": demo is not None}
     common.write(result, "ablation")

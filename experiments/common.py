@@ -27,7 +27,11 @@ flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Forward dtype; r
 flags.DEFINE_integer("max_images", 0, "Use at most this many images / sentences (0 = all).")
 flags.DEFINE_boolean("resume", True, "Resume an interrupted run from its saved accumulators.")
 flags.DEFINE_string("vocab", "", "WordPiece vocab.txt (bert-base-cased for UNITER, "
-                    "bert-base-uncased for LXMERT). Empty with the demo.")
+                    "bert-base-uncased for LXMERT). Required with --checkpoint; empty with the "
+                    "demo.")
+flags.DEFINE_enum("lowercase", "auto", ["auto", "true", "false"], "Lowercase text before "
+                  "WordPiece. auto: from the vocabulary (a vocab with cased entries, like "
+                  "bert-base-cased, is used cased; an uncased one lowercased).")
 flags.DEFINE_string("flickr30k_root", "", "Flickr30k Entities root (Sentences/, Annotations/, "
                     "val.txt). Empty: the demo data.")
 flags.DEFINE_string("flickr30k_features", "", "Region features of the Flickr30k images (LXMERT "
@@ -45,7 +49,13 @@ flags.DEFINE_boolean("fusion_include_special", False, "Fusion NMI: also cluster 
 flags.DEFINE_enum("sentence_pooling", "mean", ["mean", "cls"], "SentEval sentence embedding: mean "
                   "of the word tokens or the [CLS] state.")
 
+flags.register_validator("batch_size", lambda v: v >= 1, "--batch_size must be at least 1")
+flags.register_validator("max_images", lambda v: v >= 0,
+                         "--max_images must be 0 (all) or a positive count")
+
 DEMO_FEAT_DIM = 32
+# Flags that never change a number: left out of the resume fingerprint.
+NOT_IN_FINGERPRINT = ("out_dir", "resume")
 
 
 def using_demo() -> bool:
@@ -102,11 +112,27 @@ def build_demo_checkpoint(root: str, model_type: str, vocab_size: int, seed: int
 
 
 def vocab_path(demo) -> tuple[str, bool]:
-    """(vocab file, lowercase) for the model: UNITER is cased, LXMERT uncased."""
-    lowercase = FLAGS.model == "lxmert"
+    """(vocab file, lowercase). The demo: UNITER's vocab is cased, LXMERT's uncased. A user's
+    `--vocab`: casing from `--lowercase`, by default from the vocabulary itself, so that an
+    uncased BERT baseline loaded as `--model=uniter` is lowercased as it was trained."""
     if FLAGS.vocab:
-        return FLAGS.vocab, lowercase
-    return (demo.vocab_uncased if lowercase else demo.vocab_cased), lowercase
+        path = FLAGS.vocab
+    elif demo is not None:
+        path = demo.vocab_uncased if FLAGS.model == "lxmert" else demo.vocab_cased
+    else:
+        raise SystemExit("--checkpoint needs --vocab: the WordPiece vocab.txt the checkpoint was "
+                         "trained with (bert-base-cased for UNITER, bert-base-uncased for LXMERT)")
+    if FLAGS.lowercase != "auto":
+        return path, FLAGS.lowercase == "true"
+    return path, not vocab_is_cased(path)
+
+
+def vocab_is_cased(path: str) -> bool:
+    """True when the vocabulary holds cased word pieces (bert-base-cased has ~5,000 entries with
+    capitals; bert-base-uncased none outside its [SPECIAL] tokens)."""
+    from value_jax.data.tokenization import read_vocab
+    pieces = [t for t in read_vocab(path) if not (t.startswith("[") and t.endswith("]"))]
+    return any(any(c.isupper() for c in t) for t in pieces)
 
 
 def load_model(demo=None):
@@ -124,9 +150,52 @@ def load_model(demo=None):
     if model.config.model_type != FLAGS.model:
         raise SystemExit(f"--checkpoint {path} holds a {model.config.model_type} model but "
                          f"--model={FLAGS.model}")
+    vocab, _ = vocab_path(demo)
+    size = len(read_vocab(vocab))
+    if size > model.config.vocab_size:
+        raise SystemExit(f"--vocab {vocab} has {size} entries but the checkpoint {path} embeds "
+                         f"only {model.config.vocab_size} token ids: the vocabulary does not "
+                         "belong to this checkpoint")
+    _inputs["checkpoint"] = {"path": os.path.abspath(path),
+                             "id": value_jax.checkpoint.checkpoint_id(path)}
+    _inputs["vocab"] = file_identity(vocab)
     if FLAGS.dtype != model.config.dtype:
         model = model.clone(config=dataclasses.replace(model.config, dtype=FLAGS.dtype))
     return model, params
+
+
+# What this run read (checkpoint identity, data files): part of every state fingerprint.
+_inputs: dict = {}
+
+
+def file_identity(path: str) -> dict:
+    """Identity of a data file or folder without reading it: path, size and modification time
+    (of every file below a folder). A changed file makes saved state unusable."""
+    import hashlib
+    path = os.path.abspath(path)
+    if os.path.isfile(path):
+        st = os.stat(path)
+        return {"path": path, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    if not os.path.isdir(path):
+        return {"path": path, "missing": True}
+    h, n = hashlib.sha256(), 0
+    for root, dirs, files in os.walk(path):
+        dirs.sort()
+        for name in sorted(files):
+            full = os.path.join(root, name)
+            if name.endswith(".idx.json") or name.endswith("-lock"):
+                continue                     # our own offset index / lmdb's lock file
+            st = os.stat(full)
+            h.update(f"{os.path.relpath(full, path)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+            n += 1
+    return {"path": path, "files": n, "listing_sha256": h.hexdigest()}
+
+
+def run_fingerprint(data_paths=()) -> dict:
+    """The caller's part of a runner state fingerprint: checkpoint, vocab, data files, flags."""
+    flags_now = {k: v for k, v in flag_values().items() if k not in NOT_IN_FINGERPRINT}
+    return {"flags": flags_now, **_inputs,
+            "data_files": {p: file_identity(p) for p in sorted(set(filter(None, data_paths)))}}
 
 
 def flag_values() -> dict:
@@ -163,7 +232,16 @@ def demo_data():
 
 
 def needs_demo(*data_flags: str) -> bool:
-    return using_demo() or not all(FLAGS[f].value for f in data_flags)
+    """Whether the built-in demo stands in for something. Without --checkpoint the demo
+    checkpoint and vocabulary are used (data flags given still win); with --checkpoint every
+    `data_flags` (and --vocab) is required: a real model never runs on demo data silently."""
+    if using_demo():
+        return True
+    missing = [f"--{f}" for f in dict.fromkeys((*data_flags, "vocab")) if not FLAGS[f].value]
+    if missing:
+        raise SystemExit(f"--checkpoint={FLAGS.checkpoint} needs {', '.join(missing)}: the demo "
+                         "data only runs with the demo checkpoint (no --checkpoint)")
+    return False
 
 
 def _max_images():
@@ -184,10 +262,12 @@ def coref_loader(demo):
         root = demo.flickr_root
         feats = demo.flickr_features_gold_tsv if FLAGS.region_source == "gold_in_features" \
             else demo.flickr_features_tsv
-    return CorefLoader(root, feats, vocab, lowercase, split=FLAGS.split,
-                       batch_size=FLAGS.batch_size, seed=FLAGS.seed,
-                       region_source=FLAGS.region_source, iou_threshold=FLAGS.iou_threshold,
-                       max_images=_max_images())
+    loader = CorefLoader(root, feats, vocab, lowercase, split=FLAGS.split,
+                         batch_size=FLAGS.batch_size, seed=FLAGS.seed,
+                         region_source=FLAGS.region_source, iou_threshold=FLAGS.iou_threshold,
+                         max_images=_max_images())
+    loader.data_paths = (root, feats)
+    return loader
 
 
 def relation_loader(demo, captions="region"):
@@ -200,9 +280,11 @@ def relation_loader(demo, captions="region"):
     else:
         say(f"no --vg_root: using the built-in demo data in {demo.root}")
         root, feats = demo.vg_root, demo.vg_features_tsv
-    return RelationLoader(root, feats, vocab, lowercase, batch_size=FLAGS.batch_size,
-                          seed=FLAGS.seed, iou_threshold=FLAGS.iou_threshold, captions=captions,
-                          max_images=_max_images())
+    loader = RelationLoader(root, feats, vocab, lowercase, batch_size=FLAGS.batch_size,
+                            seed=FLAGS.seed, iou_threshold=FLAGS.iou_threshold, captions=captions,
+                            max_images=_max_images())
+    loader.data_paths = (root, feats)
+    return loader
 
 
 def senteval_loaders(demo, feat_dim):
@@ -218,9 +300,13 @@ def senteval_loaders(demo, feat_dim):
     tasks = FLAGS.senteval_tasks or [t for t in TASKS if os.path.isfile(os.path.join(root, f"{t}.txt"))]
     if not tasks:
         raise SystemExit(f"no SentEval task files (<task>.txt) in {root}")
-    return {t: SentEvalLoader(os.path.join(root, f"{t}.txt"), t, vocab, lowercase,
-                              batch_size=FLAGS.batch_size, seed=FLAGS.seed,
-                              per_split=_max_images(), feat_dim=feat_dim) for t in tasks}
+    loaders = {}
+    for t in tasks:
+        path = os.path.join(root, f"{t}.txt")
+        loaders[t] = SentEvalLoader(path, t, vocab, lowercase, batch_size=FLAGS.batch_size,
+                                    seed=FLAGS.seed, per_split=_max_images(), feat_dim=feat_dim)
+        loaders[t].data_paths = (path,)
+    return loaders
 
 
 def feat_dim(model) -> int:
@@ -228,15 +314,23 @@ def feat_dim(model) -> int:
     return c.img_dim if c.model_type == "uniter" else c.visual_feat_dim
 
 
-def run(model, params, loader, probes, analysis: str):
-    """The runner with this run's resumable state under `<out_dir>/_state/<pass>/<model>`."""
-    from value_jax.runner import run_probes
+def run(model, params, loader, probes, analysis: str, data_paths=()):
+    """The runner with this run's resumable state under `<out_dir>/_state/<pass>/<model>`,
+    fingerprinted by the checkpoint, `data_paths`, the flags and the loader's examples."""
+    from value_jax.runner import NoBatchesError, run_probes
     state = os.path.join(FLAGS.out_dir, "_state", analysis, model_tag()) if FLAGS.resume else None
     report = getattr(loader, "report", None)
     if report is not None:
         for line in report.summary_lines():
             say(f"[{analysis}] data: {line}")
-    results = run_probes(model, params, loader, probes, state_dir=state, label=analysis)
+    try:
+        results = run_probes(model, params, loader, probes, state_dir=state, label=analysis,
+                             fingerprint=run_fingerprint(
+                                 (*data_paths, *getattr(loader, "data_paths", ()))))
+    except NoBatchesError:
+        lines = "\n  ".join(report.summary_lines()) if report is not None else "(no data report)"
+        raise SystemExit(f"[{analysis}] no examples left after reading and filtering the data "
+                         f"(--max_images={FLAGS.max_images}). Data report:\n  {lines}")
     if report is not None:
         for r in results.values():
             r.data["data_report"] = report.to_dict()

@@ -86,13 +86,71 @@ def test_killed_run_resumes_with_identical_numbers(tiny, tmp_path, monkeypatch):
                                           err_msg=f"{name}.{key}")
 
 
-def test_state_of_other_probes_is_refused(tiny, tmp_path):
+def _same(a, b):
+    assert a.keys() == b.keys()
+    for name in a:
+        assert a[name].to_json() == b[name].to_json(), name
+
+
+def test_state_from_other_inputs_is_never_used(tiny, tmp_path, capfd):
+    """Saved state is resumed only when probes, their settings, the loader's batches and the
+    caller's inputs all match; otherwise it is removed, saying what differs."""
     cfg, model, params = tiny
-    loader = _loader(cfg, n_batches=2)
     state = str(tmp_path / "state")
-    run_probes(model, params, loader, [FusionProbe()], state_dir=state, progress_every=100)
-    with pytest.raises(ValueError, match="holds a run of probes"):
-        run_probes(model, params, loader, [ModalityProbe()], state_dir=state, progress_every=100)
+    first, other = _loader(cfg, n_batches=4, seed=0), _loader(cfg, n_batches=4, seed=1)
+    fresh = run_probes(model, params, other, _probes(), progress_every=100)
+
+    def partial(loader, probes, fingerprint=None):
+        with pytest.raises(_Interrupted):
+            run_probes(model, params, _interrupting(loader, 3), probes, state_dir=state,
+                       checkpoint_every=1, progress_every=100, fingerprint=fingerprint)
+
+    partial(first, _probes())                                        # other data
+    _same(run_probes(model, params, other, _probes(), state_dir=state, progress_every=100), fresh)
+    assert "not resuming" in capfd.readouterr().err
+
+    partial(other, [FusionProbe(include_special=True), ModalityProbe(), ImageToTextProbe()])
+    _same(run_probes(model, params, other, _probes(), state_dir=state, progress_every=100), fresh)
+    assert "include_special: true → false" in capfd.readouterr().err
+
+    partial(other, _probes(), fingerprint={"checkpoint": {"id": "aaa"}})
+    _same(run_probes(model, params, other, _probes(), state_dir=state, progress_every=100,
+                     fingerprint={"checkpoint": {"id": "bbb"}}), fresh)
+    assert 'checkpoint.id: "aaa" → "bbb"' in capfd.readouterr().err
+
+    partial(other, [FusionProbe()])                                  # other probes
+    _same(run_probes(model, params, other, _probes(), state_dir=state, progress_every=100), fresh)
+    assert "probes: ['fusion'] → ['fusion', 'modality', 'image_to_text']" in capfd.readouterr().err
+
+
+def test_rerun_of_a_finished_run_gives_the_same_results(tiny, tmp_path, capfd):
+    """A rerun into the same state finds every batch counted: nothing is traced, and the
+    results (layer names included) must still equal the first run's."""
+    cfg, model, params = tiny
+    state = str(tmp_path / "state")
+    loader = _loader(cfg, n_batches=3)
+    first = run_probes(model, params, loader, _probes(), state_dir=state, progress_every=100)
+    again = run_probes(model, params, loader, _probes(), state_dir=state, progress_every=100)
+    assert "resuming after batch 3/3" in capfd.readouterr().err
+    assert again["fusion"].data["layers"] == ["1", "2", "3"]
+    _same(again, first)
+
+
+def test_empty_loader_says_no_examples_left(tiny):
+    from value_jax.runner import NoBatchesError
+    cfg, model, params = tiny
+    with pytest.raises(NoBatchesError, match="no examples left"):
+        run_probes(model, params, [], _probes(), progress_every=100)
+
+
+def test_resumed_eta_counts_only_the_batches_run_now():
+    import io
+    from value_jax.runner import Progress
+    stream = io.StringIO()
+    progress = Progress(total=100, label="x", every=1, stream=stream, skipped=90)
+    progress.start -= 10.0                      # 10 s for the one batch run after resuming
+    progress.update(91, 4)
+    assert "ETA 0:01:30" in stream.getvalue()   # 9 batches left at 10 s each, not 9 × 10/91 s
 
 
 def test_sharded_over_four_cpu_devices_matches_one_device(tiny):

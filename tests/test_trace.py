@@ -1,6 +1,7 @@
 """Trace: blocks are the right slices, layouts are right, names in forward order."""
 import jax
 import numpy as np
+import pytest
 
 import value_jax
 from value_jax.models import LxmertConfig, UniterConfig, build_model, init_params
@@ -65,3 +66,20 @@ def test_layer_order_is_forward_order():
     names = ["cross1.v2l", "visn1", "cross1.l2v", "lang9", "cross1.visn_self", "cross1.lang_self"]
     assert sorted(names, key=_layer_order) == ["lang9", "visn1", "cross1.l2v", "cross1.v2l",
                                                "cross1.lang_self", "cross1.visn_self"]
+
+
+@pytest.mark.parametrize("cfg", [UniterConfig.tiny(num_layers=3),
+                                 LxmertConfig.tiny(l_layers=3, r_layers=2, x_layers=2)],
+                         ids=["uniter", "lxmert"])
+def test_layout_from_config_names_what_the_model_sows(cfg):
+    """Probes take their layer names from `Layout.from_config` before anything runs; it must
+    name exactly what a pass sows, in the same order."""
+    from value_jax.trace import Layout
+    traced, expected = _run(cfg).layout, Layout.from_config(cfg)
+    assert sorted(traced.attention) == sorted(expected.attention)
+    assert sorted(traced.hidden) == sorted(expected.hidden)
+    for d in ("t2t", "t2v", "v2t", "v2v"):
+        assert expected.layer_names(d) == traced.layer_names(d)
+    for m in ("text", "image"):
+        assert expected.hidden_names(m) == traced.hidden_names(m)
+    assert expected.paired_layers() == traced.paired_layers()

@@ -13,10 +13,19 @@ Statistics come in two kinds, declared by each probe:
              (features for trained probers).
 Accumulators are checkpointed every `checkpoint_every` batches (orbax); a killed run restarted
 with the same loader skips the batches already counted and finishes with identical numbers.
+
+Saved state is fingerprinted by everything that changes the numbers: the model config, every
+probe's settings, the loader's examples (ids, tokens, targets, batch plan) and whatever the caller
+adds (checkpoint identity, data files, flags). State with another fingerprint is never used: the
+run says which inputs differ, removes it and starts afresh. Probes learn their layer names from
+the model config (`Probe.bind`) before the first batch, so a resumed run with no batch left
+finalizes exactly as the run that saved the state.
 """
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import hashlib
 import json
 import os
 import shutil
@@ -32,17 +41,29 @@ from absl import logging as absl_logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from value_jax.api import forward
+from value_jax.trace import Layout
 
 
 class Probe:
     """Base class: `step` is jittable and returns small statistics; `finalize` makes the Result.
 
     Subclasses set `name`, `heads` (model heads the step needs), `sum_keys` / `collect_keys`.
+    Metadata a probe reports (layer names, ...) is set in `bind`, from the model's `Layout`,
+    which the runner calls before the first batch; `step` never records anything on `self`.
     """
 
     name: str = "probe"
     heads: tuple = ()
     collect_keys: tuple = ()
+
+    def bind(self, layout: Layout) -> None:
+        """Learns what the model sows (layer names) before anything runs."""
+
+    def fingerprint(self) -> dict[str, Any]:
+        """Everything on the probe that can change its numbers (part of the state fingerprint):
+        its public attributes, bound metadata included."""
+        return {"class": type(self).__name__,
+                **{k: v for k, v in sorted(vars(self).items()) if not k.startswith("_")}}
 
     def step(self, trace, targets: dict) -> dict[str, jnp.ndarray]:
         raise NotImplementedError
@@ -106,10 +127,15 @@ def _shard(tree, mesh: Mesh):
 
 
 class Progress:
-    """One line per `every` batches on stderr: done/total, items/s, elapsed and ETA."""
+    """One line per `every` batches on stderr: done/total, items/s, elapsed and ETA.
 
-    def __init__(self, total: int | None, label: str, every: int = 10, stream=sys.stderr):
+    `skipped` batches (already counted by a resumed run) are not part of the rate or the ETA.
+    """
+
+    def __init__(self, total: int | None, label: str, every: int = 10, stream=sys.stderr,
+                 skipped: int = 0):
         self.total, self.label, self.every, self.stream = total, label, every, stream
+        self.skipped = skipped
         self.start = time.perf_counter()
         self.items = 0
 
@@ -121,7 +147,8 @@ class Progress:
         rate = self.items / max(elapsed, 1e-9)
         eta = ""
         if self.total:
-            eta = f", ETA {_hms(elapsed / max(done, 1) * (self.total - done))}"
+            per_batch = elapsed / max(done - self.skipped, 1)
+            eta = f", ETA {_hms(per_batch * (self.total - done))}"
         total = f"/{self.total}" if self.total else ""
         print(f"[{self.label}] batch {done}{total}, {rate:.1f} examples/s, "
               f"elapsed {_hms(elapsed)}{eta}", file=self.stream, flush=True)
@@ -143,46 +170,143 @@ def make_step(model, probes: Sequence[Probe]):
     return jax.jit(step)
 
 
+class NoBatchesError(ValueError):
+    """The loader yielded no batch: nothing is left to measure."""
+
+
 def run_probes(model, params, loader: Iterable, probes: Sequence[Probe], *,
                state_dir: str | None = None, checkpoint_every: int = 20,
                total: int | None = None, label: str = "run", progress_every: int = 10,
-               mesh: Mesh | None = None) -> dict[str, Any]:
+               mesh: Mesh | None = None, fingerprint: dict | None = None) -> dict[str, Any]:
     """Runs every probe over `loader` (an iterable of `(Batch, targets)`) in one pass.
 
     Returns {probe name: probe.finalize(stats, info)}. With `state_dir`, accumulators are saved
     every `checkpoint_every` batches and a rerun resumes after the last saved batch; the loader
     must yield the same batches in the same order (seeded), which every loader here does.
+    `fingerprint` adds the caller's inputs (checkpoint identity, data files, flags) to what the
+    saved state must match (see `run_fingerprint`).
     """
     names = [p.name for p in probes]
     if len(set(names)) != len(names):
         raise ValueError(f"probe names must be unique, got {names}")
+    layout = Layout.from_config(model.config)
+    for p in probes:
+        p.bind(layout)
     mesh = mesh or data_mesh()
     params = jax.device_put(params, NamedSharding(mesh, PartitionSpec()))
     step = make_step(model, probes)
     accs = {p.name: Accumulator(p.collect_keys) for p in probes}
-    done = _restore(state_dir, accs, names) if state_dir else 0
+    done = 0
+    if state_dir:
+        fp = run_fingerprint(model, loader, probes, fingerprint)
+        done = _restore(state_dir, accs, names, fp, label)
     if total is None and hasattr(loader, "__len__"):
         total = len(loader)
     if done:
-        print(f"[{label}] resuming after batch {done} from {state_dir}", file=sys.stderr)
-    progress = Progress(total, label, progress_every)
-    n_examples = 0
+        print(f"[{label}] resuming after batch {done}{f'/{total}' if total else ''} from "
+              f"{state_dir} (inputs match the saved state)", file=sys.stderr)
+    progress = Progress(total, label, progress_every, skipped=done)
+    seen = 0
     for i, (batch, targets) in enumerate(loader):
+        seen = i + 1
         if i < done:
             continue
         stats = step(params, _shard(batch, mesh), _shard(targets, mesh))
         stats = jax.device_get(stats)
         for name, s in stats.items():
             accs[name].update(s)
-        n_examples += int(np.asarray(batch.text_mask).shape[0])
         progress.update(i + 1, int(np.asarray(batch.text_mask).shape[0]))
         if state_dir and (i + 1) % checkpoint_every == 0:
-            _save(state_dir, accs, i + 1, names)
-    done_batches = max(done, (i + 1) if "i" in locals() else 0)
+            _save(state_dir, accs, i + 1, names, fp)
+    if seen == 0:
+        raise NoBatchesError(f"[{label}] no examples left: the loader yielded no batch")
+    if seen < done:
+        raise ValueError(f"[{label}] the saved state in {state_dir} counts {done} batches but the "
+                         f"loader yielded only {seen}")
     if state_dir:
-        _save(state_dir, accs, done_batches, names)
-    info = {"batches": done_batches, "devices": int(mesh.devices.size)}
-    return {p.name: p.finalize(accs[p.name].result(), info) for p in probes}
+        _save(state_dir, accs, seen, names, fp)
+    info = {"batches": seen, "devices": int(mesh.devices.size)}
+    results = {}
+    for p in probes:
+        start = time.perf_counter()
+        if p.collect_keys:
+            print(f"[{label}] {p.name}: computing the statistics and training the probers on the "
+                  "collected features", file=sys.stderr, flush=True)
+        results[p.name] = p.finalize(accs[p.name].result(), info)
+        if p.collect_keys:
+            print(f"[{label}] {p.name}: done in {_hms(time.perf_counter() - start)}",
+                  file=sys.stderr, flush=True)
+    return results
+
+
+# ---- the state fingerprint ----------------------------------------------------------------
+
+def run_fingerprint(model, loader, probes: Sequence[Probe], extra: dict | None = None) -> dict:
+    """What saved state must match to be resumed: JSON-able, compared key by key."""
+    return {"model_config": _plain(dataclasses.asdict(model.config)),
+            "probes": {p.name: _plain(p.fingerprint()) for p in probes},
+            "loader": loader_fingerprint(loader),
+            **_plain(extra or {})}
+
+
+def loader_fingerprint(loader) -> str | None:
+    """A digest of the batches a loader will yield, without reading any region feature.
+
+    A loader may define `fingerprint()`; loaders with a batch plan (`plans` of examples) are
+    hashed by batch size and each batch's shape, example ids, tokens and targets; a list of
+    `(Batch, targets)` by its arrays. None when the loader cannot be hashed up front.
+    """
+    if hasattr(loader, "fingerprint"):
+        return loader.fingerprint()
+    h = hashlib.sha256()
+    if hasattr(loader, "plans") and all(hasattr(p, "examples") for p in loader.plans):
+        h.update(repr(getattr(loader, "batch_size", None)).encode())
+        for plan in loader.plans:
+            h.update(repr(plan.shape).encode())
+            h.update(np.asarray(plan.indices).tobytes() if plan.indices is not None else b"-")
+            for e in plan.examples:
+                h.update(e.id.encode() + b"\0" + np.asarray(e.input_ids).tobytes())
+                h.update(f"{e.image_id}:{e.num_regions}".encode())
+                for k in sorted(e.targets):
+                    h.update(k.encode() + np.ascontiguousarray(e.targets[k]).tobytes())
+        return h.hexdigest()
+    if isinstance(loader, (list, tuple)):
+        for leaf in jax.tree_util.tree_leaves(list(loader)):
+            a = np.ascontiguousarray(leaf)
+            h.update(repr((a.dtype.str, a.shape)).encode() + a.tobytes())
+        return h.hexdigest()
+    return None
+
+
+def _plain(x):
+    """JSON-able, deterministic form of settings (dataclasses, tuples, numpy values)."""
+    if dataclasses.is_dataclass(x) and not isinstance(x, type):
+        return {"class": type(x).__name__, **_plain(dataclasses.asdict(x))}
+    if isinstance(x, dict):
+        return {str(k): _plain(v) for k, v in sorted(x.items(), key=lambda kv: str(kv[0]))}
+    if isinstance(x, (list, tuple)):
+        return [_plain(v) for v in x]
+    if isinstance(x, np.ndarray):
+        return {"sha256": hashlib.sha256(np.ascontiguousarray(x).tobytes()).hexdigest(),
+                "shape": list(x.shape), "dtype": x.dtype.str}
+    if isinstance(x, (np.integer, np.floating, np.bool_)):
+        return x.item()
+    if x is None or isinstance(x, (str, int, float, bool)):
+        return x
+    return repr(x)
+
+
+def fingerprint_differences(saved: dict, now: dict, prefix: str = "") -> list[str]:
+    """`key: saved → now` for every leaf that differs (nested dicts walked by key)."""
+    out = []
+    for key in sorted(set(saved) | set(now)):
+        a, b = saved.get(key, "<absent>"), now.get(key, "<absent>")
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += fingerprint_differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            short = lambda v: (s if len(s := json.dumps(v)) <= 60 else s[:57] + "...")
+            out.append(f"{prefix}{key}: {short(a)} → {short(b)}")
+    return out
 
 
 @contextlib.contextmanager
@@ -196,7 +320,7 @@ def _quiet_orbax():
         absl_logging.set_verbosity(level)
 
 
-def _save(state_dir: str, accs: dict[str, Accumulator], done: int, names) -> None:
+def _save(state_dir: str, accs: dict[str, Accumulator], done: int, names, fingerprint: dict) -> None:
     """Atomically replaces `state_dir` with the accumulators after `done` batches."""
     tree = {name: st for name in names if (st := accs[name].state())}
     state_dir = os.path.abspath(state_dir)                  # orbax refuses relative paths
@@ -209,6 +333,8 @@ def _save(state_dir: str, accs: dict[str, Accumulator], done: int, names) -> Non
             ckptr.wait_until_finished()
     with open(os.path.join(tmp, "progress.json"), "w") as f:
         json.dump({"batches_done": done, "probes": list(names)}, f)
+    with open(os.path.join(tmp, "fingerprint.json"), "w") as f:
+        json.dump(fingerprint, f, indent=1, sort_keys=True)
     old = state_dir + ".old"
     shutil.rmtree(old, ignore_errors=True)
     if os.path.exists(state_dir):
@@ -217,15 +343,33 @@ def _save(state_dir: str, accs: dict[str, Accumulator], done: int, names) -> Non
     shutil.rmtree(old, ignore_errors=True)
 
 
-def _restore(state_dir: str, accs: dict[str, Accumulator], names) -> int:
+def _restore(state_dir: str, accs: dict[str, Accumulator], names, fingerprint: dict,
+             label: str) -> int:
+    """Loads saved accumulators whose fingerprint equals `fingerprint`; returns batches done.
+
+    State made from other inputs is removed (never used), saying which inputs differ."""
     meta_path = os.path.join(state_dir, "progress.json")
     if not os.path.isfile(meta_path):
         return 0
     with open(meta_path) as f:
         meta = json.load(f)
+    saved = {}
+    fp_path = os.path.join(state_dir, "fingerprint.json")
+    if os.path.isfile(fp_path):
+        with open(fp_path) as f:
+            saved = json.load(f)
+    diffs = fingerprint_differences(saved, json.loads(json.dumps(fingerprint))) if saved else \
+        ["the saved state has no fingerprint (made by an older version)"]
     if meta["probes"] != list(names):
-        raise ValueError(f"{state_dir} holds a run of probes {meta['probes']}, not {list(names)}; "
-                         "use another --out_dir or delete it")
+        diffs.insert(0, f"probes: {meta['probes']} → {list(names)}")
+    if diffs:
+        listed = "\n  ".join(diffs[:20]) + (f"\n  ... and {len(diffs) - 20} more"
+                                              if len(diffs) > 20 else "")
+        print(f"[{label}] not resuming: the saved state in {state_dir} was made from other "
+              f"inputs:\n  {listed}\n[{label}] removed it; starting from the first batch",
+              file=sys.stderr, flush=True)
+        shutil.rmtree(state_dir)
+        return 0
     ckpt = os.path.join(os.path.abspath(state_dir), "accumulators")
     if os.path.isdir(ckpt):
         with _quiet_orbax(), ocp.StandardCheckpointer() as ckptr:

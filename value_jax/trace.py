@@ -14,6 +14,7 @@ Directions are written query→key: `t2v` = text queries attending to region key
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import flax.struct
@@ -91,19 +92,14 @@ class Trace:
         }
 
     # ---- attention ------------------------------------------------------------------------
+    @property
+    def layout(self) -> "Layout":
+        """The names of what this pass sowed (equal to `Layout.from_config(model.config)`)."""
+        return Layout(self.model_type, tuple(self.attention), tuple(self.hidden))
+
     def layer_names(self, direction: str) -> list[str]:
         """Names of the layers `blocks(direction)` stacks, in order (1-based, as papers number them)."""
-        _check(direction, DIRECTIONS, "direction")
-        names = sorted(self.attention, key=_layer_order)
-        if self.model_type == "uniter":
-            return names
-        pick = {
-            "t2t": lambda n: n.startswith("lang") or n.endswith(".lang_self"),
-            "v2v": lambda n: n.startswith("visn") or n.endswith(".visn_self"),
-            "t2v": lambda n: n.endswith(".l2v"),
-            "v2t": lambda n: n.endswith(".v2l"),
-        }[direction]
-        return [n for n in names if pick(n)]
+        return self.layout.layer_names(direction)
 
     def blocks(self, direction: str, layers: list[str] | None = None):
         """`([L, B, H, Q, K], names)`: the `direction` block of every layer that has one.
@@ -127,12 +123,7 @@ class Trace:
     # ---- hidden states --------------------------------------------------------------------
     def hidden_names(self, modality: str) -> list[str]:
         """Layer names of `hidden_states(modality)`, embedding output first."""
-        _check(modality, MODALITIES, "modality")
-        names = sorted(self.hidden, key=_layer_order)
-        if self.model_type == "uniter":
-            return names
-        stream = "lang" if modality == "text" else "visn"
-        return [n for n in names if n.startswith(stream) or n.endswith("." + stream)]
+        return self.layout.hidden_names(modality)
 
     def hidden_states(self, modality: str, layers: list[str] | None = None):
         """`([L, B, S, D], names)`: the hidden states of `modality`'s tokens per layer (the text
@@ -148,6 +139,61 @@ class Trace:
     def paired_layers(self) -> list[tuple[str, str]]:
         """(text layer, image layer) name pairs at which both modalities have an output of the same
         layer: UNITER every encoder layer; LXMERT the cross layers (VALUE §3.1)."""
+        return self.layout.paired_layers()
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """The names a model sows, known from its config before anything runs.
+
+    Probes take their layer names from here (`Probe.bind`), never from tracing a batch, so a run
+    that resumes with no batch left still knows them. `Trace.layout` gives the same object from
+    a pass; a test checks the two agree for both models.
+    """
+
+    model_type: str
+    attention: tuple[str, ...]
+    hidden: tuple[str, ...]
+
+    @classmethod
+    def from_config(cls, config) -> "Layout":
+        if config.model_type == "uniter":
+            layers = [f"layer{i + 1}" for i in range(config.num_layers)]
+            return cls("uniter", tuple(layers), ("embeddings", *layers))
+        lang = [f"lang{i + 1}" for i in range(config.l_layers)]
+        visn = [f"visn{i + 1}" for i in range(config.r_layers)]
+        cross = [f"cross{j + 1}" for j in range(config.x_layers)]
+        attention = lang + visn + [f"{c}.{k}" for c in cross
+                                   for k in ("l2v", "v2l", "lang_self", "visn_self")]
+        hidden = (["lang.embeddings", "visn.embeddings"] + lang + visn
+                  + [f"{c}.{k}" for c in cross for k in ("lang", "visn")])
+        return cls("lxmert", tuple(attention), tuple(hidden))
+
+    def layer_names(self, direction: str) -> list[str]:
+        """Names of the layers `Trace.blocks(direction)` stacks, in forward order."""
+        _check(direction, DIRECTIONS, "direction")
+        names = sorted(self.attention, key=_layer_order)
+        if self.model_type == "uniter":
+            return names
+        pick = {
+            "t2t": lambda n: n.startswith("lang") or n.endswith(".lang_self"),
+            "v2v": lambda n: n.startswith("visn") or n.endswith(".visn_self"),
+            "t2v": lambda n: n.endswith(".l2v"),
+            "v2t": lambda n: n.endswith(".v2l"),
+        }[direction]
+        return [n for n in names if pick(n)]
+
+    def hidden_names(self, modality: str) -> list[str]:
+        """Layer names of `Trace.hidden_states(modality)`, embedding output first."""
+        _check(modality, MODALITIES, "modality")
+        names = sorted(self.hidden, key=_layer_order)
+        if self.model_type == "uniter":
+            return names
+        stream = "lang" if modality == "text" else "visn"
+        return [n for n in names if n.startswith(stream) or n.endswith("." + stream)]
+
+    def paired_layers(self) -> list[tuple[str, str]]:
+        """(text layer, image layer) pairs with an output of both modalities (VALUE §3.1)."""
         if self.model_type == "uniter":
             return [(n, n) for n in self.hidden_names("text") if n != "embeddings"]
         cross = [n for n in self.hidden_names("text") if n.startswith("cross")]

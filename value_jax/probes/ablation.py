@@ -38,6 +38,7 @@ from typing import Optional, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from value_jax.data.ablation_data import AblationData, AblationLoader, Lang4Vis, Vis4Lang, summary
 from value_jax.data.flickr30k import PHRASE_TYPES
@@ -299,10 +300,12 @@ def head_classes(model) -> int:
 
 def run_ablation(model, params, data: AblationData, vis_settings: Sequence[Vis4Lang],
                  lang_settings: Sequence[Lang4Vis], batch_size: int, *, threshold: float = 0.5,
-                 fold: bool = False, state_dir: Optional[str] = None, progress_every: int = 10) -> Result:
+                 fold: bool = False, state_dir: Optional[str] = None, progress_every: int = 10,
+                 fingerprint: Optional[dict] = None) -> Result:
     """Both directions over `data`: one `run_probes` pass each (settings as rows), merged into
     one Result named `ablation`. `fold` maps the detector's classes onto a demo model's small
-    head (`ablation_data.fold_classes`)."""
+    head (`ablation_data.fold_classes`). `fingerprint`: the caller's inputs (checkpoint, data
+    files, flags) that saved state must match, as in `run_probes`."""
     model_type = model.config.model_type
     top = max(int(e.input_ids.max()) for e in data.examples)
     if top >= model.config.vocab_size:
@@ -315,20 +318,26 @@ def run_ablation(model, params, data: AblationData, vis_settings: Sequence[Vis4L
         key = repr((model_type, [s for s in settings], [e.id for e in data.examples], batch_size))
         return state_dir and os.path.join(state_dir, f"{kind}-{hashlib.sha1(key.encode()).hexdigest()[:12]}")
 
+    examples = hashlib.sha256()
+    for e in data.examples:
+        examples.update(e.id.encode() + b"\0" + np.asarray(e.input_ids).tobytes())
+    fingerprint = {**(fingerprint or {}), "ablation_examples": examples.hexdigest(),
+                   "batch_size": batch_size, "fold": fold, "threshold": threshold}
+
     results = []
     if vis_settings:
         loader = AblationLoader(data, vis_settings, batch_size, model_type)
         probe = Vis4LangProbe(vis_settings, model_type, threshold)
         results.append(run_probes(model, params, loader, [probe], label="ablation vis4lang",
                                   state_dir=state("vis4lang", vis_settings),
-                                  progress_every=progress_every)[probe.name])
+                                  progress_every=progress_every, fingerprint=fingerprint)[probe.name])
     if lang_settings:
         loader = AblationLoader(data, lang_settings, batch_size, model_type,
                                 head_classes=head_classes(model), fold=fold)
         probe = Lang4VisProbe(lang_settings, model_type)
         results.append(run_probes(model, params, loader, [probe], label="ablation lang4vis",
                                   state_dir=state("lang4vis", lang_settings),
-                                  progress_every=progress_every)[probe.name])
+                                  progress_every=progress_every, fingerprint=fingerprint)[probe.name])
     notes = ["Global [IMG] features of CTRL models are not modelled (UNITER/LXMERT have none)."]
     if fold:
         notes.append(f"Demo model: the detector's 1600 classes are folded onto the head's "

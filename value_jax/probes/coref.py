@@ -39,8 +39,12 @@ class CorefProbe(Probe):
         if not collect_features:
             self.collect_keys = ()
 
+    def bind(self, layout):
+        self.layer_names = layout.layer_names("v2t")
+        self.embedding_layers = [a for a, _ in layout.paired_layers()]
+
     def step(self, trace, targets):
-        v2t, self.layer_names = trace.blocks("v2t")
+        v2t, _ = trace.blocks("v2t", self.layer_names)
         t2v, _ = trace.blocks("t2v")
         region, region_one = pairs.singleton(targets["coref.region"])
         tokens, token_mask = targets["coref.tokens"], targets["coref.token_mask"]
@@ -63,7 +67,6 @@ class CorefProbe(Probe):
             att = jnp.concatenate([vt, tv], axis=-1)                         # [L, B, P, 2H]
             stats["att_features"] = jnp.transpose(att, (1, 2, 0, 3)).reshape(b, p, -1)
             layer_pairs = trace.paired_layers()
-            self.embedding_layers = [a for a, _ in layer_pairs]
             text, _ = trace.hidden_states("text", [a for a, _ in layer_pairs])
             image, _ = trace.hidden_states("image", [v for _, v in layer_pairs])
             stats["emb_region"] = pairs.gather_rows(image, targets["coref.region"])

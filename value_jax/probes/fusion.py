@@ -25,9 +25,11 @@ class FusionProbe(Probe):
         self.num_iters = num_iters
         self.layer_names: list[str] = []
 
+    def bind(self, layout):
+        self.layer_names = [a for a, _ in layout.paired_layers()]
+
     def step(self, trace, targets):
         pairs = trace.paired_layers()
-        self.layer_names = [a for a, _ in pairs]
         text, _ = trace.hidden_states("text", [a for a, _ in pairs])      # [L, B, T, D]
         image, _ = trace.hidden_states("image", [b for _, b in pairs])    # [L, B, R, D]
         x = jnp.concatenate([text, image], axis=2)

@@ -26,13 +26,16 @@ class HeadSummaryProbe(Probe):
     def __init__(self):
         self.layer_names: dict[str, list[str]] = {}
 
+    def bind(self, layout):
+        self.layer_names = {block: layout.layer_names(block[:3]) for block in BLOCKS}
+
     def step(self, trace, targets):
         words, regions = trace.word_mask, trace.region_mask > 0
         masks = {"t": words, "v": regions}
         stats = {}
         for block in BLOCKS:
             direction = block[:3]
-            maps, self.layer_names[block] = trace.blocks(direction)
+            maps, _ = trace.blocks(direction, self.layer_names[block])
             band = 1 if block == "v2v_no_self" else None
             q, k = masks[direction[0]], masks[direction[2]]
             means = kernels.over_layers(kernels.block_mean)(maps, q, k, band)      # [L, B, H]

@@ -30,12 +30,14 @@ class LinguisticProbe(Probe):
         self.name = f"linguistic.{task}"
         self.layer_names: list[str] = []
 
-    def step(self, trace, targets):
-        names = trace.hidden_names("text")
-        if trace.model_type == "lxmert":
+    def bind(self, layout):
+        names = layout.hidden_names("text")
+        if layout.model_type == "lxmert":
             names = [n for n in names if not n.startswith("cross")]
         self.layer_names = names
-        states, _ = trace.hidden_states("text", names)                     # [L, B, T, D]
+
+    def step(self, trace, targets):
+        states, _ = trace.hidden_states("text", self.layer_names)                     # [L, B, T, D]
         if self.pooling == "cls":
             sentence = states[:, :, 0]
         else:

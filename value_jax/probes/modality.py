@@ -16,10 +16,10 @@ from value_jax.probes.results import Result, Table, heatmap, line_plot
 from value_jax.runner import Probe
 
 
-def _require_single_stream(trace, what):
-    if trace.model_type != "uniter":
+def _require_single_stream(layout, what):
+    if layout.model_type != "uniter":
         raise ValueError(f"{what} is defined for single-stream models (UNITER) only; "
-                         f"got {trace.model_type}")
+                         f"got {layout.model_type}")
 
 
 class ModalityProbe(Probe):
@@ -28,9 +28,11 @@ class ModalityProbe(Probe):
     def __init__(self):
         self.layer_names: list[str] = []
 
+    def bind(self, layout):
+        _require_single_stream(layout, "modality importance")
+        self.layer_names = layout.layer_names("t2t")
+
     def step(self, trace, targets):
-        _require_single_stream(trace, "modality importance")
-        self.layer_names = trace.layer_names("t2t")
         joint = jnp.stack([trace.attention[n] for n in self.layer_names])   # [L, B, H, N, N]
         m = trace.token_masks()
         i_t, i_v = kernels.over_layers(kernels.cls_modality_sums)(joint, m["words"], m["regions"])
@@ -65,9 +67,12 @@ class ImageToTextProbe(Probe):
     def __init__(self, threshold: float = 0.5):
         self.threshold = threshold
 
+    def bind(self, layout):
+        _require_single_stream(layout, "the image-to-text head test")
+        self.layer_names = layout.layer_names("v2t")
+
     def step(self, trace, targets):
-        _require_single_stream(trace, "the image-to-text head test")
-        v2t, _ = trace.blocks("v2t")                                         # [L, B, H, R, T]
+        v2t, _ = trace.blocks("v2t", self.layer_names)                      # [L, B, H, R, T]
         regions = trace.region_mask > 0
         hit = kernels.over_layers(kernels.image_to_text_indicator)(
             v2t, regions, trace.word_mask, self.threshold)                  # [L, B, H]

@@ -34,8 +34,12 @@ class RelationProbe(Probe):
         if not collect_features:
             self.collect_keys = ()
 
+    def bind(self, layout):
+        self.layer_names = layout.layer_names("v2v")
+        self.embedding_layers = layout.hidden_names("image")
+
     def step(self, trace, targets):
-        v2v, self.layer_names = trace.blocks("v2v")
+        v2v, _ = trace.blocks("v2v", self.layer_names)
         subj, one = pairs.singleton(targets["rel.subj"])
         obj, _ = pairs.singleton(targets["rel.obj"])
         so, os_ = pairs.both_directions(v2v, v2v, subj, one, obj, one)
@@ -48,7 +52,7 @@ class RelationProbe(Probe):
             b, q = item.shape
             att = jnp.concatenate([so, os_], axis=-1)                       # [L, B, Q, 2H]
             stats["att_features"] = jnp.transpose(att, (1, 2, 0, 3)).reshape(b, q, -1)
-            image, self.embedding_layers = trace.hidden_states("image")
+            image, _ = trace.hidden_states("image", self.embedding_layers)
             stats["emb_subj"] = pairs.gather_rows(image, targets["rel.subj"])
             stats["emb_obj"] = pairs.gather_rows(image, targets["rel.obj"])
             raw = trace.region_feats[None]
