@@ -199,11 +199,12 @@ def run_fingerprint(data_paths=()) -> dict:
 
 
 def flag_values() -> dict:
-    """The flags this run used (written as flags.json next to the results)."""
-    names = [f.name for f in FLAGS.get_flags_for_module(sys.modules[__name__])]
-    main = sys.modules.get("__main__")
-    if main is not None:
-        names += [f.name for f in FLAGS.get_flags_for_module(main)]
+    """The flags this run used (written as flags.json next to the results): every flag defined
+    by a module of `experiments` or by the script run."""
+    names = [f.name for module, defined in FLAGS.flags_by_module_dict().items()
+             if module == "__main__" or module.split(".")[0] == "experiments"
+             or module == getattr(sys.modules.get("__main__"), "__file__", None)
+             for f in defined]
     return {n: FLAGS[n].value for n in sorted(set(names))}
 
 
@@ -248,6 +249,16 @@ def _max_images():
     return FLAGS.max_images or None
 
 
+def _load(loader_class, *args, **kwargs):
+    """A loader; nothing left after filtering ends the run with the data report, not a trace."""
+    from value_jax.data.errors import NoExamplesError
+    try:
+        return loader_class(*args, **kwargs)
+    except NoExamplesError as e:
+        raise SystemExit(f"{e}\n(flags: --max_images={FLAGS.max_images}, "
+                         f"--split={FLAGS.split})") from None
+
+
 def coref_loader(demo):
     """Flickr30k Entities captions + regions with coreference targets (also feeds fusion and
     modality, which need no targets)."""
@@ -262,7 +273,7 @@ def coref_loader(demo):
         root = demo.flickr_root
         feats = demo.flickr_features_gold_tsv if FLAGS.region_source == "gold_in_features" \
             else demo.flickr_features_tsv
-    loader = CorefLoader(root, feats, vocab, lowercase, split=FLAGS.split,
+    loader = _load(CorefLoader, root, feats, vocab, lowercase, split=FLAGS.split,
                          batch_size=FLAGS.batch_size, seed=FLAGS.seed,
                          region_source=FLAGS.region_source, iou_threshold=FLAGS.iou_threshold,
                          max_images=_max_images())
@@ -280,7 +291,7 @@ def relation_loader(demo, captions="region"):
     else:
         say(f"no --vg_root: using the built-in demo data in {demo.root}")
         root, feats = demo.vg_root, demo.vg_features_tsv
-    loader = RelationLoader(root, feats, vocab, lowercase, batch_size=FLAGS.batch_size,
+    loader = _load(RelationLoader, root, feats, vocab, lowercase, batch_size=FLAGS.batch_size,
                             seed=FLAGS.seed, iou_threshold=FLAGS.iou_threshold, captions=captions,
                             max_images=_max_images())
     loader.data_paths = (root, feats)
@@ -303,7 +314,7 @@ def senteval_loaders(demo, feat_dim):
     loaders = {}
     for t in tasks:
         path = os.path.join(root, f"{t}.txt")
-        loaders[t] = SentEvalLoader(path, t, vocab, lowercase, batch_size=FLAGS.batch_size,
+        loaders[t] = _load(SentEvalLoader, path, t, vocab, lowercase, batch_size=FLAGS.batch_size,
                                     seed=FLAGS.seed, per_split=_max_images(), feat_dim=feat_dim)
         loaders[t].data_paths = (path,)
     return loaders
