@@ -25,7 +25,9 @@ flags.DEFINE_integer("seed", 0, "Seed of every random choice (negatives, baselin
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Forward dtype; reductions stay "
                   "float32. bfloat16 is for TPUs/GPUs (it is slower on CPUs without bf16).")
 flags.DEFINE_integer("max_images", 0, "Use at most this many images / sentences (0 = all).")
-flags.DEFINE_boolean("resume", True, "Resume an interrupted run from its saved accumulators.")
+flags.DEFINE_boolean("resume", True, "Resume an interrupted run from its saved accumulators "
+                     "(only when every input that changes a number is unchanged).")
+flags.DEFINE_integer("checkpoint_every", 20, "Save the accumulators every this many batches.")
 flags.DEFINE_string("vocab", "", "WordPiece vocab.txt (bert-base-cased for UNITER, "
                     "bert-base-uncased for LXMERT). Required with --checkpoint; empty with the "
                     "demo.")
@@ -50,12 +52,14 @@ flags.DEFINE_enum("sentence_pooling", "mean", ["mean", "cls"], "SentEval sentenc
                   "of the word tokens or the [CLS] state.")
 
 flags.register_validator("batch_size", lambda v: v >= 1, "--batch_size must be at least 1")
+flags.register_validator("checkpoint_every", lambda v: v >= 1,
+                         "--checkpoint_every must be at least 1")
 flags.register_validator("max_images", lambda v: v >= 0,
                          "--max_images must be 0 (all) or a positive count")
 
 DEMO_FEAT_DIM = 32
 # Flags that never change a number: left out of the resume fingerprint.
-NOT_IN_FINGERPRINT = ("out_dir", "resume")
+NOT_IN_FINGERPRINT = ("out_dir", "resume", "checkpoint_every")
 
 
 def using_demo() -> bool:
@@ -336,7 +340,7 @@ def run(model, params, loader, probes, analysis: str, data_paths=()):
             say(f"[{analysis}] data: {line}")
     try:
         results = run_probes(model, params, loader, probes, state_dir=state, label=analysis,
-                             fingerprint=run_fingerprint(
+                             checkpoint_every=FLAGS.checkpoint_every, fingerprint=run_fingerprint(
                                  (*data_paths, *getattr(loader, "data_paths", ()))))
     except NoBatchesError:
         lines = "\n  ".join(report.summary_lines()) if report is not None else "(no data report)"
