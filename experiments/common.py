@@ -28,6 +28,11 @@ flags.DEFINE_integer("max_images", 0, "Use at most this many images / sentences 
 flags.DEFINE_boolean("resume", True, "Resume an interrupted run from its saved accumulators "
                      "(only when every input that changes a number is unchanged).")
 flags.DEFINE_integer("checkpoint_every", 20, "Save the accumulators every this many batches.")
+flags.DEFINE_string("coordinator_address", "", "Several processes (hosts): host:port of process "
+                    "0, passed to jax.distributed.initialize. Empty: one process, except on a "
+                    "TPU pod slice, where initialize() finds its peers itself.")
+flags.DEFINE_integer("num_processes", 1, "Several processes: how many take part.")
+flags.DEFINE_integer("process_id", 0, "Several processes: this one's index (0 writes results).")
 flags.DEFINE_string("vocab", "", "WordPiece vocab.txt (bert-base-cased for UNITER, "
                     "bert-base-uncased for LXMERT). Required with --checkpoint; empty with the "
                     "demo.")
@@ -59,7 +64,8 @@ flags.register_validator("max_images", lambda v: v >= 0,
 
 DEMO_FEAT_DIM = 32
 # Flags that never change a number: left out of the resume fingerprint.
-NOT_IN_FINGERPRINT = ("out_dir", "resume", "checkpoint_every")
+NOT_IN_FINGERPRINT = ("out_dir", "resume", "checkpoint_every", "coordinator_address",
+                      "process_id")
 
 
 def using_demo() -> bool:
@@ -143,11 +149,12 @@ def load_model(demo=None):
     """`(model, params)` from `--checkpoint`, or the demo checkpoint; `--dtype` applied."""
     import value_jax
     from value_jax.data.tokenization import read_vocab
+    init_distributed()
     path = FLAGS.checkpoint
     if not path:
         vocab, _ = vocab_path(demo)
-        path = build_demo_checkpoint(os.path.join(FLAGS.out_dir, "demo"), FLAGS.model,
-                                     len(read_vocab(vocab)))
+        path = lead_first(lambda: build_demo_checkpoint(os.path.join(FLAGS.out_dir, "demo"),
+                                                        FLAGS.model, len(read_vocab(vocab))))
         say(f"no --checkpoint given: using the built-in demo checkpoint {path} "
             "(random weights in the original PyTorch layout, converted)")
     model, params = value_jax.load(path)
@@ -213,8 +220,11 @@ def flag_values() -> dict:
 
 
 def write(result, analysis: str | None = None) -> str:
+    """Writes the result's files (process 0 only) and prints its tables."""
     from value_jax.probes.results import write_result
     out = result_dir(analysis or result.name)
+    if not is_lead():
+        return out
     files = write_result(result, out, flag_values())
     say(f"wrote {', '.join(os.path.basename(f) for f in files)} to {out}")
     print(result.to_markdown())
@@ -222,6 +232,8 @@ def write(result, analysis: str | None = None) -> str:
 
 
 def say(msg: str) -> None:
+    if _distributed["done"] and not is_lead():
+        return
     print(msg, file=sys.stderr, flush=True)
 
 
@@ -232,8 +244,53 @@ DEMO_IMAGES = 30  # Flickr30k demo images (a third land in val)
 
 def demo_data():
     from value_jax.data.demo import make_demo_data
-    return make_demo_data(os.path.join(FLAGS.out_dir, "demo", "data"), seed=0,
-                          n_images=DEMO_IMAGES, feat_dim=DEMO_FEAT_DIM)
+    init_distributed()
+    return lead_first(lambda: make_demo_data(os.path.join(FLAGS.out_dir, "demo", "data"), seed=0,
+                                             n_images=DEMO_IMAGES, feat_dim=DEMO_FEAT_DIM))
+
+
+_distributed = {"done": False}
+
+
+def init_distributed() -> None:
+    """Joins the other processes (`--coordinator_address`, `--num_processes`, `--process_id`;
+    on a multi-host TPU slice without them, JAX's own detection). Called once, before anything
+    touches a JAX device; a no-op for a one-process run."""
+    if _distributed["done"]:
+        return
+    _distributed["done"] = True
+    import jax
+    if FLAGS.coordinator_address or FLAGS.num_processes > 1:
+        if not FLAGS.coordinator_address:
+            raise SystemExit("--num_processes > 1 needs --coordinator_address=host:port")
+        if not 0 <= FLAGS.process_id < FLAGS.num_processes:
+            raise SystemExit(f"--process_id={FLAGS.process_id} is not in [0, "
+                             f"{FLAGS.num_processes})")
+        if "cpu" in os.environ.get("JAX_PLATFORMS", "cpu").split(","):
+            # CPU devices of several processes reduce through gloo (TPU/GPU have their own).
+            jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes,
+                                   FLAGS.process_id)
+    elif "," in os.environ.get("TPU_WORKER_HOSTNAMES", ""):
+        jax.distributed.initialize()
+
+
+def is_lead() -> bool:
+    """Process 0: the one that writes results (every process computes the same ones)."""
+    import jax
+    return jax.process_index() == 0
+
+
+def lead_first(make):
+    """`make()` on process 0, then on the others once it is done (they find its files on a
+    shared file system, or make their own)."""
+    import jax
+    if jax.process_count() == 1:
+        return make()
+    from jax.experimental import multihost_utils
+    value = make() if is_lead() else None
+    multihost_utils.sync_global_devices("value_jax lead_first")
+    return value if is_lead() else make()
 
 
 def needs_demo(*data_flags: str) -> bool:

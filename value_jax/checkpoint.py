@@ -24,10 +24,9 @@ from typing import Any
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 
 from value_jax.models import build_model
-from value_jax.runner import _quiet_orbax
+from value_jax.runner import _local_checkpointer, _quiet_orbax
 from value_jax.models.configs import config_from_dict
 
 HASH_KEY = "content_sha256"  # under `conversion` in config.json
@@ -104,7 +103,7 @@ def save(out_dir: str, config, params: Any, heads=(), extra: dict | None = None,
         meta["conversion"] = {**(extra or {}), HASH_KEY: params_sha256(params)}
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(meta, f, indent=2, sort_keys=True)
-        with _quiet_orbax(), ocp.StandardCheckpointer() as ckptr:
+        with _quiet_orbax(), _local_checkpointer() as ckptr:
             ckptr.save(os.path.join(tmp, "params"), params)
             ckptr.wait_until_finished()
         if os.path.exists(out_dir):
@@ -136,7 +135,7 @@ def load(path: str):
     `model.available_heads` lists the pre-training heads whose weights the checkpoint holds.
     """
     config, heads, _ = read_config(path)
-    with _quiet_orbax(), ocp.StandardCheckpointer() as ckptr:
+    with _quiet_orbax(), _local_checkpointer() as ckptr:
         params = ckptr.restore(os.path.join(os.path.abspath(path), "params"))
     params = jax.tree_util.tree_map(lambda x: np.asarray(x, np.float32), params)
     return build_model(config, heads), params

@@ -38,6 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging as absl_logging
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from value_jax.api import forward
@@ -115,8 +116,22 @@ def data_mesh() -> Mesh:
 
 
 def _shard(tree, mesh: Mesh):
-    """Places the leading (batch) axis of every array across the mesh's `data` axis."""
+    """Places the leading (batch) axis of every array across the mesh's `data` axis.
+
+    With several processes each passes its own rows and the global batch is their
+    concatenation in process order."""
     n = mesh.devices.size
+    if jax.process_count() > 1:
+        local = len(mesh.local_devices)
+        sharding = NamedSharding(mesh, PartitionSpec("data"))
+
+        def put_local(x):
+            x = np.asarray(x)
+            if not x.ndim or x.shape[0] % local:
+                raise ValueError(f"the batch size ({x.shape[0] if x.ndim else 'scalar'}) must be a "
+                                 f"multiple of this process's {local} devices")
+            return jax.make_array_from_process_local_data(sharding, x)
+        return jax.tree_util.tree_map(put_local, tree)
 
     def put(x):
         x = np.asarray(x)
@@ -141,7 +156,7 @@ class Progress:
 
     def update(self, done: int, items: int) -> None:
         self.items += items
-        if done % self.every and done != self.total:
+        if not self.every or (done % self.every and done != self.total):
             return
         elapsed = time.perf_counter() - self.start
         rate = self.items / max(elapsed, 1e-9)
@@ -185,6 +200,11 @@ def run_probes(model, params, loader: Iterable, probes: Sequence[Probe], *,
     must yield the same batches in the same order (seeded), which every loader here does.
     `fingerprint` adds the caller's inputs (checkpoint identity, data files, flags) to what the
     saved state must match (see `run_fingerprint`).
+
+    Several processes (`jax.distributed`): each collates only its share of the loader's batch
+    plan (`process_schedule`), the global batch spans every process's devices, the statistics
+    leave the jitted step reduced or gathered, so every process holds the same accumulators and
+    returns the same results; only process 0 writes the state.
     """
     names = [p.name for p in probes]
     if len(set(names)) != len(names):
@@ -196,47 +216,118 @@ def run_probes(model, params, loader: Iterable, probes: Sequence[Probe], *,
     params = jax.device_put(params, NamedSharding(mesh, PartitionSpec()))
     step = make_step(model, probes)
     accs = {p.name: Accumulator(p.collect_keys) for p in probes}
+    lead = jax.process_index() == 0
+    log = (lambda msg: print(msg, file=sys.stderr, flush=True)) if lead else (lambda msg: None)
     done = 0
     if state_dir:
         fp = run_fingerprint(model, loader, probes, fingerprint)
-        done = _restore(state_dir, accs, names, fp, label)
-    if total is None and hasattr(loader, "__len__"):
-        total = len(loader)
+        done = _restore(state_dir, accs, names, fp, label, log) if lead else 0
+        if jax.process_count() > 1:
+            # Every process must see `state_dir` (a shared file system or bucket): the others
+            # load what process 0 found usable.
+            done = int(multihost_utils.broadcast_one_to_all(np.int32(done)))
+            if not lead and done:
+                _restore_from(state_dir, accs, names)
+            multihost_utils.sync_global_devices("value_jax state restored")
+    steps, batches = _process_batches(loader, done, jax.process_index(), jax.process_count())
+    total = total or steps
     if done:
-        print(f"[{label}] resuming after batch {done}{f'/{total}' if total else ''} from "
-              f"{state_dir} (inputs match the saved state)", file=sys.stderr)
-    progress = Progress(total, label, progress_every, skipped=done)
-    seen = 0
-    for i, (batch, targets) in enumerate(loader):
-        seen = i + 1
-        if i < done:
-            continue
+        log(f"[{label}] resuming after batch {done}{f'/{total}' if total else ''} from "
+            f"{state_dir} (inputs match the saved state)")
+    progress = Progress(total, label, progress_every if lead else 0, skipped=done)
+    seen = done
+    for i, batch, targets in batches:
         stats = step(params, _shard(batch, mesh), _shard(targets, mesh))
-        stats = jax.device_get(stats)
+        stats = _fetch(stats)
         for name, s in stats.items():
             accs[name].update(s)
-        progress.update(i + 1, int(np.asarray(batch.text_mask).shape[0]))
+        seen = i + 1
+        progress.update(i + 1, int(np.asarray(batch.text_mask).shape[0]) * jax.process_count())
         if state_dir and (i + 1) % checkpoint_every == 0:
-            _save(state_dir, accs, i + 1, names, fp)
+            _save_lead(state_dir, accs, i + 1, names, fp)
     if seen == 0:
         raise NoBatchesError(f"[{label}] no examples left: the loader yielded no batch")
-    if seen < done:
+    if steps is not None and done > steps:
         raise ValueError(f"[{label}] the saved state in {state_dir} counts {done} batches but the "
-                         f"loader yielded only {seen}")
+                         f"loader has only {steps}")
     if state_dir:
-        _save(state_dir, accs, seen, names, fp)
-    info = {"batches": seen, "devices": int(mesh.devices.size)}
+        _save_lead(state_dir, accs, seen, names, fp)
+    info = {"batches": seen, "devices": int(mesh.devices.size),
+            "processes": jax.process_count()}
     results = {}
     for p in probes:
         start = time.perf_counter()
         if p.collect_keys:
-            print(f"[{label}] {p.name}: computing the statistics and training the probers on the "
-                  "collected features", file=sys.stderr, flush=True)
+            log(f"[{label}] {p.name}: computing the statistics and training the probers on the "
+                "collected features")
         results[p.name] = p.finalize(accs[p.name].result(), info)
         if p.collect_keys:
-            print(f"[{label}] {p.name}: done in {_hms(time.perf_counter() - start)}",
-                  file=sys.stderr, flush=True)
+            log(f"[{label}] {p.name}: done in {_hms(time.perf_counter() - start)}")
     return results
+
+
+# ---- batches per process ------------------------------------------------------------------
+
+def process_schedule(shapes: Sequence, count: int) -> list[list[int | None]]:
+    """Which planned batch each of `count` processes runs at each step.
+
+    Consecutive batches of one static shape are dealt out in groups of `count`, process p taking
+    the p-th, so a step's global batch (processes in order) holds the same rows in the same
+    order as `count` consecutive steps of a one-process run. A group short of `count` batches
+    gives the remaining processes None: a batch of that shape with every row masked.
+    """
+    steps, i = [], 0
+    while i < len(shapes):
+        j = i
+        while j < len(shapes) and shapes[j] == shapes[i]:
+            j += 1
+        steps += [[k if k < j else None for k in range(s, s + count)] for s in range(i, j, count)]
+        i = j
+    return steps
+
+
+def _process_batches(loader, done: int, index: int, count: int):
+    """`(number of steps or None, iterator of (step, batch, targets))` from step `done` on, for
+    process `index` of `count`. Loaders with a batch plan collate only the batches this process
+    runs (skipped steps are not read at all)."""
+    if hasattr(loader, "plans") and hasattr(loader, "collate_plan"):
+        steps = process_schedule([p.shape for p in loader.plans], count)
+
+        def planned():
+            for s in range(done, len(steps)):
+                k = steps[s][index]
+                if k is None:
+                    yield (s, *_blank(*loader.collate_plan(steps[s][0])))
+                else:
+                    yield (s, *loader.collate_plan(k))
+        return len(steps), planned()
+    if count > 1:
+        raise ValueError(f"a run over {count} processes needs a loader with a batch plan "
+                         f"(`plans` and `collate_plan`, as value_jax.data.loaders' loaders have); "
+                         f"got {type(loader).__name__}")
+
+    def iterated():
+        for i, (batch, targets) in enumerate(loader):
+            if i >= done:
+                yield i, batch, targets
+    return (len(loader) if hasattr(loader, "__len__") else None), iterated()
+
+
+def _blank(batch, targets):
+    """The batch with every row masked out (zeros everywhere, example index -1)."""
+    zero = lambda tree: jax.tree_util.tree_map(np.zeros_like, tree)
+    targets = zero(targets)
+    if "example_index" in targets:
+        targets["example_index"] = targets["example_index"] - 1
+    return zero(batch), targets
+
+
+def _fetch(stats):
+    """The step's statistics as host numpy; with several processes every process gets all of
+    them (sums are replicated already; collected per-item arrays are gathered)."""
+    if jax.process_count() == 1:
+        return jax.device_get(stats)
+    return multihost_utils.process_allgather(stats, tiled=True)
 
 
 # ---- the state fingerprint ----------------------------------------------------------------
@@ -244,6 +335,7 @@ def run_probes(model, params, loader: Iterable, probes: Sequence[Probe], *,
 def run_fingerprint(model, loader, probes: Sequence[Probe], extra: dict | None = None) -> dict:
     """What saved state must match to be resumed: JSON-able, compared key by key."""
     return {"model_config": _plain(dataclasses.asdict(model.config)),
+            "processes": jax.process_count(),
             "probes": {p.name: _plain(p.fingerprint()) for p in probes},
             "loader": loader_fingerprint(loader),
             **_plain(extra or {})}
@@ -328,7 +420,7 @@ def _save(state_dir: str, accs: dict[str, Accumulator], done: int, names, finger
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     if tree:
-        with _quiet_orbax(), ocp.StandardCheckpointer() as ckptr:
+        with _quiet_orbax(), _local_checkpointer() as ckptr:
             ckptr.save(os.path.join(tmp, "accumulators"), tree)
             ckptr.wait_until_finished()
     with open(os.path.join(tmp, "progress.json"), "w") as f:
@@ -343,8 +435,26 @@ def _save(state_dir: str, accs: dict[str, Accumulator], done: int, names, finger
     shutil.rmtree(old, ignore_errors=True)
 
 
+def _local_checkpointer():
+    """An orbax checkpointer acting for this process alone: the state is the same on every
+    process, and only one writes it (no barrier with processes that do not take part)."""
+    if jax.process_count() == 1:
+        return ocp.StandardCheckpointer()
+    me = jax.process_index()
+    return ocp.StandardCheckpointer(multiprocessing_options=ocp.options.MultiprocessingOptions(
+        primary_host=me, active_processes={me}, barrier_sync_key_prefix=f"p{me}"))
+
+
+def _save_lead(state_dir: str, accs, done: int, names, fingerprint: dict) -> None:
+    """Process 0 writes the state; the others wait so that nobody reads a half-moved folder."""
+    if jax.process_index() == 0:
+        _save(state_dir, accs, done, names, fingerprint)
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(f"value_jax state saved after {done}")
+
+
 def _restore(state_dir: str, accs: dict[str, Accumulator], names, fingerprint: dict,
-             label: str) -> int:
+             label: str, log=print) -> int:
     """Loads saved accumulators whose fingerprint equals `fingerprint`; returns batches done.
 
     State made from other inputs is removed (never used), saying which inputs differ."""
@@ -365,15 +475,18 @@ def _restore(state_dir: str, accs: dict[str, Accumulator], names, fingerprint: d
     if diffs:
         listed = "\n  ".join(diffs[:20]) + (f"\n  ... and {len(diffs) - 20} more"
                                               if len(diffs) > 20 else "")
-        print(f"[{label}] not resuming: the saved state in {state_dir} was made from other "
-              f"inputs:\n  {listed}\n[{label}] removed it; starting from the first batch",
-              file=sys.stderr, flush=True)
+        log(f"[{label}] not resuming: the saved state in {state_dir} was made from other "
+            f"inputs:\n  {listed}\n[{label}] removed it; starting from the first batch")
         shutil.rmtree(state_dir)
         return 0
+    _restore_from(state_dir, accs, names)
+    return int(meta["batches_done"])
+
+
+def _restore_from(state_dir: str, accs: dict[str, Accumulator], names) -> None:
     ckpt = os.path.join(os.path.abspath(state_dir), "accumulators")
     if os.path.isdir(ckpt):
-        with _quiet_orbax(), ocp.StandardCheckpointer() as ckptr:
+        with _quiet_orbax(), _local_checkpointer() as ckptr:
             tree = ckptr.restore(ckpt)
         for name in names:
             accs[name].load(tree.get(name, {}))
-    return int(meta["batches_done"])

@@ -126,9 +126,14 @@ class ExampleLoader:
         return len(self.plans)
 
     def __iter__(self) -> Iterator[tuple]:
-        for plan in self.plans:
-            yield C.collate(plan.examples, plan.shape, self.batch_size, regions=self._regions,
-                            feat_dim=self.feat_dim, indices=plan.indices)
+        for i in range(len(self.plans)):
+            yield self.collate_plan(i)
+
+    def collate_plan(self, i: int) -> tuple:
+        """Batch `i` of the plan alone (a process of a multi-process run collates only its own)."""
+        plan = self.plans[i]
+        return C.collate(plan.examples, plan.shape, self.batch_size, regions=self._regions,
+                         feat_dim=self.feat_dim, indices=plan.indices)
 
     @property
     def shapes(self) -> list[C.BatchShape]:
