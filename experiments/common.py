@@ -28,6 +28,9 @@ flags.DEFINE_integer("max_images", 0, "Use at most this many images / sentences 
 flags.DEFINE_boolean("resume", True, "Resume an interrupted run from its saved accumulators "
                      "(only when every input that changes a number is unchanged).")
 flags.DEFINE_integer("checkpoint_every", 20, "Save the accumulators every this many batches.")
+flags.DEFINE_float("collect_budget_mb", 4096, "Host memory for the per-item features collected "
+                   "for the probers; beyond it they are appended to files under <out_dir>/_state "
+                   "(or _spill) and streamed from disk.")
 flags.DEFINE_string("coordinator_address", "", "Several processes (hosts): host:port of process "
                     "0, passed to jax.distributed.initialize. Empty: one process, except on a "
                     "TPU pod slice, where initialize() finds its peers itself.")
@@ -65,7 +68,7 @@ flags.register_validator("max_images", lambda v: v >= 0,
 DEMO_FEAT_DIM = 32
 # Flags that never change a number: left out of the resume fingerprint.
 NOT_IN_FINGERPRINT = ("out_dir", "resume", "checkpoint_every", "coordinator_address",
-                      "process_id")
+                      "process_id", "collect_budget_mb")
 
 
 def using_demo() -> bool:
@@ -397,7 +400,11 @@ def run(model, params, loader, probes, analysis: str, data_paths=()):
             say(f"[{analysis}] data: {line}")
     try:
         results = run_probes(model, params, loader, probes, state_dir=state, label=analysis,
-                             checkpoint_every=FLAGS.checkpoint_every, fingerprint=run_fingerprint(
+                             checkpoint_every=FLAGS.checkpoint_every,
+                             collect_budget_mb=FLAGS.collect_budget_mb,
+                             spill_dir=None if state else os.path.join(
+                                 FLAGS.out_dir, "_spill", analysis, model_tag()),
+                             fingerprint=run_fingerprint(
                                  (*data_paths, *getattr(loader, "data_paths", ()))))
     except NoBatchesError:
         lines = "\n  ".join(report.summary_lines()) if report is not None else "(no data report)"

@@ -180,3 +180,43 @@ def test_sharded_over_four_cpu_devices_matches_one_device(tiny):
             if key in mine:
                 np.testing.assert_allclose(np.asarray(four[name][key]), np.asarray(mine[key]),
                                            atol=1e-6, err_msg=f"{name}.{key}")
+
+
+class _Collecting(FusionProbe):
+    """Collects each example's mean text state per layer; finalize hands back what it got."""
+
+    name = "collecting"
+    collect_keys = ("states",)
+
+    def step(self, trace, targets):
+        states, _ = trace.hidden_states("text")                          # [L, B, T, D]
+        return {"states": states.mean(2).transpose(1, 0, 2),
+                "states.mask": trace.text_mask.sum(1) > 0}
+
+    def finalize(self, stats, info):
+        from value_jax.probes.results import Result
+        return Result(self.name, {"states": np.array(stats["states"]),
+                                  "memmap": isinstance(stats["states"], np.memmap)})
+
+
+def test_collected_features_spill_to_disk_beyond_the_budget(tiny, tmp_path):
+    """Memory flat in N: with a zero budget every collected row goes to disk and reaches
+    finalize as a memmap equal to the in-memory collection, also across a kill and resume."""
+    cfg, model, params = tiny
+    loader = _loader(cfg, n_batches=5)
+    held = run_probes(model, params, loader, [_Collecting()], progress_every=100)["collecting"]
+    assert not held.data["memmap"]
+    spill = tmp_path / "spill"
+    spilled = run_probes(model, params, loader, [_Collecting()], progress_every=100,
+                         spill_dir=str(spill), collect_budget_mb=0)["collecting"]
+    assert spilled.data["memmap"] and not spill.exists()                 # removed after the run
+    np.testing.assert_array_equal(spilled.data["states"], held.data["states"])
+
+    state = str(tmp_path / "state")
+    with pytest.raises(_Interrupted):
+        run_probes(model, params, _interrupting(loader, 4), [_Collecting()], state_dir=state,
+                   checkpoint_every=3, progress_every=100, collect_budget_mb=0)
+    # Row 4's features were spilled after the save at batch 3: the resume must cut them off.
+    resumed = run_probes(model, params, loader, [_Collecting()], state_dir=state,
+                         checkpoint_every=3, progress_every=100, collect_budget_mb=0)
+    np.testing.assert_array_equal(resumed["collecting"].data["states"], held.data["states"])

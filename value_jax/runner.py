@@ -73,13 +73,71 @@ class Probe:
         raise NotImplementedError
 
 
-class Accumulator:
-    """Host-side running statistics of one probe (float64 sums, concatenated collections)."""
+class Collected:
+    """The rows of one collected key: numpy parts in memory until `spill`, then appended to one
+    raw file (`path`), read back as a read-only memmap, so collections larger than memory
+    stream from disk."""
 
-    def __init__(self, collect_keys: Sequence[str]):
+    def __init__(self, path: str | None = None):
+        self.path, self.parts = path, []
+        self.rows_on_disk, self.dtype, self.trail = 0, None, None
+
+    def append(self, rows: np.ndarray) -> None:
+        if self.dtype is None:
+            self.dtype, self.trail = rows.dtype, rows.shape[1:]
+        self.parts.append(rows)
+
+    @property
+    def nbytes_in_memory(self) -> int:
+        return sum(p.nbytes for p in self.parts)
+
+    @property
+    def rows(self) -> int:
+        return self.rows_on_disk + sum(len(p) for p in self.parts)
+
+    def spill(self) -> None:
+        if not self.parts:
+            return
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        with open(self.path, "ab") as f:
+            for part in self.parts:
+                f.write(np.ascontiguousarray(part, self.dtype).tobytes())
+        self.rows_on_disk += sum(len(p) for p in self.parts)
+        self.parts = []
+
+    def array(self) -> np.ndarray:
+        if self.rows_on_disk:
+            self.spill()
+            return np.memmap(self.path, self.dtype, "r", shape=(self.rows_on_disk, *self.trail))
+        return np.concatenate(self.parts) if self.parts else np.zeros((0,))
+
+    def on_disk(self) -> dict:
+        """What saved state records of spilled rows (they stay in their file)."""
+        return {"rows": self.rows_on_disk, "dtype": np.dtype(self.dtype).str,
+                "trail": list(self.trail)}
+
+    def reopen(self, meta: dict) -> None:
+        """Takes back `meta["rows"]` rows of the file, cutting off rows written after that save."""
+        size = int(np.prod(meta["trail"], dtype=np.int64)) * np.dtype(meta["dtype"]).itemsize
+        if not os.path.isfile(self.path) or os.path.getsize(self.path) < meta["rows"] * size:
+            raise ValueError(f"saved state counts {meta['rows']} rows in {self.path}, which holds "
+                             "fewer; delete the state folder to start afresh")
+        os.truncate(self.path, meta["rows"] * size)
+        self.dtype, self.trail = np.dtype(meta["dtype"]), tuple(meta["trail"])
+        self.rows_on_disk, self.parts = int(meta["rows"]), []
+
+
+class Accumulator:
+    """Host-side running statistics of one probe (float64 sums, concatenated collections).
+
+    With `spill_dir`, collected rows can be moved to disk (`spill`), one file per key."""
+
+    def __init__(self, collect_keys: Sequence[str], spill_dir: str | None = None):
         self.collect_keys = tuple(collect_keys)
         self.sums: dict[str, np.ndarray] = {}
-        self.collected: dict[str, list[np.ndarray]] = {k: [] for k in self.collect_keys}
+        self.collected = {k: Collected(spill_dir and os.path.join(spill_dir, k + ".bin"))
+                          for k in self.collect_keys}
+        self.spill_dir = spill_dir
 
     def update(self, stats: dict[str, Any]) -> None:
         for key, value in stats.items():
@@ -94,21 +152,39 @@ class Accumulator:
             else:
                 self.sums[key] = value.astype(np.float64)
 
+    @property
+    def nbytes_in_memory(self) -> int:
+        return sum(c.nbytes_in_memory for c in self.collected.values())
+
+    def spill(self) -> None:
+        for c in self.collected.values():
+            c.spill()
+
     def result(self) -> dict[str, np.ndarray]:
         out = dict(self.sums)
-        for k, parts in self.collected.items():
-            out[k] = np.concatenate(parts) if parts else np.zeros((0,))
+        for k, c in self.collected.items():
+            out[k] = c.array()
         return out
 
     def state(self) -> dict[str, dict[str, np.ndarray]]:
+        if self.spill_dir:                          # collected rows stay in their files
+            self.spill()
+            return {"sum": dict(self.sums)} if self.sums else {}
         collected = {k: v for k, v in self.result().items() if k in self.collect_keys and v.size}
         return {k: v for k, v in (("sum", dict(self.sums)), ("collect", collected)) if v}
 
-    def load(self, state: dict[str, dict[str, np.ndarray]]) -> None:
+    def spilled(self) -> dict:
+        return {k: c.on_disk() for k, c in self.collected.items() if c.rows_on_disk}
+
+    def load(self, state: dict[str, dict[str, np.ndarray]], spilled: dict | None = None) -> None:
         for key, value in state.get("sum", {}).items():
             self.sums[key] = np.asarray(value, np.float64)
         for key, value in state.get("collect", {}).items():
-            self.collected[key] = [np.asarray(value)]
+            self.collected[key].parts = [np.asarray(value)]
+            self.collected[key].dtype = self.collected[key].parts[0].dtype
+            self.collected[key].trail = self.collected[key].parts[0].shape[1:]
+        for key, meta in (spilled or {}).items():
+            self.collected[key].reopen(meta)
 
 
 def data_mesh() -> Mesh:
@@ -192,7 +268,9 @@ class NoBatchesError(ValueError):
 def run_probes(model, params, loader: Iterable, probes: Sequence[Probe], *,
                state_dir: str | None = None, checkpoint_every: int = 20,
                total: int | None = None, label: str = "run", progress_every: int = 10,
-               mesh: Mesh | None = None, fingerprint: dict | None = None) -> dict[str, Any]:
+               mesh: Mesh | None = None, fingerprint: dict | None = None,
+               spill_dir: str | None = None, collect_budget_mb: float | None = None
+               ) -> dict[str, Any]:
     """Runs every probe over `loader` (an iterable of `(Batch, targets)`) in one pass.
 
     Returns {probe name: probe.finalize(stats, info)}. With `state_dir`, accumulators are saved
@@ -200,6 +278,11 @@ def run_probes(model, params, loader: Iterable, probes: Sequence[Probe], *,
     must yield the same batches in the same order (seeded), which every loader here does.
     `fingerprint` adds the caller's inputs (checkpoint identity, data files, flags) to what the
     saved state must match (see `run_fingerprint`).
+
+    Collected per-item features beyond `collect_budget_mb` (held in memory, all probes together)
+    are appended to files under `spill_dir` and reach `finalize` as read-only memmaps, so host
+    memory stays flat in the number of examples. With `state_dir` the spill defaults to
+    `<state_dir>.spill` and resumes with the state; without one it is removed after the run.
 
     Several processes (`jax.distributed`): each collates only its share of the loader's batch
     plan (`process_schedule`), the global batch spans every process's devices, the statistics
@@ -215,13 +298,18 @@ def run_probes(model, params, loader: Iterable, probes: Sequence[Probe], *,
     mesh = mesh or data_mesh()
     params = jax.device_put(params, NamedSharding(mesh, PartitionSpec()))
     step = make_step(model, probes)
-    accs = {p.name: Accumulator(p.collect_keys) for p in probes}
+    if state_dir and collect_budget_mb is not None:
+        spill_dir = spill_dir or os.path.abspath(state_dir) + ".spill"
+    spill_here = spill_dir and os.path.join(spill_dir, f"p{jax.process_index()}")
+    budget = None if collect_budget_mb is None or not spill_dir else collect_budget_mb * 2**20
+    accs = {p.name: Accumulator(p.collect_keys, spill_here and os.path.join(spill_here, p.name))
+            for p in probes}
     lead = jax.process_index() == 0
     log = (lambda msg: print(msg, file=sys.stderr, flush=True)) if lead else (lambda msg: None)
     done = 0
     if state_dir:
         fp = run_fingerprint(model, loader, probes, fingerprint)
-        done = _restore(state_dir, accs, names, fp, label, log) if lead else 0
+        done = _restore(state_dir, accs, names, fp, label, log, spill_dir) if lead else 0
         if jax.process_count() > 1:
             # Every process must see `state_dir` (a shared file system or bucket): the others
             # load what process 0 found usable.
@@ -229,6 +317,8 @@ def run_probes(model, params, loader: Iterable, probes: Sequence[Probe], *,
             if not lead and done:
                 _restore_from(state_dir, accs, names)
             multihost_utils.sync_global_devices("value_jax state restored")
+    if spill_here and not done:
+        shutil.rmtree(spill_here, ignore_errors=True)     # rows of an earlier, unused run
     steps, batches = _process_batches(loader, done, jax.process_index(), jax.process_count())
     total = total or steps
     if done:
@@ -241,6 +331,9 @@ def run_probes(model, params, loader: Iterable, probes: Sequence[Probe], *,
         stats = _fetch(stats)
         for name, s in stats.items():
             accs[name].update(s)
+        if budget is not None and sum(a.nbytes_in_memory for a in accs.values()) > budget:
+            for a in accs.values():
+                a.spill()
         seen = i + 1
         progress.update(i + 1, int(np.asarray(batch.text_mask).shape[0]) * jax.process_count())
         if state_dir and (i + 1) % checkpoint_every == 0:
@@ -263,6 +356,10 @@ def run_probes(model, params, loader: Iterable, probes: Sequence[Probe], *,
         results[p.name] = p.finalize(accs[p.name].result(), info)
         if p.collect_keys:
             log(f"[{label}] {p.name}: done in {_hms(time.perf_counter() - start)}")
+    if spill_here and not state_dir:
+        shutil.rmtree(spill_here, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            os.rmdir(spill_dir)                             # when the last process is done
     return results
 
 
@@ -424,7 +521,8 @@ def _save(state_dir: str, accs: dict[str, Accumulator], done: int, names, finger
             ckptr.save(os.path.join(tmp, "accumulators"), tree)
             ckptr.wait_until_finished()
     with open(os.path.join(tmp, "progress.json"), "w") as f:
-        json.dump({"batches_done": done, "probes": list(names)}, f)
+        json.dump({"batches_done": done, "probes": list(names),
+                   "spilled": {n: s for n in names if (s := accs[n].spilled())}}, f)
     with open(os.path.join(tmp, "fingerprint.json"), "w") as f:
         json.dump(fingerprint, f, indent=1, sort_keys=True)
     old = state_dir + ".old"
@@ -446,7 +544,12 @@ def _local_checkpointer():
 
 
 def _save_lead(state_dir: str, accs, done: int, names, fingerprint: dict) -> None:
-    """Process 0 writes the state; the others wait so that nobody reads a half-moved folder."""
+    """Process 0 writes the state; the others wait so that nobody reads a half-moved folder.
+    Every process moves its collected rows to its spill files at the same points, so the row
+    counts the state records hold for each."""
+    for acc in accs.values():
+        if acc.spill_dir:
+            acc.spill()
     if jax.process_index() == 0:
         _save(state_dir, accs, done, names, fingerprint)
     if jax.process_count() > 1:
@@ -454,7 +557,7 @@ def _save_lead(state_dir: str, accs, done: int, names, fingerprint: dict) -> Non
 
 
 def _restore(state_dir: str, accs: dict[str, Accumulator], names, fingerprint: dict,
-             label: str, log=print) -> int:
+             label: str, log=print, spill_dir: str | None = None) -> int:
     """Loads saved accumulators whose fingerprint equals `fingerprint`; returns batches done.
 
     State made from other inputs is removed (never used), saying which inputs differ."""
@@ -478,15 +581,23 @@ def _restore(state_dir: str, accs: dict[str, Accumulator], names, fingerprint: d
         log(f"[{label}] not resuming: the saved state in {state_dir} was made from other "
             f"inputs:\n  {listed}\n[{label}] removed it; starting from the first batch")
         shutil.rmtree(state_dir)
+        if spill_dir:
+            shutil.rmtree(spill_dir, ignore_errors=True)
         return 0
     _restore_from(state_dir, accs, names)
     return int(meta["batches_done"])
 
 
 def _restore_from(state_dir: str, accs: dict[str, Accumulator], names) -> None:
+    with open(os.path.join(state_dir, "progress.json")) as f:
+        spilled = json.load(f).get("spilled", {})
     ckpt = os.path.join(os.path.abspath(state_dir), "accumulators")
+    tree = {}
     if os.path.isdir(ckpt):
         with _quiet_orbax(), _local_checkpointer() as ckptr:
             tree = ckptr.restore(ckpt)
-        for name in names:
-            accs[name].load(tree.get(name, {}))
+    for name in names:
+        if spilled.get(name) and not accs[name].spill_dir:
+            raise ValueError(f"{state_dir} keeps collected rows of {name} in spill files; "
+                             "resume it with a collection budget (--collect_budget_mb)")
+        accs[name].load(tree.get(name, {}), spilled.get(name))
