@@ -15,7 +15,14 @@ examples of one bucket into batches of exactly `batch_size` rows (padding rows f
   relations      rel.subj, rel.obj, rel.pred, rel.related, rel.mask [B, P]
   SentEval       senteval.label, senteval.split, senteval.mask [B]
   every analysis example_index [B]: the row's position in the loader's example list, -1 on
-                 padding rows (host-side bookkeeping; no probe reads it)
+                 padding rows (host-side bookkeeping; no probe reads it);
+                 row.first [B] bool: the first row of its example (False on the later rows of a
+                 split example and on padding rows): the validity weight of the per-sample
+                 analyses (fusion, modality, image-to-text, head summary), so an example split
+                 over several rows counts once;
+                 row.image [B] int32: a stable id of the example's image (crc32 of its image id,
+                 31 bits), so items of one image can be kept in one prober split;
+                 row.item_offset [B] int32: the position of the row's first item in its example
 
 Token positions index the TEXT SLOT (`[CLS]` is 0), region indices the region slot. Text-only
 examples (SentEval) get one dummy region with region_mask 0. An example larger than the largest
@@ -35,6 +42,7 @@ from value_jax.batch import Batch
 from value_jax.data.errors import DataReport, report_or_new
 
 EXAMPLE_INDEX = "example_index"
+ROW_FIRST, ROW_IMAGE, ROW_ITEM_OFFSET = "row.first", "row.image", "row.item_offset"
 OVERFLOW_POLICIES = ("error", "truncate")
 
 
@@ -125,6 +133,8 @@ class Example:
       num_regions: real regions of the image (0 for text-only).
       region_feats, region_boxes: `[R, F]` float32 features and `[R, 4]` normalised boxes when
         the example carries them (TFDS records); None when a loader fetches them by `image_id`.
+      item_offset: position of the first item in the example this one was split from
+        (`plan_batches`); 0 for an example that was not split.
     """
 
     id: str
@@ -134,6 +144,7 @@ class Example:
     num_regions: int = 0
     region_feats: Optional[np.ndarray] = None
     region_boxes: Optional[np.ndarray] = None
+    item_offset: int = 0
 
     def __post_init__(self):
         self.input_ids = np.asarray(self.input_ids, np.int32)
@@ -196,6 +207,11 @@ def check_example(ex: Example) -> None:
     if feats is not None and (feats.ndim != 2 or boxes.shape != (len(feats), 4)):
         raise ValueError(f"{where}: region_feats {ex.region_feats.shape} / region_boxes "
                          f"{ex.region_boxes.shape} (expected [R, F] and [R, 4])")
+
+
+def image_key(image_id: str) -> int:
+    """A stable non-negative int32 id of an image id string (crc32, 31 bits): `row.image`."""
+    return zlib.crc32(str(image_id).encode("utf-8")) & 0x7FFFFFFF
 
 
 def example_rng(seed: int, *keys) -> np.random.Generator:
@@ -381,7 +397,7 @@ def plan_batches(examples: Sequence[Example], batch_size: int, buckets: Buckets 
             parts = []
             for k in range(n_parts):
                 part = _keep_items(ex, np.arange(k * p_max, min((k + 1) * p_max, ex.num_items)))
-                parts.append(dataclasses.replace(part, id=f"{ex.id}#{k}"))
+                parts.append(dataclasses.replace(part, id=f"{ex.id}#{k}", item_offset=k * p_max))
         for part in parts:
             shape = bucket_of(part, buckets)
             if shape is None:
@@ -464,4 +480,10 @@ def collate(examples: Sequence[Example], shape: BatchShape, batch_size: int, *,
     index = np.full(b, -1, np.int32)
     index[:len(examples)] = list(indices) if indices is not None else range(len(examples))
     targets[EXAMPLE_INDEX] = index
+    first = np.zeros(b, bool)
+    image = np.zeros(b, np.int32)
+    offset = np.zeros(b, np.int32)
+    for i, ex in enumerate(examples):
+        first[i], image[i], offset[i] = ex.item_offset == 0, image_key(ex.image_id), ex.item_offset
+    targets[ROW_FIRST], targets[ROW_IMAGE], targets[ROW_ITEM_OFFSET] = first, image, offset
     return Batch.create(ids, text_mask, feats, boxes, region_mask), targets

@@ -11,6 +11,7 @@ import numpy as np
 
 from value_jax import kernels
 from value_jax.probes.results import Result, Table, line_plot
+from value_jax.probes.samples import first_rows
 from value_jax.runner import Probe
 
 
@@ -39,7 +40,8 @@ class FusionProbe(Probe):
         labels = jnp.concatenate([jnp.zeros(text_tokens.shape, jnp.int32),
                                   jnp.ones(regions.shape, jnp.int32)], axis=1)
         nmi = kernels.over_layers(kernels.kmeans2_nmi)(x, labels, mask, self.num_iters)  # [L, B]
-        valid = jnp.any(text_tokens, axis=1) & jnp.any(regions, axis=1)
+        valid = (jnp.any(text_tokens, axis=1) & jnp.any(regions, axis=1)
+                 & first_rows(targets, x.shape[1]))
         return {"nmi_sum": jnp.sum(jnp.where(valid[None], nmi, 0.0), axis=1),
                 "count": jnp.sum(valid).astype(jnp.float32)}
 

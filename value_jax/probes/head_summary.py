@@ -15,6 +15,7 @@ import numpy as np
 
 from value_jax import kernels
 from value_jax.probes.results import Result, Table, heatmap
+from value_jax.probes.samples import first_rows
 from value_jax.runner import Probe
 
 BLOCKS = ("t2t", "t2v", "v2t", "v2v", "v2v_no_self")
@@ -32,6 +33,7 @@ class HeadSummaryProbe(Probe):
     def step(self, trace, targets):
         words, regions = trace.word_mask, trace.region_mask > 0
         masks = {"t": words, "v": regions}
+        first = first_rows(targets, words.shape[0])
         stats = {}
         for block in BLOCKS:
             direction = block[:3]
@@ -39,7 +41,7 @@ class HeadSummaryProbe(Probe):
             band = 1 if block == "v2v_no_self" else None
             q, k = masks[direction[0]], masks[direction[2]]
             means = kernels.over_layers(kernels.block_mean)(maps, q, k, band)      # [L, B, H]
-            valid = (jnp.any(q, 1) & jnp.any(k, 1)).astype(jnp.float32)
+            valid = (jnp.any(q, 1) & jnp.any(k, 1) & first).astype(jnp.float32)
             stats[block + ".sum"] = jnp.einsum("lbh,b->lh", means, valid)
             stats[block + ".count"] = jnp.sum(valid)
         return stats

@@ -13,6 +13,7 @@ import numpy as np
 
 from value_jax import kernels
 from value_jax.probes.results import Result, Table, heatmap, line_plot
+from value_jax.probes.samples import first_rows
 from value_jax.runner import Probe
 
 
@@ -36,7 +37,8 @@ class ModalityProbe(Probe):
         joint = jnp.stack([trace.attention[n] for n in self.layer_names])   # [L, B, H, N, N]
         m = trace.token_masks()
         i_t, i_v = kernels.over_layers(kernels.cls_modality_sums)(joint, m["words"], m["regions"])
-        valid = (jnp.any(m["words"], axis=1) & jnp.any(m["regions"], axis=1)).astype(jnp.float32)
+        valid = (jnp.any(m["words"], axis=1) & jnp.any(m["regions"], axis=1)
+                 & first_rows(targets, joint.shape[1])).astype(jnp.float32)
         return {"text_sum": jnp.einsum("lbh,b->lh", i_t, valid),
                 "image_sum": jnp.einsum("lbh,b->lh", i_v, valid), "count": jnp.sum(valid)}
 
@@ -76,7 +78,7 @@ class ImageToTextProbe(Probe):
         regions = trace.region_mask > 0
         hit = kernels.over_layers(kernels.image_to_text_indicator)(
             v2t, regions, trace.word_mask, self.threshold)                  # [L, B, H]
-        valid = jnp.any(regions, axis=1).astype(jnp.float32)
+        valid = (jnp.any(regions, axis=1) & first_rows(targets, regions.shape[0])).astype(jnp.float32)
         return {"hits": jnp.einsum("lbh,b->lh", hit.astype(jnp.float32), valid),
                 "count": jnp.sum(valid)}
 
