@@ -1,17 +1,22 @@
 """`python -m checkpoints_convert --src=PATH --format=FMT --out=DIR`: convert, report, write.
 
-Prints the full report. On any problem (missing, unexpected or mismatched key, partial head,
-differing tied pair, config conflict) it prints the report to stderr, writes nothing at `--out`
-and exits 1.
+Prints the full report. On any problem (missing, unexpected or mismatched key, non-float or
+non-finite weight, partial head, differing tied pair, config conflict) it prints the report to
+stderr, writes nothing at `--out` and exits 1. A `--src` or `--out` it cannot use (unreadable,
+truncated or corrupt file, a folder, an unwritable parent, an `--out` that is not a checkpoint
+directory) is one line on stderr, found before any conversion work, and exit 1. SIGINT/SIGTERM
+remove the temporary folder and exit 130/143.
 """
 from __future__ import annotations
 
 import os
+import signal
 import sys
 
 from absl import app, flags, logging
 
 from checkpoints_convert.convert import ConversionError, convert_checkpoint
+from checkpoints_convert.files import prepare_out
 from checkpoints_convert.tables import FORMATS
 
 _SRC = flags.DEFINE_string("src", None, "PyTorch checkpoint (.pt/.pth/.bin or .safetensors).")
@@ -23,7 +28,8 @@ _NUM_HEADS = flags.DEFINE_integer(
 _MODEL_CONFIG = flags.DEFINE_string(
     "model_config", None, "UNITER/HF-style config JSON (num_attention_heads, l_layers, ...), "
     "checked against the tensors.")
-_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing --out directory.")
+_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing --out checkpoint "
+                                "directory (never a folder holding anything else).")
 
 
 def main(argv):
@@ -34,6 +40,8 @@ def main(argv):
             raise app.UsageError(f"--{flag.name} is required")
     logging.set_verbosity(logging.WARNING)  # orbax logs every write step at INFO; the report says it all
     try:
+        for stale in prepare_out(_OUT.value, _OVERWRITE.value):
+            print(f"removed {stale}, left by an interrupted conversion", file=sys.stderr)
         result = convert_checkpoint(_SRC.value, _FORMAT.value, _OUT.value, _NUM_HEADS.value,
                                     _MODEL_CONFIG.value, _OVERWRITE.value)
     except ConversionError as e:
@@ -43,11 +51,16 @@ def main(argv):
     except (FileExistsError, FileNotFoundError, ValueError, TypeError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
+    except KeyboardInterrupt as e:  # SIGINT, or SIGTERM while writing (value_jax.checkpoint)
+        name = str(e) or "SIGINT"
+        print(f"interrupted by {name}: nothing written at {_OUT.value}", file=sys.stderr)
+        sys.exit(128 + getattr(signal, name, signal.SIGINT))
     print(result.report.format())
     print(f"\nwrote {os.path.abspath(_OUT.value)} ({result.config.model_type}, heads: "
           f"{', '.join(result.heads) or 'none'})")
     if result.report.text_only:
-        print("WARNING: TEXT-ONLY checkpoint: region embeddings are zeros.", file=sys.stderr)
+        print(f"note: --format={_FORMAT.value} converts the text path only; the region "
+              "embedding is zeros, so use this model on text alone.", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 
+from checkpoints_convert.files import prepare_out, read_state_dict, to_numpy
 from checkpoints_convert.tables import (CONFIG_FROM_JSON, CONFIG_FROM_SHAPES, Layout,
                                         select_layout)
 from value_jax.models import LXMERT_HEADS, UNITER_HEADS, build_model, param_shapes
@@ -52,6 +53,8 @@ class Report:
     missing: list = dataclasses.field(default_factory=list)           # (flax path, torch key)
     unexpected: list = dataclasses.field(default_factory=list)        # (source key, reason)
     mismatched: list = dataclasses.field(default_factory=list)        # (key, path, want, found)
+    non_float: list = dataclasses.field(default_factory=list)         # (key, dtype)
+    non_finite: list = dataclasses.field(default_factory=list)        # (key, nan, inf, size)
     unused: list = dataclasses.field(default_factory=list)            # (source key, reason)
     tied: list = dataclasses.field(default_factory=list)              # (dup, kept, status, ok)
     heads_present: list = dataclasses.field(default_factory=list)
@@ -62,7 +65,8 @@ class Report:
     @property
     def errors(self) -> int:
         return (len(self.config_conflicts) + len(self.missing) + len(self.unexpected)
-                + len(self.mismatched) + len(self.partial_heads)
+                + len(self.mismatched) + len(self.non_float) + len(self.non_finite)
+                + len(self.partial_heads)
                 + sum(1 for *_, ok in self.tied if not ok))
 
     @property
@@ -73,9 +77,8 @@ class Report:
         lines = [f"checkpoint conversion: format={self.fmt} layout={self.layout}"
                  + (f" source={self.source}" if self.source else "")]
         if self.text_only:
-            lines.append("!!! TEXT-ONLY: the source has no region embedding; UNITER's "
-                         f"img_embeddings ({len(self.zero_filled)} leaves) are ZEROS. Region "
-                         "tokens carry no image information; use this model on text only. !!!")
+            lines.append(f"text only: {self.fmt} has no region embedding, so UNITER's "
+                         "img_embeddings are filled with zeros and the model reads text alone.")
         lines.append("config:")
         lines += [f"  {n}" for n in self.config_notes]
         lines.append(f"matched: {len(self.matched)} tensors")
@@ -103,6 +106,10 @@ class Report:
         section("UNEXPECTED", self.unexpected, lambda r: f"{r[0]}: {r[1]}")
         section("MISMATCHED", self.mismatched,
                 lambda r: f"{r[0]} -> {r[1]}: expected {list(r[2])}, found {list(r[3])}")
+        section("NOT FLOATING POINT", self.non_float,
+                lambda r: f"{r[0]}: {r[1]}, where a float weight belongs")
+        section("NOT FINITE", self.non_finite,
+                lambda r: f"{r[0]}: {r[1] + r[2]} of {r[3]} values ({r[1]} NaN, {r[2]} Inf)")
         section("PARTIAL HEADS", self.partial_heads,
                 lambda r: f"{r[0]}: has {r[1]}; lacks {r[2]}")
         lines.append("result: OK" if self.ok else f"result: REFUSED ({self.errors} problems)")
@@ -124,45 +131,6 @@ class ConversionResult:
     params: dict
     heads: tuple
     report: Report
-
-
-# ---- reading -----------------------------------------------------------------------------------
-
-def _to_numpy(value, key: str) -> np.ndarray:
-    if hasattr(value, "detach"):  # a torch tensor; torch itself stays an optional import
-        value = value.detach().cpu()
-        if value.is_floating_point():
-            value = value.float()
-        return value.numpy()
-    if isinstance(value, np.ndarray):
-        return value.astype(np.float32) if np.issubdtype(value.dtype, np.floating) else value
-    raise TypeError(f"state dict entry {key!r} is a {type(value).__name__}, not a tensor")
-
-
-def read_state_dict(path: str) -> dict[str, np.ndarray]:
-    """Reads a `.pt`/`.pth`/`.bin` (torch, weights only) or `.safetensors` file as float32 numpy.
-
-    A top-level `{"state_dict": ...}` or `{"model": ...}` wrapper is unwrapped.
-    """
-    if path.endswith(".safetensors"):
-        from safetensors import safe_open
-        try:
-            import torch  # noqa: F401  bf16 needs torch; numpy cannot hold it
-            framework = "pt"
-        except ImportError:
-            framework = "numpy"
-        with safe_open(path, framework=framework) as f:
-            raw = {k: f.get_tensor(k) for k in f.keys()}
-    else:
-        import torch
-        raw = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(raw, Mapping):
-        raise TypeError(f"{path}: expected a dict of tensors, found a {type(raw).__name__}")
-    for wrapper in ("state_dict", "model"):
-        if isinstance(raw.get(wrapper), Mapping):
-            raw = raw[wrapper]
-            break
-    return {k: _to_numpy(v, f"{path}:{k}") for k, v in raw.items()}
 
 
 # ---- config ------------------------------------------------------------------------------------
@@ -307,8 +275,10 @@ def _heads_present(candidates, canon, layout: Layout, report: Report):
 
 
 def _fill(candidates, canon, expected, layout: Layout, config, heads, has, report: Report):
-    """Flax path -> float32 array; records matched, mismatched, missing, partial heads."""
+    """Flax path -> float32 array; records matched, mismatched, non-float, non-finite,
+    missing, partial heads."""
     filled: dict[str, np.ndarray] = {}
+    refused: set[str] = set()  # present but unusable paths: reported, not also missing
     orphans: dict[tuple, list] = {}  # shared-head keys whose heads are all absent
     for c, rule, path in candidates:
         key, value = canon[c]
@@ -319,18 +289,27 @@ def _fill(candidates, canon, expected, layout: Layout, config, heads, has, repor
             else:
                 orphans.setdefault(rule.heads, []).append(key)
             continue
-        arr = rule.transform.apply(_to_numpy(value, key))
-        if arr.shape != tuple(expected[path]):
+        arr = rule.transform.apply(to_numpy(value, key))
+        usable = arr.shape == tuple(expected[path])
+        if not usable:
             report.mismatched.append((key, path, rule.transform.source_shape(expected[path]),
                                       tuple(value.shape)))
+        if not np.issubdtype(arr.dtype, np.floating):  # never cast an int8/bool weight silently
+            report.non_float.append((key, str(arr.dtype)))
+            usable = False
+        elif not (finite := np.isfinite(arr)).all():
+            nan = int(np.isnan(arr).sum())
+            report.non_finite.append((key, nan, int(arr.size - finite.sum()) - nan, arr.size))
+            usable = False
+        if not usable:
+            refused.add(path)
             continue
         filled[path] = np.ascontiguousarray(arr, dtype=np.float32)
         report.matched.append((key, path))
 
     lacks = {h: [] for h in heads}
-    mismatched_paths = {path for _, path, _, _ in report.mismatched}
     for path, shape in expected.items():
-        if path in filled or path in mismatched_paths:
+        if path in filled or path in refused:
             continue
         if any(path.startswith(p) for p in layout.zero_fill):
             filled[path] = np.zeros(shape, np.float32)
@@ -361,10 +340,10 @@ def _check_tied(canon, layout: Layout, heads, report: Report) -> None:
             report.tied.append((dup_key, t.kept, "the kept tensor is absent", False))
             continue
         kept_key, kept = canon[t.kept]
-        a, b = _to_numpy(dup, dup_key), _to_numpy(kept, kept_key)
+        a, b = to_numpy(dup, dup_key), to_numpy(kept, kept_key)
         if a.shape != b.shape:
             status, ok = f"DIFFER: shapes {list(a.shape)} vs {list(b.shape)}", False
-        elif not np.array_equal(a, b):
+        elif not np.array_equal(a, b, equal_nan=True):  # a NaN is reported once, as NOT FINITE
             status, ok = f"DIFFER: max |diff| {float(np.max(np.abs(a - b))):.3g}", False
         else:
             status, ok = "equal, dropped", True
@@ -376,7 +355,8 @@ def convert_state_dict(state_dict, fmt: str, config=None, num_heads=None, model_
     """Maps a `fmt` state dict (torch tensors or numpy arrays) onto the Flax params tree.
 
     Raises `ConversionError` (message = the full report) on any missing encoder leaf, unexpected
-    key, shape mismatch, partially present head, differing tied pair or config conflict.
+    key, shape mismatch, non-floating-point or non-finite weight, partially present head,
+    differing tied pair or config conflict.
     """
     layout = select_layout(fmt, state_dict)
     report = Report(fmt, layout.name, source, layout.text_only)
@@ -420,14 +400,15 @@ def convert_checkpoint(src: str, fmt: str, out: str, num_heads=None, model_confi
                        overwrite: bool = False) -> ConversionResult:
     """Converts `src` and writes `out` (config.json + orbax params) atomically.
 
-    Raises `ConversionError` before anything is written when the checkpoint does not fill the
-    model; `FileExistsError` when `out` exists and `overwrite` is False. A text-only result
-    (format `bert`) is marked `text_only: true` in the directory's conversion metadata.
+    Before reading `src`: `FileExistsError` when `out` exists and `overwrite` is False, or when
+    `out` is not a checkpoint directory; `CheckpointFileError` when `out` cannot be written or
+    `src` is not a readable, intact checkpoint file. Then `ConversionError`, with nothing written,
+    when the checkpoint does not fill the model. A text-only result (format `bert`) is marked
+    `text_only: true` in the directory's conversion metadata.
     """
     from value_jax.checkpoint import save  # orbax is only needed when writing
 
-    if os.path.exists(out) and not overwrite:
-        raise FileExistsError(f"{out} already exists; pass overwrite=True (--overwrite) to replace it")
+    prepare_out(out, overwrite)
     result = convert_file(src, fmt, num_heads=num_heads, model_config=model_config)
     extra = {"source": os.path.abspath(src), "format": fmt, "text_only": result.report.text_only,
              "report": result.report.summary()}
