@@ -7,6 +7,7 @@ so the demo exercises the same path a user's `Epoch20_LXRT.pth` or `uniter-base.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import sys
@@ -52,6 +53,9 @@ flags.DEFINE_enum("region_source", "iou", ["iou", "gold_in_features"], "How gold
 flags.DEFINE_float("iou_threshold", 0.5, "IoU needed to link a gold box to a detected region.")
 flags.DEFINE_string("vg_root", "", "Visual Genome root (relationships.json, ...). Empty: demo.")
 flags.DEFINE_string("vg_features", "", "Region features of the Visual Genome images.")
+flags.DEFINE_string("tfds_data_dir", "", "Read the Flickr30k Entities and Visual Genome "
+                    "examples from datasets prepared once by `python -m experiments.prepare` "
+                    "(TFDS, array_record) under this folder instead of the raw files.")
 flags.DEFINE_string("senteval_dir", "", "Directory of SentEval probing files. Empty: demo.")
 flags.DEFINE_list("senteval_tasks", [], "SentEval tasks to probe (default: every file present).")
 flags.DEFINE_boolean("fusion_include_special", False, "Fusion NMI: also cluster [CLS] and [SEP] "
@@ -302,7 +306,9 @@ def needs_demo(*data_flags: str) -> bool:
     `data_flags` (and --vocab) is required: a real model never runs on demo data silently."""
     if using_demo():
         return True
-    missing = [f"--{f}" for f in dict.fromkeys((*data_flags, "vocab")) if not FLAGS[f].value]
+    prepared_flags = ("flickr30k_root", "flickr30k_features", "vg_root")
+    missing = [f"--{f}" for f in dict.fromkeys((*data_flags, "vocab")) if not FLAGS[f].value
+               and not (FLAGS.tfds_data_dir and f in prepared_flags)]
     if missing:
         raise SystemExit(f"--checkpoint={FLAGS.checkpoint} needs {', '.join(missing)}: the demo "
                          "data only runs with the demo checkpoint (no --checkpoint)")
@@ -323,42 +329,123 @@ def _load(loader_class, *args, **kwargs):
                          f"--split={FLAGS.split})") from None
 
 
+def coref_sources(demo) -> tuple[str, str]:
+    """(Flickr30k Entities root, region features) from the flags, or the demo's."""
+    if FLAGS.flickr30k_root:
+        if not FLAGS.flickr30k_features:
+            raise SystemExit("--flickr30k_root needs --flickr30k_features")
+        return FLAGS.flickr30k_root, FLAGS.flickr30k_features
+    say(f"no --flickr30k_root: using the built-in demo data in {demo.root}")
+    return demo.flickr_root, (demo.flickr_features_gold_tsv if FLAGS.region_source ==
+                              "gold_in_features" else demo.flickr_features_tsv)
+
+
+def relation_sources(demo) -> tuple[str, str]:
+    """(Visual Genome root, region features) from the flags, or the demo's."""
+    if FLAGS.vg_root:
+        if not FLAGS.vg_features:
+            raise SystemExit("--vg_root needs --vg_features")
+        return FLAGS.vg_root, FLAGS.vg_features
+    say(f"no --vg_root: using the built-in demo data in {demo.root}")
+    return demo.vg_root, demo.vg_features_tsv
+
+
 def coref_loader(demo):
     """Flickr30k Entities captions + regions with coreference targets (also feeds fusion and
-    modality, which need no targets)."""
+    modality, which need no targets); from the prepared dataset with --tfds_data_dir."""
+    if FLAGS.tfds_data_dir:
+        return prepared("coref", demo)
     from value_jax.data.loaders import CorefLoader
     vocab, lowercase = vocab_path(demo)
-    if FLAGS.flickr30k_root:
-        root, feats = FLAGS.flickr30k_root, FLAGS.flickr30k_features
-        if not feats:
-            raise SystemExit("--flickr30k_root needs --flickr30k_features")
-    else:
-        say(f"no --flickr30k_root: using the built-in demo data in {demo.root}")
-        root = demo.flickr_root
-        feats = demo.flickr_features_gold_tsv if FLAGS.region_source == "gold_in_features" \
-            else demo.flickr_features_tsv
+    root, feats = coref_sources(demo)
     loader = _load(CorefLoader, root, feats, vocab, lowercase, split=FLAGS.split,
-                         batch_size=FLAGS.batch_size, seed=FLAGS.seed,
-                         region_source=FLAGS.region_source, iou_threshold=FLAGS.iou_threshold,
-                         max_images=_max_images())
+                   batch_size=FLAGS.batch_size, seed=FLAGS.seed,
+                   region_source=FLAGS.region_source, iou_threshold=FLAGS.iou_threshold,
+                   max_images=_max_images())
     loader.data_paths = (root, feats)
     return loader
 
 
 def relation_loader(demo, captions="region"):
+    if FLAGS.tfds_data_dir:
+        return prepared("relation", demo, captions)
     from value_jax.data.loaders import RelationLoader
     vocab, lowercase = vocab_path(demo)
-    if FLAGS.vg_root:
-        root, feats = FLAGS.vg_root, FLAGS.vg_features
-        if not feats:
-            raise SystemExit("--vg_root needs --vg_features")
-    else:
-        say(f"no --vg_root: using the built-in demo data in {demo.root}")
-        root, feats = demo.vg_root, demo.vg_features_tsv
+    root, feats = relation_sources(demo)
     loader = _load(RelationLoader, root, feats, vocab, lowercase, batch_size=FLAGS.batch_size,
-                            seed=FLAGS.seed, iou_threshold=FLAGS.iou_threshold, captions=captions,
-                            max_images=_max_images())
+                   seed=FLAGS.seed, iou_threshold=FLAGS.iou_threshold, captions=captions,
+                   max_images=_max_images())
     loader.data_paths = (root, feats)
+    return loader
+
+
+# ---- prepared datasets (TFDS, array_record) ------------------------------------------------
+
+def tfds_builder(kind: str, demo, captions: str = "region", with_sources: bool = False):
+    """The TFDS builder of this run's settings under --tfds_data_dir. Its config name carries
+    the model, a hash of every preparation setting and of the vocabulary's content, so a
+    dataset prepared with other settings or another vocabulary is never read as this one."""
+    import hashlib
+    import json
+    from value_jax.data import tfds_builders as T
+    vocab, lowercase = vocab_path(demo)
+    common_kw = dict(vocab=os.path.abspath(vocab), lowercase=lowercase, seed=FLAGS.seed,
+                     iou_threshold=FLAGS.iou_threshold, max_images=_max_images())
+    if kind == "coref":
+        cls, paths = T.ValueCoref, coref_sources(demo) if with_sources else ("", "")
+        config = T.CorefConfig(name="x", flickr_root=os.path.abspath(paths[0] or "."),
+                               features=os.path.abspath(paths[1] or "."), splits=(FLAGS.split,),
+                               region_source=FLAGS.region_source, **common_kw)
+    else:
+        cls, paths = T.ValueRelations, relation_sources(demo) if with_sources else ("", "")
+        config = T.RelationConfig(name="x", vg_root=os.path.abspath(paths[0] or "."),
+                                  features=os.path.abspath(paths[1] or "."), captions=captions,
+                                  **common_kw)
+    with open(vocab, "rb") as f:
+        key = json.dumps([T.prepared_with(config), hashlib.sha256(f.read()).hexdigest()],
+                         sort_keys=True)
+    name = f"{FLAGS.model}_{hashlib.sha256(key.encode()).hexdigest()[:12]}"
+    config = dataclasses.replace(config, name=name,
+                                 description=f"prepared for {FLAGS.model}: {key}")
+    with quiet_tfds():
+        return cls(config=config, data_dir=os.path.abspath(FLAGS.tfds_data_dir))
+
+
+@contextlib.contextmanager
+def quiet_tfds():
+    """TFDS logs every builder it constructs at WARNING/INFO; the run's own lines say enough."""
+    from absl import logging as absl_logging
+    import tensorflow_datasets as tfds
+    tfds.disable_progress_bar()
+    level = absl_logging.get_verbosity()
+    absl_logging.set_verbosity(absl_logging.ERROR)
+    try:
+        yield
+    finally:
+        absl_logging.set_verbosity(level)
+
+
+def prepared(kind: str, demo, captions: str = "region"):
+    """A loader over the prepared records (region features read per batch from the records)."""
+    from value_jax.data.tfds_builders import prepared_loader
+    builder = tfds_builder(kind, demo, captions)
+    if not builder.is_prepared():
+        raise SystemExit(f"--tfds_data_dir={FLAGS.tfds_data_dir} holds no {kind} dataset "
+                         f"prepared with these settings ({builder.builder_config.name}): run "
+                         "`python -m experiments.prepare` with the same --model, --vocab, "
+                         "data and setting flags first")
+    split = FLAGS.split if kind == "coref" else builder.SPLIT
+    with quiet_tfds():
+        loader = prepared_loader(builder, split, FLAGS.batch_size, lazy=True)
+    if not loader.examples:
+        raise SystemExit(f"{builder.data_dir}: the prepared {split} split holds no example")
+    say(f"[{kind}] reading the prepared dataset {builder.data_dir}")
+    meta = builder.info.metadata
+    if kind == "coref":
+        loader.types = tuple(meta["types"])
+    else:
+        loader.predicates = tuple(meta["predicates"])
+    loader.data_paths = (str(builder.data_dir),)
     return loader
 
 

@@ -70,6 +70,10 @@ def test_coref_builder_from_manual_dir_round_trips(demo, tmp_path):
         assert sorted(ids) == sorted(e.id for e in loader.examples)
         _assert_records_match(read_examples(reread, split), loader, demo.flickr_features_tsv)
         _assert_same_batches(prepared_loader(reread, split, 4), loader)
+        lazy = prepared_loader(reread, split, 4, lazy=True)   # features read per batch
+        assert all(e.region_feats is None for e in lazy.examples)
+        _assert_same_batches(lazy, loader)
+        assert lazy.report == loader.report
         assert reread.info.metadata["report"][split]["notvisual_phrases"]["count"] == \
             loader.report["notvisual_phrases"]
 

@@ -128,6 +128,15 @@ class DataReport:
         return {name: {"count": self._counts[name], "examples": list(self._examples.get(name, []))}
                 for name in sorted(self._counts)}
 
+    @classmethod
+    def from_dict(cls, d: dict[str, dict[str, object]], max_examples: int = 3) -> "DataReport":
+        """The inverse of `to_dict` (a report stored with prepared data)."""
+        report = cls(max_examples)
+        for name, entry in d.items():
+            report._counts[name] = int(entry["count"])
+            report._examples[name] = [str(e) for e in entry.get("examples", [])]
+        return report
+
     def summary_lines(self) -> list[str]:
         """One line per counter: `name: count (e.g. ex1; ex2)`."""
         lines = []

@@ -20,6 +20,7 @@ tensor to the wrong shape, and every record has >= 1 item and >= 1 token slot.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from typing import Optional
 
@@ -100,9 +101,41 @@ def read_examples(builder: tfds.core.DatasetBuilder, split: str) -> list[C.Examp
 
 
 def prepared_loader(builder: tfds.core.DatasetBuilder, split: str, batch_size: int,
-                    **kwargs) -> L.ExampleLoader:
-    """Batches of the prepared records (`kwargs` go to `ExampleLoader`: buckets, overflow)."""
-    return L.ExampleLoader(read_examples(builder, split), batch_size, **kwargs)
+                    lazy: bool = False, **kwargs) -> L.ExampleLoader:
+    """Batches of the prepared records (`kwargs` go to `ExampleLoader`: buckets, overflow).
+
+    `lazy`: region features stay in the records and are read when a batch is collated (only
+    that batch's records), so memory does not grow with the dataset; the loader's `report` is
+    the one stored at preparation."""
+    if not lazy:
+        return L.ExampleLoader(read_examples(builder, split), batch_size, **kwargs)
+    source = builder.as_data_source(split)
+    light, first_record = [], {}
+    for i in range(len(source)):
+        r = source[i]
+        image_id = _text(r["image_id"])
+        first_record.setdefault(image_id, i)
+        targets = {k: np.asarray(v) for k, v in r.items() if k in C.TARGETS}
+        light.append((int(r["index"]), C.Example(_text(r["id"]), np.asarray(r["input_ids"]),
+                                                 targets, image_id=image_id,
+                                                 num_regions=len(r["region_feats"]))))
+    examples = [e for _, e in sorted(light, key=lambda p: p[0])]
+
+    @functools.lru_cache(maxsize=64)
+    def regions(image_id: str):
+        r = source[first_record[image_id]]
+        return np.asarray(r["region_feats"], np.float32), np.asarray(r["region_boxes"], np.float32)
+
+    report = DataReport.from_dict(builder.info.metadata.get("report", {}).get(split, {}))
+    return L.ExampleLoader(examples, batch_size, regions=regions, report=report, **kwargs)
+
+
+def prepared_with(config: tfds.core.BuilderConfig) -> dict:
+    """The preparation settings of a builder config (its fields but name/description/paths)."""
+    skip = {"name", "description", "version", "release_notes", "supported_versions", "tags",
+            "flickr_root", "vg_root", "features", "vocab"}
+    return {f.name: (list(v) if isinstance(v := getattr(config, f.name), tuple) else v)
+            for f in dataclasses.fields(config) if f.name not in skip}
 
 
 class _Builder(tfds.core.GeneratorBasedBuilder):
@@ -180,6 +213,7 @@ Place in manual_dir (names as in the builder config; defaults shown):
                 max_text_len=cfg.max_text_len, max_images=cfg.max_images,
                 negative_ratio=cfg.negative_ratio, report=report)
             self.info.metadata["types"] = list(PHRASE_TYPES)
+            self.info.metadata["prepared_with"] = prepared_with(cfg)
             self.info.metadata.setdefault("report", {})[split] = report.to_dict()
             for index, ex in enumerate(examples):
                 yield ex.id, _record(ex, index, reader)
@@ -251,10 +285,11 @@ Place in manual_dir (names as in the builder config; defaults shown):
                 captions=cfg.captions, max_text_len=cfg.max_text_len, max_images=cfg.max_images,
                 negative_ratio=cfg.negative_ratio, report=report)
             self.info.metadata["predicates"] = list(predicates)
+            self.info.metadata["prepared_with"] = prepared_with(cfg)
             self.info.metadata.setdefault("report", {})[self.SPLIT] = report.to_dict()
             for index, ex in enumerate(examples):
                 yield ex.id, _record(ex, index, reader)
 
 
 __all__ = ["ValueCoref", "ValueRelations", "CorefConfig", "RelationConfig", "read_examples",
-           "prepared_loader"]
+           "prepared_loader", "prepared_with"]
