@@ -1,0 +1,193 @@
+"""End-to-end throughput of `experiments.all`'s two data passes, stage by stage, and the
+projected wall time of the full Flickr30k Entities + Visual Genome run.
+
+    python benchmarks/throughput.py                          # >= 1,000 captions, UNITER-base
+    python benchmarks/throughput.py --captions=200 --vg_images=30 --layers=4   # quick
+
+Generates Flickr30k-shaped data (the demo generator: 5 captions per image, 36 regions of 2,048
+features per image, a third of the images in the val split) and Visual-Genome-shaped data, then
+times, on a base-size model with random weights:
+
+  read+collate     building the loader (annotations, alignment, tokenization) and collating
+                   every batch, from the raw files and from the prepared TFDS records;
+  forward+probes   the jitted pass (forward, Trace, every probe step of `all`'s Flickr30k pass:
+                   fusion, modality, image-to-text, coreference, head summary; the relation
+                   probe for VG), compilation excluded;
+  probers          each probe's finalize (the attention/embedding probers train here).
+
+Examples/s per stage, then the projection for 158,915 captions (31,783 images) and
+--full_vg_images Visual Genome images: each stage's time scaled linearly in examples (the
+probers in collected items), summed. Targets: < 6 h on the 2-core CPU, < 15 min on one GPU.
+"""
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+import time
+
+from absl import app, flags
+
+FLAGS = flags.FLAGS
+flags.DEFINE_enum("model", "uniter", ["uniter", "lxmert"], "Which model (base size).")
+flags.DEFINE_integer("captions", 1000, "Val captions of the generated Flickr30k data (at least).")
+flags.DEFINE_integer("vg_images", 100, "Generated Visual Genome images.")
+flags.DEFINE_integer("layers", 0, "Encoder layers (0: the base model's).")
+flags.DEFINE_integer("batch_size", 32, "Examples per batch.")
+flags.DEFINE_integer("full_captions", 158915, "Captions of the full run (all of Flickr30k Entities).")
+flags.DEFINE_integer("full_vg_images", 108077, "VG images of the full run (every image; an upper "
+                     "bound, VALUE's sampling keeps fewer).")
+flags.DEFINE_string("dir", None, "Where to generate the data (default: a new temp dir).")
+
+
+def _model(vocab_size):
+    import jax
+
+    from value_jax.models import LxmertConfig, UniterConfig, build_model, init_params
+    if FLAGS.model == "uniter":
+        cfg = UniterConfig(vocab_size=vocab_size, **({"num_layers": FLAGS.layers} if FLAGS.layers else {}))
+    else:
+        cfg = LxmertConfig(vocab_size=vocab_size, **(
+            {"l_layers": FLAGS.layers, "r_layers": max(1, FLAGS.layers // 2),
+             "x_layers": max(1, FLAGS.layers // 2)} if FLAGS.layers else {}))
+    model = build_model(cfg)
+    return model, init_params(model, jax.random.PRNGKey(0))
+
+
+def _collate_all(loader):
+    start = time.perf_counter()
+    batches = list(loader)
+    return batches, time.perf_counter() - start
+
+
+def _pass(model, params, batches, probes):
+    """(seconds of the timed pass, finalize seconds per probe, collected items)."""
+    import jax
+
+    from value_jax.runner import Accumulator, Layout, _shard, data_mesh, make_step
+    layout = Layout.from_config(model.config)
+    for p in probes:
+        p.bind(layout)
+    mesh = data_mesh()
+    step = make_step(model, probes)
+    seen = set()
+    for batch, targets in batches:                     # compile every shape once, untimed
+        key = (batch.input_ids.shape, batch.region_feats.shape)
+        if key not in seen:
+            seen.add(key)
+            jax.block_until_ready(step(params, _shard(batch, mesh), _shard(targets, mesh)))
+    accs = {p.name: Accumulator(p.collect_keys) for p in probes}
+    start = time.perf_counter()
+    for batch, targets in batches:
+        for name, s in jax.device_get(step(params, _shard(batch, mesh), _shard(targets, mesh))).items():
+            accs[name].update(s)
+    forward = time.perf_counter() - start
+    finalize, items = {}, 0
+    for p in probes:
+        start = time.perf_counter()
+        stats = accs[p.name].result()
+        p.finalize(stats, {"batches": len(batches), "devices": 1})
+        finalize[p.name] = time.perf_counter() - start
+        items += max((len(stats[k]) for k in p.collect_keys if k in stats), default=0)
+    return forward, finalize, items
+
+
+def main(argv):
+    del argv
+    import jax
+
+    from value_jax.data import tfds_builders as T
+    from value_jax.data.demo import make_demo_data
+    from value_jax.data.loaders import CorefLoader, RelationLoader
+    from value_jax.data.tokenization import read_vocab
+    from value_jax.probes.coref import CorefProbe
+    from value_jax.probes.fusion import FusionProbe
+    from value_jax.probes.head_summary import HeadSummaryProbe
+    from value_jax.probes.modality import ImageToTextProbe, ModalityProbe
+    from value_jax.probes.relation import RelationProbe
+
+    root = FLAGS.dir or tempfile.mkdtemp(prefix="throughput-")
+    images = 3 * math.ceil(FLAGS.captions / 5)
+    start = time.perf_counter()
+    demo = make_demo_data(os.path.join(root, "data"), n_images=images, feat_dim=2048,
+                          n_vg_images=FLAGS.vg_images)
+    print(f"data: {images} Flickr30k-shaped images, {FLAGS.vg_images} VG images under {root} "
+          f"({time.perf_counter() - start:.0f} s to generate)", flush=True)
+    uncased = FLAGS.model == "lxmert"
+    vocab = demo.vocab_uncased if uncased else demo.vocab_cased
+    model, params = _model(len(read_vocab(vocab)))
+    print(f"model: {FLAGS.model}, {jax.devices()[0].device_kind}, batch {FLAGS.batch_size}",
+          flush=True)
+
+    rows = {}
+    # ---- Flickr30k pass -------------------------------------------------------------------
+    start = time.perf_counter()
+    loader = CorefLoader(demo.flickr_root, demo.flickr_features_tsv, vocab, uncased,
+                         batch_size=FLAGS.batch_size)
+    batches, collate = _collate_all(loader)
+    raw_read = time.perf_counter() - start
+    n = len(loader.examples)
+    config = T.CorefConfig(name="bench", flickr_root=demo.flickr_root,
+                           features=demo.flickr_features_tsv, vocab=vocab, lowercase=uncased)
+    builder = T.ValueCoref(config=config, data_dir=os.path.join(root, "tfds"))
+    start = time.perf_counter()
+    builder.download_and_prepare()
+    prepare = time.perf_counter() - start
+    start = time.perf_counter()
+    prepared = T.prepared_loader(builder, "val", FLAGS.batch_size, lazy=True)
+    _collate_all(prepared)
+    prepared_read = time.perf_counter() - start
+    probes = [FusionProbe(), CorefProbe(types=loader.types), HeadSummaryProbe()]
+    if FLAGS.model == "uniter":
+        probes += [ModalityProbe(), ImageToTextProbe()]
+    forward, finalize, items = _pass(model, params, batches, probes)
+    rows["flickr"] = dict(examples=n, read=raw_read, prepared_read=prepared_read,
+                          prepare=prepare, forward=forward, probers=sum(finalize.values()),
+                          items=items)
+    print(f"Flickr30k pass, {n} captions ({items} collected coreference items):\n"
+          f"  read+collate, raw files      {n / raw_read:8.1f} captions/s  ({raw_read:.1f} s, "
+          f"of which collate {collate:.1f} s)\n"
+          f"  read+collate, prepared TFDS  {n / prepared_read:8.1f} captions/s  "
+          f"({prepared_read:.1f} s; preparing once took {prepare:.1f} s)\n"
+          f"  forward+probes               {n / forward:8.1f} captions/s  ({forward:.1f} s)\n"
+          f"  probers (finalize)           {sum(finalize.values()):8.1f} s  "
+          + ", ".join(f"{k} {v:.1f} s" for k, v in finalize.items()), flush=True)
+
+    # ---- Visual Genome pass ---------------------------------------------------------------
+    start = time.perf_counter()
+    vg = RelationLoader(demo.vg_root, demo.vg_features_tsv, vocab, uncased,
+                        batch_size=FLAGS.batch_size)
+    vg_batches, _ = _collate_all(vg)
+    vg_read = time.perf_counter() - start
+    forward_vg, finalize_vg, items_vg = _pass(model, params, vg_batches,
+                                              [RelationProbe(vg.predicates)])
+    m = len(vg.examples)
+    rows["vg"] = dict(examples=m, read=vg_read, forward=forward_vg,
+                      probers=sum(finalize_vg.values()), items=items_vg)
+    print(f"Visual Genome pass, {m} images ({items_vg} pairs):\n"
+          f"  read+collate   {m / vg_read:8.1f} images/s\n"
+          f"  forward+probes {m / forward_vg:8.1f} images/s\n"
+          f"  probers        {sum(finalize_vg.values()):8.1f} s", flush=True)
+
+    # ---- projection -----------------------------------------------------------------------
+    f, v = rows["flickr"], rows["vg"]
+    scale_f, scale_v = FLAGS.full_captions / f["examples"], FLAGS.full_vg_images / v["examples"]
+    stages = {
+        "Flickr30k read+collate (prepared)": f["prepared_read"] * scale_f,
+        "Flickr30k forward+probes": f["forward"] * scale_f,
+        "Flickr30k probers": f["probers"] * scale_f,
+        "VG read+collate (raw)": v["read"] * scale_v,
+        "VG forward+probes": v["forward"] * scale_v,
+        "VG probers": v["probers"] * scale_v,
+    }
+    total = sum(stages.values())
+    print(f"\nProjected full run ({FLAGS.full_captions} captions + {FLAGS.full_vg_images} VG "
+          f"images) on this machine: {total / 3600:.2f} h")
+    for name, secs in sorted(stages.items(), key=lambda kv: -kv[1]):
+        print(f"  {name:36s} {secs / 3600:6.2f} h  ({100 * secs / total:4.1f} %)")
+    raw_total = total - stages["Flickr30k read+collate (prepared)"] + f["read"] * scale_f
+    print(f"  (from the raw Flickr30k files instead: {raw_total / 3600:.2f} h)")
+
+
+if __name__ == "__main__":
+    app.run(main)
