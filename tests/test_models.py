@@ -88,6 +88,27 @@ def test_gelu_is_erf_and_layernorm_eps():
     assert LN_EPS == 1e-12
 
 
+@pytest.mark.parametrize("mean,std", [(10.0, 1.0), (100.0, 1.0), (0.0, 1e-3)])
+def test_layer_norm_matches_float64_two_pass(mean, std):
+    """Inputs whose mean is large next to their spread, against a float64 numpy LayerNorm.
+
+    Float32 inputs of size `mean` carry rounding ~6e-8·mean, i.e. ~6e-8·mean/std once
+    normalised, so the bound is 2e-6·mean/std, and at least 4e-6 (a few ulps of outputs of size
+    ~4); torch's two-pass LayerNorm stays ~10× inside it. Flax's fast variance E[x²] − E[x]²
+    errs by 5.8e-5 at mean/std = 10 and 6.3e-3 at 100; `std` = 1e-3 makes epsilon 1e-6 (Flax's
+    default) visible, an error of ~1.
+    """
+    from value_jax.models.layers import layer_norm
+    rng = np.random.default_rng(0)
+    p = {"scale": rng.normal(1, 0.1, 768).astype(np.float32),
+         "bias": rng.normal(0, 0.1, 768).astype(np.float32)}
+    x = (mean + std * rng.normal(size=(256, 768))).astype(np.float32)
+    got = np.asarray(layer_norm().apply({"params": p}, x))
+    want = _ln(x.astype(np.float64), {k: v.astype(np.float64) for k, v in p.items()})
+    err, bound = np.abs(got - want).max(), max(4e-6, 2e-6 * mean / std)
+    assert err <= bound, f"mean {mean}, std {std}: max |diff| {err:.2e} > {bound:.1e}"
+
+
 def test_lxmert_cross_attention_is_shared_and_directions_sown():
     cfg = LxmertConfig.tiny()
     model = build_model(cfg)
