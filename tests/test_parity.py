@@ -1,4 +1,13 @@
-"""Numerical parity with independent PyTorch references, tiny AND base sizes, float32, ≤ 1e-5.
+"""Numerical parity with independent PyTorch references, tiny AND base sizes, float32.
+
+Bounds: attention probabilities (in [0, 1]) within 1e-5 absolute; hidden states and outputs within
+RTOL · max(1, |reference|) elementwise, RTOL 1e-5 at tiny size and 2e-5 at base size. Float32
+rounding grows with width and depth, and its pattern depends on which kernels each library picks
+for the CPU: at base size an absolute 1e-5 held on one x86 model and failed on another (1.00e-5
+at cross5.lang; `ATEN_CPU_CAPABILITY=avx2` on an AVX-512 machine reproduces it), and with torch,
+MKL and XLA limited to SSE4.2 the pooled output reached 0.99 of 1e-5 · max(1, |ref|). At 2e-5
+every setting tried stays under half the bound, while tanh GELU (7e-4), LayerNorm eps 1e-6 (2e-4)
+and a wrong head split (~4) still fail by 10x or more; the tiny models fail them by 1.8x to 10^4x.
 
 LXMERT: HF `LxmertModel` on every hidden state and the attentions HF returns (language, vision,
 cross language→vision) — and on the maps HF drops (vision→language, the cross layers' language
@@ -17,7 +26,8 @@ from checkpoints_convert import convert_state_dict  # noqa: E402
 from value_jax.models import LxmertConfig, UniterConfig, build_model  # noqa: E402
 from torch_refs import perturb, random_inputs  # noqa: E402
 
-TOL = 1e-5
+ATOL = 1e-5  # attention probabilities: absolute
+RTOL = {"tiny": 1e-5, "base": 2e-5}  # hidden states and outputs: times max(1, |reference|)
 
 
 class _Recorder:
@@ -40,12 +50,24 @@ class _Recorder:
         return out[1]
 
 
-def _diff(ours, theirs, what, worst):
-    ours, theirs = np.asarray(ours), theirs.detach().numpy()
+def _diff(ours, theirs, what, worst, tol, probs=False):
+    """Asserts |diff| <= tol (probabilities) or tol · max(1, |theirs|) elementwise; records
+    `what -> (max |diff|, worst |diff| / bound)`."""
+    ours, theirs = np.asarray(ours, np.float64), theirs.detach().numpy().astype(np.float64)
     assert ours.shape == theirs.shape, (what, ours.shape, theirs.shape)
-    d = float(np.max(np.abs(ours - theirs)))
-    worst[what] = d
-    assert d <= TOL, f"{what}: max |diff| {d:.2e} > {TOL}"
+    d = np.abs(ours - theirs)
+    bound = tol * (np.ones_like(theirs) if probs else np.maximum(1.0, np.abs(theirs)))
+    i = np.unravel_index(np.argmax(d / bound), d.shape)
+    worst[what] = (float(d.max()), float(d[i] / bound[i]))
+    assert d[i] <= bound[i], (f"{what}: |diff| {d[i]:.2e} > bound {bound[i]:.2e} at {i} "
+                              f"(reference {theirs[i]:.4g}); max |diff| {d.max():.2e}")
+
+
+def _summary(model, worst):
+    name, (d, _) = max(worst.items(), key=lambda kv: kv[1][0])
+    tight, (_, r) = max(worst.items(), key=lambda kv: kv[1][1])
+    return (f"{model}: max |diff| {d:.2e} ({name}); worst |diff| / bound {r:.2f} ({tight}); "
+            f"{len(worst)} tensors")
 
 
 @pytest.mark.parametrize("size", ["tiny", "base"])
@@ -76,22 +98,22 @@ def test_lxmert_every_attention_map_and_hidden_state(size):
     lang = [f"lang{i}" for i in range(1, cfg.l_layers + 1)] + [f"cross{j}.lang" for j in range(1, cfg.x_layers + 1)]
     visn = [f"visn{i}" for i in range(1, cfg.r_layers + 1)] + [f"cross{j}.visn" for j in range(1, cfg.x_layers + 1)]
     for name, h in zip(lang, out.language_hidden_states, strict=True):
-        _diff(trace.hidden[name], h, name, worst)
+        _diff(trace.hidden[name], h, f"hidden {name}", worst, RTOL[size])
     for name, h in zip(visn, out.vision_hidden_states, strict=True):
-        _diff(trace.hidden[name], h, name, worst)
+        _diff(trace.hidden[name], h, f"hidden {name}", worst, RTOL[size])
     for i, a in enumerate(out.language_attentions, 1):
-        _diff(trace.attention[f"lang{i}"], a, f"lang{i}", worst)
+        _diff(trace.attention[f"lang{i}"], a, f"lang{i}", worst, ATOL, probs=True)
     for i, a in enumerate(out.vision_attentions, 1):
-        _diff(trace.attention[f"visn{i}"], a, f"visn{i}", worst)
+        _diff(trace.attention[f"visn{i}"], a, f"visn{i}", worst, ATOL, probs=True)
     for j, (a, rec) in enumerate(zip(out.cross_encoder_attentions, recorders, strict=True), 1):
-        _diff(trace.attention[f"cross{j}.l2v"], a, f"cross{j}.l2v", worst)
+        _diff(trace.attention[f"cross{j}.l2v"], a, f"cross{j}.l2v", worst, ATOL, probs=True)
         # The shared module's first call is language→vision, the second vision→language.
-        _diff(trace.attention[f"cross{j}.l2v"], rec["cross"].probs(0), f"cross{j}.l2v (hook)", worst)
-        _diff(trace.attention[f"cross{j}.v2l"], rec["cross"].probs(1), f"cross{j}.v2l", worst)
-        _diff(trace.attention[f"cross{j}.lang_self"], rec["lang_self"].probs(0), f"cross{j}.lang_self", worst)
-        _diff(trace.attention[f"cross{j}.visn_self"], rec["visn_self"].probs(0), f"cross{j}.visn_self", worst)
-    _diff(trace.outputs["pooled_output"], out.pooled_output, "pooled", worst)
-    print(f"lxmert {size}: max |diff| {max(worst.values()):.2e} over {len(worst)} tensors")
+        _diff(trace.attention[f"cross{j}.l2v"], rec["cross"].probs(0), f"cross{j}.l2v (hook)", worst, ATOL, probs=True)
+        _diff(trace.attention[f"cross{j}.v2l"], rec["cross"].probs(1), f"cross{j}.v2l", worst, ATOL, probs=True)
+        _diff(trace.attention[f"cross{j}.lang_self"], rec["lang_self"].probs(0), f"cross{j}.lang_self", worst, ATOL, probs=True)
+        _diff(trace.attention[f"cross{j}.visn_self"], rec["visn_self"].probs(0), f"cross{j}.visn_self", worst, ATOL, probs=True)
+    _diff(trace.outputs["pooled_output"], out.pooled_output, "pooled", worst, RTOL[size])
+    print(_summary(f"lxmert {size}", worst))
 
 
 @pytest.mark.parametrize("size", ["tiny", "base"])
@@ -115,8 +137,8 @@ def test_uniter_text_path_matches_bert(size):
     worst = {}
     names = ["embeddings"] + [f"layer{i}" for i in range(1, cfg.num_layers + 1)]
     for name, h in zip(names, out.hidden_states, strict=True):
-        _diff(trace.hidden[name], h, name, worst)
+        _diff(trace.hidden[name], h, f"hidden {name}", worst, RTOL[size])
     for i, a in enumerate(out.attentions, 1):
-        _diff(trace.attention[f"layer{i}"], a, f"layer{i}", worst)
-    _diff(trace.outputs["pooled_output"], out.pooler_output, "pooled", worst)
-    print(f"uniter text path {size}: max |diff| {max(worst.values()):.2e} over {len(worst)} tensors")
+        _diff(trace.attention[f"layer{i}"], a, f"layer{i}", worst, ATOL, probs=True)
+    _diff(trace.outputs["pooled_output"], out.pooler_output, "pooled", worst, RTOL[size])
+    print(_summary(f"uniter text path {size}", worst))
