@@ -1,14 +1,17 @@
 """A probe's Result: JSON data, Markdown tables shaped like the paper's, matplotlib figures.
 
 Files are written atomically (temporary file + rename), so an interrupted write never leaves a
-truncated results.json behind.
+truncated results.json behind, with the permissions a plain `open` would give (0666 less the
+umask). Writing the same Result twice gives byte-identical files, figures included: SVG ids come
+from a fixed hash salt and no date is embedded.
 """
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import os
-import tempfile
+import secrets
 from typing import Any, Callable
 
 import numpy as np
@@ -64,17 +67,27 @@ def _jsonable(x):
     return x
 
 
-def write_atomic(path: str, text: str) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp-")
+def write_atomic(path: str, data: str | bytes) -> None:
+    """Writes `data` to `path` through a temporary file in the same directory and a rename."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, f".tmp-{secrets.token_hex(8)}-{os.path.basename(path)}")
+    # os.open with 0o666 lets the kernel apply the umask (tempfile.mkstemp would force 0600).
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+# A fixed salt makes the SVG element ids a function of the figure alone (the default is random).
+SVG_HASH_SALT = "value_jax"
+# Matplotlib stamps SVGs with the current date; PNGs (Agg) carry no timestamp.
+SAVE_METADATA = {"svg": {"Date": None}, "png": {}}
 
 
 def write_result(result: Result, out_dir: str, flags: dict | None = None) -> list[str]:
@@ -96,16 +109,19 @@ def write_result(result: Result, out_dir: str, flags: dict | None = None) -> lis
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
         for stem, draw in result.figures.items():
-            fig = plt.figure(figsize=(6, 4.5))
-            draw(fig)
-            fig.tight_layout()
-            for ext in ("png", "svg"):
-                path = os.path.join(out_dir, f"{stem}.{ext}")
-                tmp = os.path.join(out_dir, f".tmp-{stem}.{ext}")
-                fig.savefig(tmp, dpi=120, format=ext)
-                os.replace(tmp, path)
-                written.append(path)
-            plt.close(fig)
+            with matplotlib.rc_context({"svg.hashsalt": SVG_HASH_SALT}):
+                fig = plt.figure(figsize=(6, 4.5))
+                try:
+                    draw(fig)
+                    fig.tight_layout()
+                    for ext in ("png", "svg"):
+                        path = os.path.join(out_dir, f"{stem}.{ext}")
+                        buf = io.BytesIO()
+                        fig.savefig(buf, dpi=120, format=ext, metadata=SAVE_METADATA[ext])
+                        write_atomic(path, buf.getvalue())
+                        written.append(path)
+                finally:
+                    plt.close(fig)
     return written
 
 
