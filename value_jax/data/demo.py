@@ -19,6 +19,11 @@ What it writes under `root`:
   vocab_cased.txt, vocab_uncased.txt   BERT vocabularies covering every generated word
                          (UNITER is cased, LXMERT uncased)
 
+`make_explore_demo(root, model_type)` builds the explorer's demo: the planted-structure data
+and checkpoint of `value_jax.testing.planted` (a coreference head that sends each key word to the
+regions of its phrase) plus one PNG per image drawn from the features' boxes, so that an
+attention overlay visibly lands on the object its word names (`draw_box_images`).
+
 Built once: `DEMO.json` holds the parameters, and a call with other parameters (or an unreadable
 marker) rebuilds the tree in a temporary directory that replaces `root` in one rename. A
 non-empty `root` without a marker is not a demo tree and is never replaced.
@@ -30,6 +35,7 @@ import json
 import os
 import shutil
 import tempfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -211,4 +217,85 @@ def make_demo_data(root: PathLike, seed: int = 0, n_images: int = 12, feat_dim: 
     return _paths(root, params)
 
 
-__all__ = ["DemoPaths", "make_demo_data", "detections", "SENTEVAL_TASKS"]
+# ---- the explorer's demo: planted heads and images drawn from the boxes ----------------------
+
+_PALETTE = ((230, 97, 1), (94, 60, 153), (27, 158, 119), (217, 95, 2), (117, 112, 179),
+            (231, 41, 138), (102, 166, 30), (166, 118, 29), (31, 120, 180), (227, 26, 28))
+
+
+def draw_box_images(records, labels: dict, out_dir: PathLike, seed: int = 0) -> dict[str, str]:
+    """One PNG per region record, `<image_id>.png` at the record's pixel size: a textured
+    background and, for every region with a label, a filled box of its own colour exactly at its
+    pixel coordinates with the label written inside (largest boxes first, so small ones stay
+    visible). `labels[image_id][r]` is region r's label ("" draws nothing). Returns
+    {image_id: path}."""
+    from PIL import Image, ImageDraw
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for rec in records:
+        rng = np.random.default_rng([seed, zlib.crc32(rec.image_id.encode())])
+        w, h = int(rec.image_w), int(rec.image_h)
+        base = np.linspace(235, 200, h)[:, None, None] + rng.normal(0, 4, (h, w, 1))
+        img = Image.fromarray(np.clip(np.repeat(base, 3, axis=2), 0, 255).astype(np.uint8))
+        draw = ImageDraw.Draw(img, "RGBA")
+        names = labels.get(rec.image_id, [])
+        boxes = np.asarray(rec.boxes, np.float64)
+        area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+        colour_of: dict[str, tuple] = {}
+        for r in np.argsort(-area, kind="stable"):
+            name = names[r] if r < len(names) else ""
+            if not name:
+                continue
+            colour = colour_of.setdefault(name, _PALETTE[len(colour_of) % len(_PALETTE)])
+            x1, y1, x2, y2 = boxes[r]
+            draw.rectangle([x1, y1, x2, y2], fill=colour + (150,), outline=colour + (255,), width=3)
+            draw.text((x1 + 4, y1 + 3), name, fill=(0, 0, 0, 255))
+        path = out / f"{rec.image_id}.png"
+        img.save(path)
+        paths[rec.image_id] = str(path)
+    return paths
+
+
+@dataclasses.dataclass(frozen=True)
+class ExploreDemo:
+    """The explorer's demo: planted Flickr30k data, images, a planted checkpoint."""
+
+    flickr_root: str
+    features: str
+    vocab: str
+    lowercase: bool
+    images: str
+    checkpoint: str
+    region_labels: dict          # image id -> one label per region ("" for background boxes)
+
+
+def make_explore_demo(root: PathLike, model_type: str, n_images: int = 12) -> ExploreDemo:
+    """Planted data + images + checkpoint under `root` (rebuilt each call: seconds).
+
+    The planted heads (`planted.uniter_coref` / `lxmert_coref`, default positions): UNITER
+    layer 3 head 2 and LXMERT `cross1.l2v` head 2 send each key word (e.g. "dog") to the regions
+    of its phrase; UNITER layer 2 head 3 and LXMERT `cross2.v2l` head 3 send each region to its
+    phrase's words. Region labels are the key words linked to each region."""
+    from value_jax.data.features import LxmertTsvReader
+    from value_jax.testing import planted as P
+    root = Path(root).absolute()
+    data = P.write_planted_flickr(root / "data", n_images=n_images)
+    builder = P.uniter_coref if model_type == "uniter" else P.lxmert_coref
+    config, params = builder(data)
+    ckpt = P.save_checkpoint(root / "checkpoints" / model_type, config, params)
+    # A region linked to a phrase keys all of the phrase's own words: its two longest name it.
+    labels = {i: [" ".join(sorted(sorted(s), key=len, reverse=True)[:2]) for s in sets]
+              for i, sets in data.region_keys.items()}
+    with LxmertTsvReader(data.features) as reader:
+        records = [reader[i] for i in reader.image_ids()]
+    images = root / "images"
+    draw_box_images(records, labels, images)
+    lower = model_type == "lxmert"
+    return ExploreDemo(data.flickr_root, data.features,
+                       data.vocab_uncased if lower else data.vocab_cased, lower, str(images),
+                       ckpt, labels)
+
+
+__all__ = ["DemoPaths", "make_demo_data", "detections", "SENTEVAL_TASKS", "draw_box_images",
+           "ExploreDemo", "make_explore_demo"]
