@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -67,7 +68,9 @@ def head_summary_figure(store: Store, example: int | None, key: str, zscore: boo
     m, rows, label = S.head_matrix(store, data, key, zscore)
     plt = _plt()
     h = m.shape[1]
-    full = np.concatenate([m, np.nanmean(m, axis=1, keepdims=True)], axis=1)
+    with warnings.catch_warnings():         # rows a statistic does not cover are all NaN
+        warnings.simplefilter("ignore", RuntimeWarning)
+        full = np.concatenate([m, np.nanmean(m, axis=1, keepdims=True)], axis=1)
     fig, ax = plt.subplots(figsize=(2.0 + 0.45 * (h + 1), 1.2 + 0.28 * len(rows)))
     im = ax.imshow(np.ma.masked_invalid(full), aspect="auto", cmap="viridis")
     ax.set_xticks(range(h + 1), [str(i + 1) for i in range(h)] + ["mean"])
@@ -171,7 +174,7 @@ def export_views(store: Store, example: int, out_dir, *, map_name: str | None = 
     """Every view of one selection as PNG and SVG under `out_dir`; returns the paths."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    map_name = map_name or store.map_names[0]
+    map_name = map_name or V.default_map(store)
     group = group or store.groups[-1]
     paths = []
     paths += _save(head_summary_figure(store, example, stat, zscore), out, f"head_summary_{stat}")

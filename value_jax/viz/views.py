@@ -13,6 +13,15 @@ import numpy as np
 from value_jax.viz.store import Store
 
 
+def default_map(store: Store) -> str:
+    """A map with text queries and region keys (UNITER's first layer, LXMERT's cross1.l2v)."""
+    for name, axes in store.meta["maps"].items():
+        if axes["query"] in ("text", "joint") and axes["key"] in ("image", "joint"):
+            if axes["query"] == "text" or store.model_type == "uniter":
+                return name
+    return store.map_names[-1]
+
+
 def head_map(record: dict, name: str, head) -> np.ndarray:
     """`[Q, K]` float32: one head of a stored map, or the mean over its heads."""
     a = np.asarray(record["attention"][name], np.float32)          # [H, Q, K]
@@ -56,9 +65,14 @@ def overlay_alpha(weights: np.ndarray, floor: float = 0.0) -> np.ndarray:
     return np.clip(floor + 0.85 * w / top, 0.0, 0.85)
 
 
-def top_k(weights: np.ndarray, k: int = 3) -> list[int]:
-    w = np.asarray(weights)
-    return [int(i) for i in np.argsort(-w, kind="stable")[:min(k, len(w))]]
+def top_k(weights: np.ndarray, k: int = 3, min_share: float = 0.05) -> list[int]:
+    """The k largest weights that reach `min_share` of the largest (near-zero ties are no
+    "top" regions)."""
+    w = np.asarray(weights, np.float64)
+    if not w.size or w.max() <= 0:
+        return []
+    order = np.argsort(-w, kind="stable")[:min(k, len(w))]
+    return [int(i) for i in order if w[i] >= min_share * w.max()]
 
 
 def hidden_points(store: Store, group: str, highlight: int | None = None):
@@ -72,4 +86,4 @@ def hidden_points(store: Store, group: str, highlight: int | None = None):
     return coords, rows, labels
 
 
-__all__ = ["head_map", "axis_labels", "attention_from", "overlay_alpha", "top_k", "hidden_points"]
+__all__ = ["default_map", "head_map", "axis_labels", "attention_from", "overlay_alpha", "top_k", "hidden_points"]
