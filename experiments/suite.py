@@ -1,6 +1,8 @@
 """The probe sets of each analysis, shared by the single-analysis scripts and `all`."""
 from __future__ import annotations
 
+from absl import flags
+
 from experiments import common
 from experiments.common import FLAGS
 from value_jax.probes.coref import CorefProbe
@@ -9,6 +11,10 @@ from value_jax.probes.head_summary import HeadSummaryProbe
 from value_jax.probes.linguistic import LinguisticProbe
 from value_jax.probes.modality import ImageToTextProbe, ModalityProbe
 from value_jax.probes.relation import RelationProbe
+
+flags.DEFINE_integer("bilinear_rank", 0, "Rank of the Eq. 4 embedding prober's W_w, W_μ "
+                     "(0 = full rank, hidden x hidden, as VALUE; a smaller rank trains faster). "
+                     "Recorded in the results.", lower_bound=0)
 
 
 def flickr_probes(model, loader, analyses):
@@ -24,7 +30,8 @@ def flickr_probes(model, loader, analyses):
             common.say("modality importance and image-to-text heads are single-stream analyses "
                        "(VALUE §3.2-3.3.1): skipped for LXMERT")
     if "coref" in analyses:
-        probes.append(CorefProbe(types=loader.types))
+        probes.append(CorefProbe(types=loader.types, seed=FLAGS.seed,
+                                 bilinear_rank=FLAGS.bilinear_rank))
     if "head_summary" in analyses:
         probes.append(HeadSummaryProbe())
     return probes
@@ -58,7 +65,8 @@ def run_relations(model, params, demo, state_name, mismatched=True):
         if captions == "mismatched" and not mismatched:
             continue
         loader = common.relation_loader(demo, captions)
-        probe = RelationProbe(loader.predicates, name=name)
+        probe = RelationProbe(loader.predicates, name=name, seed=FLAGS.seed,
+                              bilinear_rank=FLAGS.bilinear_rank)
         results.update(common.run(model, params, loader, [probe], f"{state_name}.{name}"))
         common.write(results[name])
     return results

@@ -179,6 +179,13 @@ def test_split_indices_partition_seed_and_groups():
     owners = [set(groups[p]) for p in parts]
     assert not (owners[0] & owners[1] or owners[0] & owners[2] or owners[1] & owners[2])
     np.testing.assert_allclose([len(p) / 3000 for p in parts], [0.8, 0.1, 0.1], atol=0.03)
+    # Five equal images: the middle-sample rule alone leaves dev empty; no split may be.
+    few = np.repeat(np.arange(5), 24)
+    for seed in range(5):
+        parts = C.split_indices(len(few), seed=seed, groups=few)
+        owners = [set(few[p]) for p in parts]
+        assert [len(o) for o in owners] == [3, 1, 1], (seed, owners)
+        np.testing.assert_array_equal(np.sort(np.concatenate(parts)), np.arange(len(few)))
     with pytest.raises(ValueError, match="summing to 1"):
         C.split_indices(10, 0, fractions=(0.5, 0.2))
 

@@ -354,7 +354,9 @@ def split_indices(n: int, seed: int, fractions: Sequence[float] = (0.8, 0.1, 0.1
 
     With `groups` (`[n]`, e.g. image ids) whole groups are shuffled and each lands in the split
     where its middle sample falls, so no group straddles two splits and sizes are close to the
-    fractions when groups are small.
+    fractions when groups are small. With at least as many groups as splits no split is left
+    empty: an empty split takes the last-drawn group of the split holding the most groups (a
+    handful of images still gives train, dev and test).
     """
     fractions = np.asarray(fractions, np.float64)
     if fractions.ndim != 1 or fractions.size < 2 or np.any(fractions < 0) \
@@ -374,6 +376,11 @@ def split_indices(n: int, seed: int, fractions: Sequence[float] = (0.8, 0.1, 0.1
     middle = (np.cumsum(counts[order]) - counts[order] / 2) / n
     split_of_group = np.empty(counts.size, np.int64)
     split_of_group[order] = np.searchsorted(bounds, middle, side="right")
+    if counts.size >= fractions.size:
+        for k in range(fractions.size):
+            if not np.any(split_of_group == k):
+                donor = np.argmax(np.bincount(split_of_group, minlength=fractions.size))
+                split_of_group[order[np.flatnonzero(split_of_group[order] == donor)[-1]]] = k
     split = split_of_group[inverse]
     return tuple(np.flatnonzero(split == k) for k in range(fractions.size))
 

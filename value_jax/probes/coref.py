@@ -3,14 +3,19 @@
 Individual heads (Table 2): for each (region v, phrase p) coreference link, V→T = max_{t∈p} α_{v,t}
 on the v2t block and T→V = max_{t∈p} α_{t,v} on the t2v block, per head; per entity type the head
 with the largest mean and that mean. Random baselines: V→T(Rand.) pairs the region with another
-noun phrase of the same sample, T→V(Rand.) the phrase with a random region. Two-stream models:
-V→T from the vision→language, T→V from the language→vision cross-attention.
+noun phrase of the same sample, T→V(Rand.) the phrase with a random region; as in the paper, the
+"(Rand.)" columns show the best head of the random pairs with its own label (the random value at
+the real best head is kept in the JSON as `rand_same_head`). Two-stream models: V→T from the
+vision→language, T→V from the language→vision cross-attention.
 
 Targets (from `value_jax.data.collate`), over P items per sample:
   coref.region [B,P] int, coref.tokens / coref.token_mask [B,P,M], coref.type [B,P] int,
   coref.linked [B,P] bool (gold link; False = a negative pair for the VCD prober),
   coref.mask [B,P] bool, coref.rand_region [B,P], coref.rand_tokens / coref.rand_token_mask [B,P,M].
-The per-item features for the probers (VCD: linked or not; VCC: type of a link) are collected.
+The per-item features for the probers (VCD: linked or not; VCC: type of a link) are collected,
+with the item's image (`row.image`), by which the probers split (`pair_probers`). `seed` drives
+the probers' splits, initialisation and control labels; `bilinear_rank` 0 = the paper's full-rank
+Eq. 4 prober.
 """
 from __future__ import annotations
 
@@ -19,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from value_jax import kernels
+from value_jax.data.collate import ROW_IMAGE
 from value_jax.probes import pairs
 from value_jax.probes.results import Result, Table, heatmap
 from value_jax.runner import Probe
@@ -29,11 +35,14 @@ ENTITY_TYPES = ("people", "clothing", "bodyparts", "animals", "vehicles", "instr
 
 class CorefProbe(Probe):
     name = "coref"
-    collect_keys = ("att_features", "emb_region", "emb_phrase", "linked", "type", "phrase_ids")
+    collect_keys = ("att_features", "emb_region", "emb_phrase", "linked", "type", "phrase_ids",
+                    "image")
 
-    def __init__(self, types=ENTITY_TYPES, collect_features: bool = True):
+    def __init__(self, types=ENTITY_TYPES, collect_features: bool = True, seed: int = 0,
+                 bilinear_rank: int = 0):
         self.types = tuple(types)
         self.collect_features = collect_features
+        self.seed, self.bilinear_rank = int(seed), int(bilinear_rank)
         self.layer_names: list[str] = []
         self.embedding_layers: list[str] = []
         if not collect_features:
@@ -75,6 +84,7 @@ class CorefProbe(Probe):
             stats["type"] = targets["coref.type"]
             ids = jax.vmap(lambda row, idx: row[idx])(trace.input_ids, jnp.where(token_mask, tokens, 0))
             stats["phrase_ids"] = jnp.where(token_mask, ids, -1)        # control-task types
+            stats["image"] = jnp.broadcast_to(targets[ROW_IMAGE][:, None], item.shape)
             for k in self.collect_keys:
                 stats[k + ".mask"] = targets["coref.mask"]
         return stats
@@ -91,18 +101,15 @@ class CorefProbe(Probe):
             entry = {"links": int(counts[c])}
             row = [type_name, int(counts[c])]
             for d in ("v2t", "t2v"):
-                label, flat, value = pairs.best_heads(means[d][c:c + 1], self.layer_names)[0]
-                rand_same_head = float(means[d + "_rand"][c].reshape(-1)[flat])
-                rand_best = float(means[d + "_rand"][c].max())
-                entry[d] = {"head": label, "value": value, "rand_same_head": rand_same_head,
-                            "rand_best_head_value": rand_best}
-                row += [label, value, rand_same_head]
+                entry[d] = pairs.best_and_random(means[d], means[d + "_rand"], self.layer_names, c)
+                row += [entry[d]["head"], entry[d]["value"], entry[d]["rand_head"],
+                        entry[d]["rand_value"]]
             per_type[type_name] = entry
             rows.append(row)
         table = Table("Table 2: visual coreference, best head per entity type (max attention over "
-                      "phrase tokens; Rand. = same head on random pairs)",
-                      ["type", "links", "V→T head", "V→T", "V→T (Rand.)", "T→V head", "T→V",
-                       "T→V (Rand.)"], rows)
+                      "phrase tokens; Rand. = the best head on random pairs, with its own label)",
+                      ["type", "links", "V→T head", "V→T", "V→T (Rand.) head", "V→T (Rand.)",
+                       "T→V head", "T→V", "T→V (Rand.) head", "T→V (Rand.)"], rows)
         total = np.maximum(counts.sum(), 1)
         overall = {d: (stats[d + ".sum"].sum(0) / total) for d in ("v2t", "t2v")}
         data = {"per_type": per_type, "layers": self.layer_names, "heads": heads,
@@ -114,5 +121,6 @@ class CorefProbe(Probe):
         result = Result(self.name, data, [table], figures)
         if self.collect_features and stats.get("linked") is not None and len(stats["linked"]):
             from value_jax.probes.pair_probers import coref_probers
-            coref_probers(result, stats, self.types, self.embedding_layers)
+            coref_probers(result, stats, self.types, self.embedding_layers, seed=self.seed,
+                          bilinear_rank=self.bilinear_rank)
         return result

@@ -2,10 +2,24 @@
 
 Attention prober (Eq. 3): a linear classifier over the pair's 2N max-attention values (every head
 of every layer, both directions). Embedding prober (Eq. 4): the bilinear prober per layer, all
-layers trained together under vmap. Every prober is paired with a control task (Hewitt & Liang
-2019): labels drawn at random per item *type* (coref: the phrase's word pieces; relations: the
-subject's and object's detector features), so selectivity = task − control accuracy tells what
-the prober learned beyond memorising types (the paper notes phrase text can leak the label).
+layers trained together under vmap, `W_w, W_μ ∈ R^{D×D}` (full rank, D = hidden size: 768×768 for
+base models, as the paper) unless `bilinear_rank` asks for a low-rank form.
+
+Splits (80/10/10 train/dev/test) are drawn by IMAGE (`collate`'s `row.image`, collected per item
+as `image`): no image has items in two splits. An item split would put the k rows of a phrase
+linked to k regions, and the 5 captions of an image, on both sides, and the probers would score
+memorised phrases.
+
+Every prober is paired with a control task (Hewitt & Liang 2019): labels drawn at random per item
+*type*, so selectivity = task − control accuracy tells what the prober learned beyond memorising
+types (the paper notes phrase text can leak the label). Types:
+  coreference  the phrase's word pieces (one type per distinct phrase text);
+  relations    (subject class, object class), the classes being `relation_control_classes`
+               k-means clusters of the raw detector features (K² types, K chosen so that a type
+               holds ~`CONTROL_ITEMS_PER_TYPE` items on average, at most `MAX_CONTROL_CLASSES`
+               classes): a stand-in for the detector's object classes, which the targets do not
+               carry. Identical features as the type (one type per region pair) would make
+               nearly every pair its own type and the control task unlearnable.
 """
 from __future__ import annotations
 
@@ -16,7 +30,12 @@ from value_jax.probes.results import Table
 
 # Small, explicit prober budgets; pass larger ones from the experiment for real data.
 PROBER_SETTINGS = {"linear": dict(max_epochs=300, patience=30),
-                   "bilinear": dict(max_epochs=200, patience=20, rank=128)}
+                   "bilinear": dict(max_epochs=200, patience=20)}
+SPLIT = "by image: every image's items in one of train/dev/test (80/10/10 of the items)"
+CONTROL_ITEMS_PER_TYPE = 20
+MAX_CONTROL_CLASSES = 32
+_KMEANS_FIT_ROWS = 20000
+_KMEANS_ITERS = 25
 
 
 def _types(*arrays) -> np.ndarray:
@@ -26,41 +45,102 @@ def _types(*arrays) -> np.ndarray:
     return ids.reshape(-1)
 
 
-def _fit(features, labels, types, seed, names, kind, settings):
-    n_classes = int(labels.max()) + 1
+def _nearest(x, centres, chunk=65536):
+    out = np.empty(len(x), np.int64)
+    c2 = np.sum(centres * centres, axis=1)
+    for start in range(0, len(x), chunk):
+        part = np.asarray(x[start:start + chunk], np.float64)
+        out[start:start + chunk] = np.argmin(c2[None] - 2 * part @ centres.T, axis=1)
+    return out
+
+
+def kmeans_classes(arrays, k: int, seed: int) -> list[np.ndarray]:
+    """Seeded k-means over the rows of several `[N_i, F]` arrays (or memmaps) taken together ->
+    `[N_i]` class ids per array: a k-means++ start and Lloyd iterations on at most
+    `_KMEANS_FIT_ROWS` sampled rows, then every row to its nearest centre in chunks, so the
+    arrays are never copied whole. Fewer distinct rows than k give fewer classes."""
+    rng = np.random.default_rng(seed)
+    sizes = [len(a) for a in arrays]
+    take = np.sort(rng.choice(sum(sizes), min(sum(sizes), _KMEANS_FIT_ROWS), replace=False))
+    starts = np.cumsum([0] + sizes)
+    fit = np.concatenate([np.asarray(a[take[(take >= lo) & (take < hi)] - lo], np.float64)
+                          for a, lo, hi in zip(arrays, starts[:-1], starts[1:])])
+    centres = [fit[rng.integers(len(fit))]]
+    d = np.sum((fit - centres[0]) ** 2, axis=1)
+    while len(centres) < k and d.sum() > 0:
+        centres.append(fit[rng.choice(len(fit), p=d / d.sum())])
+        d = np.minimum(d, np.sum((fit - centres[-1]) ** 2, axis=1))
+    centres = np.stack(centres)
+    for _ in range(_KMEANS_ITERS):
+        assign = _nearest(fit, centres)
+        new = np.stack([fit[assign == j].mean(0) if np.any(assign == j) else centres[j]
+                        for j in range(len(centres))])
+        if np.allclose(new, centres):
+            break
+        centres = new
+    return [_nearest(a, centres) for a in arrays]
+
+
+def relation_control_classes(raw_subj, raw_obj, seed: int):
+    """Control-task types of the relation probers: `(type ids [N], description dict)`, the type
+    of a pair being (class of its subject, class of its object), classes = k-means clusters of
+    the raw detector features of every subject and object, K = min(MAX_CONTROL_CLASSES,
+    floor(sqrt(N / CONTROL_ITEMS_PER_TYPE))) and at least 2."""
+    n = len(raw_subj)
+    k = int(np.clip(np.floor(np.sqrt(n / CONTROL_ITEMS_PER_TYPE)), 2, MAX_CONTROL_CLASSES))
+    subj, obj = kmeans_classes([raw_subj, raw_obj], k, seed)
+    k = int(max(subj.max(), obj.max())) + 1 if n else k
+    types = subj * k + obj
+    counts = np.bincount(types)
+    counts = counts[counts > 0]
+    return types, {"scheme": "(subject class, object class); classes = k-means clusters of the "
+                             "raw detector features", "classes": k, "types": int(len(counts)),
+                   "mean_items_per_type": float(n / max(len(counts), 1)),
+                   "median_items_per_type": float(np.median(counts)) if len(counts) else 0.0}
+
+
+def _fit(features, labels, types, groups, seed, names, kind, settings, bilinear_rank):
+    n_classes = int(labels.max()) + 1 if len(labels) else 0
     if len(labels) < 10 or n_classes < 2 or len(np.unique(labels)) < 2:
-        return None
+        return {"skipped": f"{len(labels)} items, {len(np.unique(labels))} label(s)"}
+    if len(np.unique(groups)) < 3:
+        return {"skipped": f"{len(np.unique(groups))} image(s): image-disjoint train/dev/test "
+                           "need at least 3"}
     kw = dict((settings or PROBER_SETTINGS)[kind])
-    if kind == "linear":
-        kw.pop("rank", None)
-    else:
-        kw["rank"] = min(kw.get("rank", 128), features[0].shape[-1])
-    res = classifiers.run_probe(features, labels, num_classes=n_classes, seed=seed,
+    kw.pop("rank", None)
+    if kind == "bilinear":
+        d = features[0].shape[-1]
+        kw["rank"] = min(bilinear_rank, d) if bilinear_rank else d
+    res = classifiers.run_probe(features, labels, num_classes=n_classes, seed=seed, groups=groups,
                                 control_type_ids=types, names=names, **kw)
-    return res.to_dict()
+    out = res.to_dict()
+    if kind == "bilinear":
+        out["rank"] = kw["rank"]
+    return out
 
 
 def _rows(task, res, label):
-    if res is None:
-        return []
+    if "skipped" in res:
+        return [[task, f"{label} (skipped: {res['skipped']})".strip(), "n/a", "n/a", "n/a", "n/a"]]
     out = []
     for i, name in enumerate(res["names"]):
         sel = res["selectivity"][i] if res.get("selectivity") else float("nan")
         ctrl = res["control_test_acc"][i] if res.get("control_test_acc") else float("nan")
         out.append([task, f"{label} {name}".strip(), res["test_acc"][i], ctrl, sel,
-                    res["majority_acc"]])
+                     res["majority_acc"]])
     return out
 
 
-def _run_all(tasks, att, emb_a, emb_b, layers, types, seed, settings):
+def _run_all(tasks, att, emb_a, emb_b, layers, types, groups, seed, settings, bilinear_rank):
     """tasks: {task name: (item selector, labels)} → (results, table rows)."""
     results, rows = {}, []
     for task, (sel, labels) in tasks.items():
         entry = {
-            "attention_prober": _fit(att[sel], labels, types[sel], seed, ["all heads"], "linear",
-                                     settings),
+            "attention_prober": _fit(att[sel], labels, types[sel], groups[sel], seed,
+                                     ["all heads"], "linear", settings, bilinear_rank),
             "embedding_prober": _fit((np.swapaxes(emb_a[sel], 0, 1), np.swapaxes(emb_b[sel], 0, 1)),
-                                     labels, types[sel], seed, layers, "bilinear", settings)}
+                                     labels, types[sel], groups[sel], seed, layers, "bilinear",
+                                     settings, bilinear_rank)}
         results[task] = entry
         rows += _rows(task, entry["attention_prober"], "attention prober")
         rows += _rows(task, entry["embedding_prober"], "embedding prober,")
@@ -72,33 +152,55 @@ def _table(caption, rows):
                            "majority"], rows)
 
 
-def coref_probers(result, stats, types, embedding_layers, seed=0, settings=None):
-    """VCD (linked or not) and VCC (entity type of a link) probers; adds to `result` in place."""
+def _settings(seed, bilinear_rank, dim, control):
+    return {"seed": seed, "split": SPLIT,
+            "bilinear_rank": int(min(bilinear_rank, dim)) if bilinear_rank else int(dim),
+            "bilinear_rank_flag": int(bilinear_rank), "bilinear_full_rank": not bilinear_rank
+            or bilinear_rank >= dim, "control_types": control}
+
+
+def coref_probers(result, stats, types, embedding_layers, seed=0, settings=None, bilinear_rank=0):
+    """VCD (linked or not) and VCC (entity type of a link) probers; adds to `result` in place.
+    `bilinear_rank` 0 = full rank (Eq. 4 as the paper)."""
     linked = stats["linked"].astype(bool)
     item_types = _types(stats["phrase_ids"])
+    groups = np.asarray(stats["image"])
     tasks = {"VCD": (np.ones_like(linked), linked.astype(np.int32)),
              "VCC": (linked, stats["type"][linked].astype(np.int32))}
     res, rows = _run_all(tasks, stats["att_features"], stats["emb_region"], stats["emb_phrase"],
-                         embedding_layers, item_types, seed, settings)
-    result.data["probers"] = res
-    result.tables.append(_table("Table 3 (coreference): attention and embedding probers with "
-                                "control tasks", rows))
+                         embedding_layers, item_types, groups, seed, settings, bilinear_rank)
+    used = _settings(seed, bilinear_rank, stats["emb_region"].shape[-1],
+                     {"scheme": "the phrase's word pieces",
+                      "types": int(item_types.max() + 1) if len(item_types) else 0})
+    result.data["probers"], result.data["prober_settings"] = res, used
+    result.tables.append(_table(
+        f"Table 3 (coreference): attention and embedding probers with control tasks (split by "
+        f"image; Eq. 4 rank {used['bilinear_rank']}; control types: phrase text)",
+        rows))
 
 
-def relation_probers(result, stats, predicates, embedding_layers, seed=0, settings=None):
+def relation_probers(result, stats, predicates, embedding_layers, seed=0, settings=None,
+                     bilinear_rank=0):
     """VRI (related or not) and VRC (predicate of a relation) probers, plus the raw Faster R-CNN
     feature baseline (the bilinear prober on the detector features)."""
     related = stats["related"].astype(bool)
-    item_types = _types(stats["raw_subj"], stats["raw_obj"])
+    item_types, control = relation_control_classes(stats["raw_subj"], stats["raw_obj"], seed)
+    groups = np.asarray(stats["image"])
     tasks = {"VRI": (np.ones_like(related), related.astype(np.int32)),
              "VRC": (related, stats["pred"][related].astype(np.int32))}
     res, rows = _run_all(tasks, stats["att_features"], stats["emb_subj"], stats["emb_obj"],
-                         embedding_layers, item_types, seed, settings)
+                         embedding_layers, item_types, groups, seed, settings, bilinear_rank)
     for task, (sel, labels) in tasks.items():
         raw = _fit((stats["raw_subj"][sel][None], stats["raw_obj"][sel][None]), labels,
-                   item_types[sel], seed, ["raw features"], "bilinear", settings)
+                   item_types[sel], groups[sel], seed, ["raw features"], "bilinear", settings,
+                   bilinear_rank)
         res[task]["raw_feature_baseline"] = raw
         rows += _rows(task, raw, "Faster R-CNN baseline,")
-    result.data["probers"] = res
-    result.tables.append(_table("Table 3 / Fig. 5 (relations): attention and embedding probers "
-                                "with control tasks and the raw-feature baseline", rows))
+    used = _settings(seed, bilinear_rank, stats["emb_subj"].shape[-1], control)
+    result.data["probers"], result.data["prober_settings"] = res, used
+    result.tables.append(_table(
+        f"Table 3 / Fig. 5 (relations): attention and embedding probers with control tasks and "
+        f"the raw-feature baseline (split by image; Eq. 4 rank {used['bilinear_rank']}; "
+        f"control types: (subject, object) feature class, "
+        f"{control['classes']} classes, {control['mean_items_per_type']:.1f} pairs per type)",
+        rows))

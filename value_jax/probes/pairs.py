@@ -33,6 +33,34 @@ def mean_rows(states, idx, mask):
     return jnp.transpose(jax.vmap(one_layer)(states), (1, 2, 0, 3))
 
 
+def random_region_pairs(seed: int, row_keys, item_offset, region_mask, items: int):
+    """A random ordered pair of two distinct real regions per item, for the random baselines.
+
+    `row_keys [B]` (`row.image`), `item_offset [B]` (`row.item_offset`), `region_mask [B, R]`
+    -> `(first [B, P], second [B, P])` region indices, uniform over the ordered pairs of the
+    row's real regions (the first ones of the region slot). Item p of a row draws from
+    `fold_in(fold_in(PRNGKey(seed), row key), item_offset + p)`, so the draws depend on the seed,
+    the image and the item's position in its example only: not on batching or on how the
+    example was split over rows. Rows with fewer than two regions get (0, 0)."""
+    n = jnp.sum(region_mask > 0, axis=1).astype(jnp.int32)
+    base = jax.random.PRNGKey(seed)
+
+    def row(key, offset, count):
+        row_key = jax.random.fold_in(base, key)
+
+        def item(i):
+            k_a, k_b = jax.random.split(jax.random.fold_in(row_key, offset + i))
+            a = jax.random.randint(k_a, (), 0, jnp.maximum(count, 1))
+            b = jax.random.randint(k_b, (), 0, jnp.maximum(count - 1, 1))
+            b = jnp.where(b >= a, b + 1, b)
+            ok = count >= 2
+            return jnp.where(ok, a, 0), jnp.where(ok, b, 0)
+
+        return jax.vmap(item)(jnp.arange(items, dtype=jnp.int32))
+
+    return jax.vmap(row)(row_keys.astype(jnp.uint32), item_offset.astype(jnp.int32), n)
+
+
 def class_sums(values, classes, item_mask, num_classes):
     """Per-class sums of `values [L, B, P, H]` over the items where `item_mask [B, P]`:
     returns `(sums [C, L, H], counts [C])`."""
@@ -61,6 +89,16 @@ def head_label(layer_names: list[str], flat_index: int, heads: int) -> str:
     if name.startswith("cross"):
         return f"x{name.split('.')[0][len('cross'):]}-{head + 1}"
     return f"{name}-{head + 1}"
+
+
+def best_and_random(means: np.ndarray, rand_means: np.ndarray, layer_names: list[str], c: int):
+    """Class `c` of `means` / `rand_means [C, L, H]`: the best head and its value, the best head
+    of the random baseline with ITS value (VALUE's "(Rand.)" columns), and the random value at
+    the real best head, as a dict."""
+    label, flat, value = best_heads(means[c:c + 1], layer_names)[0]
+    rand_label, _, rand_value = best_heads(rand_means[c:c + 1], layer_names)[0]
+    return {"head": label, "value": value, "rand_head": rand_label, "rand_value": rand_value,
+            "rand_same_head": float(rand_means[c].reshape(-1)[flat])}
 
 
 def best_heads(means: np.ndarray, layer_names: list[str]):
