@@ -6,8 +6,9 @@
 
 Vision-for-language: MLM loss (bits) of the masked phrase with no / the phrase's (IoT > t) / all
 regions replaced by the dataset-mean feature, plus the object ablation swept over t.
-Language-for-vision: MRC-KL / MRC-XE at the masked target region with the caption intact, its
-phrase masked, or every word masked. Writes results.json, table.md, flags.json and the sweep
+Language-for-vision: MRC-KL / MRC-XE (bits in the tables, nats in results.json) at the masked
+target region with the caption intact, its phrase masked, or every word masked; averaged over
+the examples with a masked region, or as the reference code (`--lang4vis_average=reference`). Writes results.json, table.md, flags.json and the sweep
 plot (PNG, SVG) to <out_dir>/ablation/<model>/.
 """
 from __future__ import annotations
@@ -22,7 +23,7 @@ from experiments import common
 flags.adopt_module_key_flags(common)   # --help lists the shared flags
 from value_jax.data.ablation_data import DEFAULT_MAX_TEXT_LEN, Lang4Vis, Vis4Lang, prepare_ablation
 from value_jax.data.tokenization import WordPieceTokenizer
-from value_jax.probes.ablation import run_ablation
+from value_jax.probes.ablation import LANG4VIS_AVERAGES, run_ablation
 
 FLAGS = flags.FLAGS
 flags.DEFINE_float("iot_threshold", 0.5, "Regions with IoT > this against a gold box of the phrase "
@@ -33,6 +34,10 @@ flags.DEFINE_boolean("label_match", False, "Evaluate the LabelMatch subset only:
                      "noun is a detector label (needs --objects_vocab).")
 flags.DEFINE_string("objects_vocab", "", "The detector's objects_vocab.txt (1600 VG classes) for the "
                     "LabelMatch flag. Empty: no LabelMatch statistics.")
+flags.DEFINE_enum("lang4vis_average", "masked", list(LANG4VIS_AVERAGES), "Language-for-vision "
+                  "means over the examples with a masked region ('masked'), or over every "
+                  "example with 0 loss where no region is masked, as the reference code averages "
+                  "('reference'). Recorded in the results.")
 flags.DEFINE_integer("max_text_len", DEFAULT_MAX_TEXT_LEN, "Word pieces per caption incl. [CLS]/"
                      "[SEP] (the reference uses 38); phrases cut off are counted and left out.")
 
@@ -82,7 +87,8 @@ def run(model, params, demo):
     state = os.path.join(FLAGS.out_dir, "_state", "ablation", common.model_tag()) \
         if FLAGS.resume else None
     result = run_ablation(model, params, data, vis, lang, FLAGS.batch_size, threshold=thr,
-                          state_dir=state, fingerprint=common.run_fingerprint(
+                          state_dir=state, lang4vis_average=FLAGS.lang4vis_average,
+                          fingerprint=common.run_fingerprint(
                               (root, features, FLAGS.objects_vocab)))
     result.data["inputs"] = {"flickr30k_root": root, "features": features, "vocab": vocab,
                              "demo": demo is not None}

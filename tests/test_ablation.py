@@ -89,10 +89,10 @@ def test_mrc_xe_uses_object_id_plus_one_not_the_reference_off_by_one():
     logq = _log_softmax(logits[:, 1].astype(np.float64))
     right = -logq[np.arange(3), obj + 1].mean()
     off_by_one = -logq[np.arange(3), obj].mean()
-    got = res.data["mrc_xe"]["none"]["mean"]
+    got = res.data["mrc_xe_nats"]["none"]["mean"]
     assert got == pytest.approx(right, abs=1e-6)
     assert off_by_one - got > 10.0
-    assert res.data["mrc_kl"]["none"]["mean"] == pytest.approx(right, abs=1e-6)  # one-hot p: KL = XE
+    assert res.data["mrc_kl_nats"]["none"]["mean"] == pytest.approx(right, abs=1e-6)  # one-hot p: KL = XE
     assert res.data["top1_matches_detector"]["none"] == 1.0
     assert P.Lang4VisProbe([A.Lang4Vis()], "uniter").heads == ("mrc",)
 
@@ -107,9 +107,9 @@ def test_lxmert_mrc_xe_is_confidence_weighted_on_the_1600_way_head():
                                       _lang4vis_targets(obj, conf, np.zeros((4, 1), np.float32), region)))
     res = probe.finalize({k: np.asarray(v, np.float64) for k, v in stats.items()}, {})
     ce = -_log_softmax(logits[np.arange(4), region].astype(np.float64))[np.arange(4), obj]
-    assert res.data["mrc_xe"]["none"]["mean"] == pytest.approx((conf * ce).mean(), rel=1e-5)
-    assert res.data["mrc_xe_unweighted"]["none"]["mean"] == pytest.approx(ce.mean(), rel=1e-5)
-    assert res.data["mrc_kl"] is None
+    assert res.data["mrc_xe_nats"]["none"]["mean"] == pytest.approx((conf * ce).mean(), rel=1e-5)
+    assert res.data["mrc_xe_unweighted_nats"]["none"]["mean"] == pytest.approx(ce.mean(), rel=1e-5)
+    assert res.data["mrc_kl_nats"] is None
     row = next(line for line in res.to_markdown().splitlines() if line.startswith("| LXMERT | none"))
     assert row.split(" | ")[2] == "—", row
 
@@ -409,6 +409,94 @@ def test_label_match(demo, tmp_path):
         _prepare(demo).label_match_subset()
 
 
+def _one_hot_mrc(obj, probs_on=True):
+    logits = np.full((len(obj), 2, 1601), -5.0, np.float32)
+    logits[np.arange(len(obj)), 1, np.asarray(obj) + 1] = 3.0
+    probs = np.zeros((len(obj), 1601), np.float32)
+    probs[np.arange(len(obj)), np.asarray(obj) + 1] = 1.0
+    return logits, probs
+
+
+def _lang4vis_result(probe, obj, types_of=None):
+    logits, probs = _one_hot_mrc(obj)
+    targets = _lang4vis_targets(obj, [1.0] * len(obj), probs, [1] * len(obj))
+    if types_of is not None:
+        targets["type"] = np.asarray(types_of, np.int32)
+    stats = jax.device_get(probe.step(types.SimpleNamespace(outputs={"mrc": logits}), targets))
+    return probe.finalize({k: np.asarray(v, np.float64) for k, v in stats.items()}, {})
+
+
+def test_mrc_tables_print_bits_and_the_json_keeps_nats():
+    res = _lang4vis_result(P.Lang4VisProbe([A.Lang4Vis("none")], "uniter"), [3, 8, 100])
+    kl, xe = res.data["mrc_kl_nats"]["none"]["mean"], res.data["mrc_xe_nats"]["none"]["mean"]
+    assert res.data["units"].startswith("nats") and kl > 0.01
+    main = res.tables[0]
+    assert "MRC-KL (bits)" in main.header and "MRC-XE (bits)" in main.header
+    row = main.rows[0]
+    assert row[main.header.index("MRC-KL (bits)")] == pytest.approx(kl / math.log(2))
+    assert row[main.header.index("MRC-XE (bits)")] == pytest.approx(xe / math.log(2))
+    per_type = res.tables[1]
+    assert "(bits)" in per_type.caption and per_type.rows[0][-1] == pytest.approx(kl / math.log(2))
+    assert not any("nats" in t.caption or any("nats" in h for h in t.header) for t in res.tables)
+
+
+def test_reference_average_adds_zero_loss_for_examples_without_a_masked_region():
+    obj, kinds = [3, 8, 100], [0, 0, 1]
+    unmasked = {"count": [[2, 0] + [0] * 6], "label_match": [0]}
+    masked = _lang4vis_result(P.Lang4VisProbe([A.Lang4Vis("none")], "uniter"), obj, kinds)
+    ref_probe = P.Lang4VisProbe([A.Lang4Vis("none")], "uniter", average="reference",
+                                unmasked=unmasked)
+    ref = _lang4vis_result(ref_probe, obj, kinds)
+    for key in ("mrc_kl_nats", "mrc_xe_nats"):
+        m, r = masked.data[key]["none"], ref.data[key]["none"]
+        assert (m["count"], r["count"]) == (3, 5)
+        assert r["mean"] == pytest.approx(m["mean"] * 3 / 5)
+        people = masked.data[key]["none"]["per_type"]["people"]
+        assert r["per_type"]["people"] == pytest.approx(people * 2 / 4)
+        assert r["per_type"]["clothing"] == pytest.approx(m["per_type"]["clothing"])
+    assert (masked.data["average"], ref.data["average"]) == ("masked", "reference")
+    assert "count as 0" in ref.tables[0].caption
+    with pytest.raises(ValueError, match="unmasked"):
+        P.Lang4VisProbe([A.Lang4Vis("none")], "uniter", average="reference")
+
+
+def test_unmasked_counts_are_the_examples_left_out(demo):
+    data = _prepare(demo)
+    settings = [A.Lang4Vis("none", 0.5), A.Lang4Vis("all", 1.0)]
+    loader = A.AblationLoader(data, settings, 4, "lxmert", head_classes=1600)
+    counts = loader.unmasked_counts()
+    rows = {s: 0 for s in range(2)}
+    for _, tg in loader:
+        for s in tg["setting"][tg["valid"]]:
+            rows[int(s)] += 1
+    for s in range(2):
+        assert sum(counts["count"][s]) + rows[s] == len(data.examples)
+    assert sum(counts["count"][1]) == len(data.examples)           # IoT > 1 masks nothing
+    assert sum(counts["count"][0]) == data.report["lang4vis_no_region_masked"]
+    with pytest.raises(ValueError, match="Lang4Vis"):
+        A.AblationLoader(data, [A.Vis4Lang("none")], 4, "lxmert").unmasked_counts()
+
+
+def test_examples_cite_their_caption_by_file_and_1_based_line(demo):
+    import ast
+    from pathlib import Path
+
+    def line_of(place):                      # "<image id>.txt:<1-based line>" -> that line
+        name, line = place.split(":")
+        return (Path(demo.flickr_root) / "Sentences" / name).read_text().splitlines()[int(line) - 1]
+
+    data = _prepare(demo, max_text_len=9)
+    for ex in data.examples:
+        place, phrase = ex.id.split(" phrase ")
+        assert place == f"{ex.image_id}.txt:{ex.sentence_index + 1}"
+        assert int(phrase) == ex.phrase_index + 1 and ex.phrase in line_of(place)
+    cited = data.report.examples("phrases_truncated")
+    assert cited
+    for c in cited:
+        place, text = c.split(" ", 1)
+        assert ast.literal_eval(text) in line_of(place), c
+
+
 # ---------------------------------------------------------------------------------------------
 # The experiment, end to end on the demo.
 
@@ -417,7 +505,8 @@ def test_experiment_writes_every_file(tmp_path):
     out = tmp_path / "out"
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     proc = subprocess.run([sys.executable, "-m", "experiments.ablation", "--model=uniter",
-                           f"--out_dir={out}", "--sweep=0.3,0.7", "--batch_size=8"],
+                           f"--out_dir={out}", "--sweep=0.3,0.7", "--batch_size=8",
+                           "--lang4vis_average=reference"],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "built-in demo" in proc.stderr
@@ -429,6 +518,8 @@ def test_experiment_writes_every_file(tmp_path):
     import json
     data = json.loads((res / "results.json").read_text())
     assert set(data["vis4lang"]["settings"]) == {"none", "all", "object@0.30", "object@0.50", "object@0.70"}
-    assert set(data["lang4vis"]["mrc_kl"]) == {"none", "phrase", "all"}
+    assert set(data["lang4vis"]["mrc_kl_nats"]) == {"none", "phrase", "all"}
+    assert data["lang4vis"]["average"] == "reference"
+    assert json.loads((res / "flags.json").read_text())["lang4vis_average"] == "reference"
     table = (res / "table.md").read_text()
     assert "Δ vs none" in table and "MRC-KL" in table

@@ -20,8 +20,11 @@ Settings (one row per setting and example; rows of several settings share batche
   Lang4Vis(text, threshold)  text none / phrase ([MASK] on the phrase) / all ([MASK] on every
       word piece, [CLS]/[SEP] kept); regions with IoT > threshold are masked as in pre-training:
       features zeroed, plus `region_masked=1` for UNITER (its mask embedding); the target is
-      the masked region of highest IoU. Examples with no masked region are left out, counted as
-      `lang4vis_no_region_masked` (the reference would score region 0 there).
+      the masked region of highest IoU. Examples with no masked region have no target: they are
+      left out, counted as `lang4vis_no_region_masked`. The reference code (with its global
+      [IMG] region first, as in every config it ships) adds a loss of 0.0 for them, so its means
+      include them; `AblationLoader.unmasked_counts` gives their numbers so that
+      `probes.ablation.Lang4VisProbe(average="reference")` can average the same way.
 CTRL models' global [IMG] region (never ablated, recomputed as the regions' mean) is not
 modelled: the original UNITER and LXMERT have none.
 
@@ -46,7 +49,7 @@ from value_jax.data import collate as C
 from value_jax.data.alignment import phrase_overlap
 from value_jax.data.errors import DataFormatError, DataReport, PathLike, read_text_lines, report_or_new
 from value_jax.data.features import NUM_OBJECT_CLASSES, RegionFeatureReader, dataset_mean_feature
-from value_jax.data.flickr30k import PHRASE_TYPES, Flickr30kEntities, coref_links
+from value_jax.data.flickr30k import PHRASE_TYPES, Flickr30kEntities, coref_links, sentence_place
 from value_jax.data.loaders import open_features, pixel_boxes
 from value_jax.data.tokenization import WordPieceTokenizer, phrase_piece_span
 
@@ -83,7 +86,9 @@ class ImageRegions:
 
 @dataclasses.dataclass
 class AblationExample:
-    """One (sentence, phrase) example. `span` is the phrase's half-open word-piece span in
+    """One (sentence, phrase) example. `id` cites it as `<image id>.txt:<1-based line> phrase
+    <1-based phrase of the caption>` (`flickr30k.sentence_place`); `sentence_index` and
+    `phrase_index` are 0-based. `span` is the phrase's half-open word-piece span in
     `input_ids` (`[CLS] ... [SEP]`); `iot` / `iou` `[R]` are the max over the phrase's gold boxes;
     `label_class` is the detector class (0-based over 1600) the head noun matched, or -1."""
 
@@ -204,7 +209,7 @@ def prepare_ablation(flickr_root: PathLike, features: Union[PathLike, RegionFeat
             encodings = {}
             for link in links:
                 s, p = link.sentence, link.phrase
-                where = f"{s.image_id}:{s.index} {p.text!r}"
+                where = f"{sentence_place(s)} {p.text!r}"
                 if p.type not in PHRASE_TYPES:
                     report.count("phrases_of_unknown_type", example=f"{where} {p.type}")
                     continue
@@ -221,7 +226,7 @@ def prepare_ablation(flickr_root: PathLike, features: Union[PathLike, RegionFeat
                 noun = head_noun(s.words[p.word_span[0]:p.word_span[1]])
                 label = match_label(noun, vocab) if vocab is not None else -1
                 examples.append(AblationExample(
-                    f"{s.image_id}:{s.index}:{link.phrase_index}", s.image_id, s.index,
+                    f"{sentence_place(s)} phrase {link.phrase_index + 1}", s.image_id, s.index,
                     link.phrase_index, p.text, p.type, enc.ids, span, regions,
                     iot.astype(np.float32), iou.astype(np.float32), noun, label >= 0, label))
         if not examples:
@@ -380,6 +385,21 @@ class AblationLoader:
 
     def __len__(self) -> int:
         return len(self.plans)
+
+    def unmasked_counts(self, types: Sequence[str] = PHRASE_TYPES) -> dict:
+        """Lang4Vis: per setting, the examples left out because no region is masked, as
+        `{"count": [S][len(types)] per entity type, "label_match": [S] LabelMatch examples}`."""
+        if self.vision:
+            raise ValueError("unmasked_counts is for Lang4Vis settings (vision-for-language "
+                             "ablates, it masks no region)")
+        count = np.zeros((len(self.settings), len(types)), np.int64)
+        label_match = np.zeros(len(self.settings), np.int64)
+        for s_idx, setting in enumerate(self.settings):
+            for ex in self.data.examples:
+                if not setting.masked(ex).any():
+                    count[s_idx, list(types).index(ex.entity_type)] += 1
+                    label_match[s_idx] += ex.label_match
+        return {"count": count.tolist(), "label_match": label_match.tolist()}
 
     def __iter__(self) -> Iterator[tuple[Batch, dict]]:
         for shape, members in self.plans:

@@ -19,6 +19,15 @@ IoU with a gold box):
       examples is sum(conf * CE) / N, not normalised by sum(conf). The unweighted CE is kept as
       `mrc_xe_unweighted`.
     MRC-KL = None: LXMERT has no 1601-way head.
+Units: computed in nats; the tables print bits (nats / ln 2), as Frank et al. report every loss
+(MLM included); the JSON keeps nats under names that say so (`mrc_kl_nats`, `mrc_xe_nats`,
+`mrc_xe_unweighted_nats`).
+
+Averaging (`average`): examples with no masked region (IoT > threshold on no region) have no
+target and are left out of the means by default ("masked"). The reference code (whose CTRL
+models put a global [IMG] region first) adds 0.0 for such examples, so its means include them:
+`average="reference"` adds them with loss 0 (`AblationLoader.unmasked_counts`), to MRC-KL and
+MRC-XE; the top-1 agreement stays over the masked examples.
 
 CLASS INDICES. The detector's `object_ids` are 0-based over its 1600 foreground classes (argmax
 of cls_prob[:, 1:]); in a 1601-way distribution the same class is at `object_ids + 1`, background
@@ -47,6 +56,7 @@ from value_jax.runner import Probe, run_probes
 
 LN2 = math.log(2.0)
 MRC_HEADS = {"uniter": "mrc", "lxmert": "obj"}
+LANG4VIS_AVERAGES = ("masked", "reference")
 MODEL_NAMES = {"uniter": "UNITER", "lxmert": "LXMERT"}
 
 
@@ -105,15 +115,19 @@ def _grouped(key, values, targets, mask, n_settings, n_types):
 # Host-side summaries.
 
 
-def _summaries(stats, key, names, types):
-    """Per setting: mean, standard error, count, per-type means/counts, LabelMatch mean."""
+def _summaries(stats, key, names, types, zeros=None):
+    """Per setting: mean, standard error, count, per-type means/counts, LabelMatch mean.
+    `zeros`: `{"count": [S, C], "label_match": [S]}` examples added with value 0."""
     out = {}
     for s, name in enumerate(names):
         total, sq, n = (stats[f"{key}.{k}"][s] for k in ("sum", "sq", "count"))
+        lm_n = float(stats[f"{key}.lm_count"][s])
+        if zeros is not None:
+            n = n + np.asarray(zeros["count"][s], np.float64)
+            lm_n += float(zeros["label_match"][s])
         count = float(n.sum())
         mean = float(total.sum()) / count if count else math.nan
         var = max(float(sq.sum()) / count - mean * mean, 0.0) if count else math.nan
-        lm_n = float(stats[f"{key}.lm_count"][s])
         out[name] = {
             "mean": mean, "stderr": math.sqrt(var / count) if count else math.nan, "count": int(count),
             "per_type": {t: (float(total[k] / n[k]) if n[k] else math.nan) for k, t in enumerate(types)},
@@ -136,6 +150,11 @@ def _num(x) -> object:
     """A table cell: "—" where the metric does not exist (LXMERT has no 1601-way head), "n/a"
     where it exists but has no examples."""
     return "—" if x is None else ("n/a" if math.isnan(x) else float(x))
+
+
+def _bits(x) -> object:
+    """A table cell in bits from nats (`_num` otherwise)."""
+    return _num(x) if x is None or math.isnan(x) else float(x) / LN2
 
 
 # ---------------------------------------------------------------------------------------------
@@ -203,12 +222,22 @@ class Lang4VisProbe(Probe):
 
     name = "lang4vis"
 
-    def __init__(self, settings: Sequence[Lang4Vis], model_type: str, types=PHRASE_TYPES):
+    def __init__(self, settings: Sequence[Lang4Vis], model_type: str, types=PHRASE_TYPES,
+                 average: str = "masked", unmasked: Optional[dict] = None):
+        """`average`: "masked" or "reference" (see the module docstring); "reference" needs
+        `unmasked` = `AblationLoader.unmasked_counts()`."""
         if model_type not in MRC_HEADS:
             raise ValueError(f"model_type must be one of {sorted(MRC_HEADS)}, got {model_type!r}")
+        if average not in LANG4VIS_AVERAGES:
+            raise ValueError(f"average must be one of {LANG4VIS_AVERAGES}, got {average!r}")
+        if average == "reference" and unmasked is None:
+            raise ValueError("average='reference' needs the unmasked example counts "
+                             "(AblationLoader.unmasked_counts())")
         self.settings, self.model_type, self.types = list(settings), model_type, tuple(types)
         self.head = MRC_HEADS[model_type]
         self.heads = (self.head,)
+        self.average = average
+        self.unmasked = unmasked if average == "reference" else None
 
     def step(self, trace, targets):
         logits = region_logits(trace.outputs[self.head], targets["target_region"])       # [B, C]
@@ -232,9 +261,10 @@ class Lang4VisProbe(Probe):
 
     def finalize(self, stats, info):
         names = [st.name for st in self.settings]
-        kl = _summaries(stats, "kl", names, self.types) if "kl.sum" in stats else None
-        xe = _summaries(stats, "xe", names, self.types)
-        raw = _summaries(stats, "xe_raw", names, self.types)
+        zeros = self.unmasked
+        kl = _summaries(stats, "kl", names, self.types, zeros) if "kl.sum" in stats else None
+        xe = _summaries(stats, "xe", names, self.types, zeros)
+        raw = _summaries(stats, "xe_raw", names, self.types, zeros)
         top1 = _summaries(stats, "top1", names, self.types)
         for table in (kl, xe):
             if table is None:
@@ -244,22 +274,27 @@ class Lang4VisProbe(Probe):
                 table[name]["relative_change_pct"] = relative_change(table[name]["mean"], base)
         model = MODEL_NAMES.get(self.model_type, self.model_type)
         kl_of = lambda n, k="mean": None if kl is None or not kl[n]["count"] else kl[n][k]
-        rows = [[model, n, _num(kl_of(n)), _pct(kl_of(n, "relative_change_pct") if kl_of(n) is not None
-                                                 else math.nan),
-                 xe[n]["mean"], _pct(xe[n]["relative_change_pct"]), xe[n]["count"]] for n in names]
-        xe_name = "MRC-XE (nats)" if self.head == "mrc" else "MRC-XE (nats, × detector conf)"
-        tables = [Table("Language-for-vision: MRC at the masked target region (higher = worse)",
-                        ["model", "text ablation", "MRC-KL (nats)", "Δ KL vs none", xe_name, "Δ XE vs none",
+        rows = [[model, n, _bits(kl_of(n)), _pct(kl_of(n, "relative_change_pct") if kl_of(n) is not None
+                                                  else math.nan),
+                 _bits(xe[n]["mean"]), _pct(xe[n]["relative_change_pct"]), xe[n]["count"]] for n in names]
+        xe_name = "MRC-XE (bits)" if self.head == "mrc" else "MRC-XE (bits, × detector conf)"
+        averaged = ("examples without a masked region count as 0, as the reference code"
+                    if self.average == "reference" else "examples with a masked region")
+        tables = [Table(f"Language-for-vision: MRC at the masked target region (bits; higher = "
+                        f"worse; mean over {averaged})",
+                        ["model", "text ablation", "MRC-KL (bits)", "Δ KL vs none", xe_name, "Δ XE vs none",
                          "examples"], rows)]
         for label, summ in (("MRC-KL", kl), ("MRC-XE", xe)):
             if summ is not None and any(summ[n]["count"] for n in names):
-                tables.append(Table(f"Language-for-vision {label} per entity type (nats)",
+                tables.append(Table(f"Language-for-vision {label} per entity type (bits)",
                                     ["text ablation"] + list(self.types) + ["overall"],
-                                    [[n] + [_num(summ[n]["per_type"][t]) for t in self.types]
-                                     + [summ[n]["mean"]] for n in names]))
+                                    [[n] + [_bits(summ[n]["per_type"][t]) for t in self.types]
+                                     + [_bits(summ[n]["mean"])] for n in names]))
         has_kl = kl is not None and any(kl[n]["count"] for n in names)
-        data = {"model": self.model_type, "head": self.head,
-                "mrc_kl": kl if has_kl else None, "mrc_xe": xe, "mrc_xe_unweighted": raw,
+        data = {"model": self.model_type, "head": self.head, "units": "nats (tables: bits)",
+                "average": self.average, "average_definition": f"mean over {averaged}",
+                "mrc_kl_nats": kl if has_kl else None, "mrc_xe_nats": xe,
+                "mrc_xe_unweighted_nats": raw,
                 "top1_matches_detector": {n: top1[n]["mean"] for n in names},
                 "xe_definition": ("-log softmax(mrc)[object_id + 1]" if self.head == "mrc" else
                                   "object_conf * -log softmax(obj)[object_id]; mean over examples"),
@@ -301,11 +336,12 @@ def head_classes(model) -> int:
 def run_ablation(model, params, data: AblationData, vis_settings: Sequence[Vis4Lang],
                  lang_settings: Sequence[Lang4Vis], batch_size: int, *, threshold: float = 0.5,
                  fold: bool = False, state_dir: Optional[str] = None, progress_every: int = 10,
-                 fingerprint: Optional[dict] = None) -> Result:
+                 fingerprint: Optional[dict] = None, lang4vis_average: str = "masked") -> Result:
     """Both directions over `data`: one `run_probes` pass each (settings as rows), merged into
     one Result named `ablation`. `fold` maps the detector's classes onto a demo model's small
     head (`ablation_data.fold_classes`). `fingerprint`: the caller's inputs (checkpoint, data
-    files, flags) that saved state must match, as in `run_probes`."""
+    files, flags) that saved state must match, as in `run_probes`. `lang4vis_average`:
+    "masked" or "reference" (`Lang4VisProbe`)."""
     model_type = model.config.model_type
     top = max(int(e.input_ids.max()) for e in data.examples)
     if top >= model.config.vocab_size:
@@ -334,7 +370,8 @@ def run_ablation(model, params, data: AblationData, vis_settings: Sequence[Vis4L
     if lang_settings:
         loader = AblationLoader(data, lang_settings, batch_size, model_type,
                                 head_classes=head_classes(model), fold=fold)
-        probe = Lang4VisProbe(lang_settings, model_type)
+        probe = Lang4VisProbe(lang_settings, model_type, average=lang4vis_average,
+                              unmasked=loader.unmasked_counts(PHRASE_TYPES))
         results.append(run_probes(model, params, loader, [probe], label="ablation lang4vis",
                                   state_dir=state("lang4vis", lang_settings),
                                   progress_every=progress_every, fingerprint=fingerprint)[probe.name])
