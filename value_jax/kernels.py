@@ -26,8 +26,9 @@ _F32 = jnp.float32
 # Gram matrices feed decisions (cluster assignment), so they must not silently drop to TF32 /
 # bf16 passes on accelerators whose default float32 matmul precision is reduced.
 _HIGHEST = jax.lax.Precision.HIGHEST
-_CPU_CHUNK = 4
 _STEPS_PER_CHECK = 4      # Lloyd steps per k-means loop-exit test off CPU (1 on CPU)
+_PHI1 = (np.sqrt(5.0) - 1.0) / 2.0                   # golden ratio − 1
+_PHI2 = 1.0 / 1.324717957244746                      # 1 / plastic number
 
 
 def over_layers(fn: Callable) -> Callable:
@@ -212,13 +213,13 @@ def nmi(pred, labels, mask):
     return jnp.where(both_trivial, 1.0, jnp.where(one_trivial, 0.0, score)).astype(_F32)
 
 
-def _gram(x, mask):
-    """Gram matrix `[B, N, N]` of the valid points centred on their mean (zero at padding).
+def _gram_one(x, mask):
+    """Gram matrix `[N, N]` of one sample's valid points centred on their mean (zero at padding).
 
     Lloyd's k-means needs only inner products between points and centres, and every centre is a
     weighted mean of points, so all distances follow from G = X_c X_cᵀ. With N ≈ 20–100 tokens
-    and D = 768 this reads the hidden states once (one batched matmul) and makes each step
-    O(N²) per centre instead of O(N·D).
+    and D = 768 this reads the hidden states once (one matmul) and makes each step O(N²) per
+    centre instead of O(N·D).
     The points are first shifted by the first valid token, not by their mean: hidden states sit
     far from the origin, the shift brings them to the scale of their spread before the
     expanded products, and bitwise-identical tokens then give exact zeros, so they tie exactly
@@ -226,20 +227,41 @@ def _gram(x, mask):
     Gram space (double centring), where all magnitudes are already spread-sized.
     """
     x = x.astype(_F32)
-    first_valid = jnp.argmax(mask, axis=-1)
-    origin = jnp.take_along_axis(x, first_valid[:, None, None], axis=1)      # [B, 1, D]
-    shifted = jnp.where(mask[..., None], x - origin, 0.0)
-    gram = jnp.einsum("bnd,bmd->bnm", shifted, shifted, precision=_HIGHEST)
-    count = jnp.maximum(jnp.sum(mask, axis=-1), 1).astype(_F32)[:, None]
+    origin = x[jnp.argmax(mask)]
+    shifted = jnp.where(mask[:, None], x - origin, 0.0)
+    gram = jnp.dot(shifted, shifted.T, precision=_HIGHEST)
+    count = jnp.maximum(jnp.sum(mask), 1).astype(_F32)
     row_mean = jnp.sum(gram, axis=-1) / count                                # padding adds 0
-    grand_mean = jnp.sum(row_mean, axis=-1, keepdims=True) / count
-    centred = (gram - row_mean[:, :, None] - row_mean[:, None, :]
-               + grand_mean[:, :, None])
-    return jnp.where(mask[:, :, None] & mask[:, None, :], centred, 0.0)
+    grand_mean = jnp.sum(row_mean) / count
+    centred = gram - row_mean[:, None] - row_mean[None, :] + grand_mean
+    return jnp.where(mask[:, None] & mask[None, :], centred, 0.0)
+
+
+def _gram(x, mask):
+    """`_gram_one` for every sample: x `[B, N, D]`, mask `[B, N]` -> `[B, N, N]`.
+
+    XLA:CPU runs a batched matmul of many small matrices about 2.5x slower than the same
+    matrices one after another (`lax.map`); accelerators want the batched matmul.
+    """
+    if _on_cpu():
+        return jax.lax.map(lambda xm: _gram_one(*xm), (x, mask))
+    return jax.vmap(_gram_one)(x, mask)
+
+
+def _on_cpu() -> bool:
+    return jax.default_backend() == "cpu"
 
 
 def _bmm(gram, w):
     """`[B, N, N] × [B, C, N] -> [B, C, N]`: inner products of every point with C centres."""
+    if _on_cpu():
+        # Broadcast-multiply-sum over the Gram matrix's leading axis (it is symmetric): XLA:CPU
+        # vectorises this along the contiguous axis, about 10x faster than its batched matmul
+        # of [C, N] × [N, N] blocks.
+        # The barrier keeps XLA from sharing one materialised [B, C, N, N] broadcast of the
+        # Gram matrices between calls (measured: 50x slower than fusing it into each sum).
+        gram, w = jax.lax.optimization_barrier((gram, w))
+        return jnp.sum(gram[:, None, :, :] * w[:, :, :, None], axis=-2)
     return jnp.einsum("bnm,bcm->bcn", gram, w, precision=_HIGHEST)
 
 
@@ -254,7 +276,7 @@ def _group_means(in1, valid, w0, w1):
 
 
 def _steps_per_check() -> int:
-    return 1 if jax.default_backend() == "cpu" else _STEPS_PER_CHECK
+    return 1 if _on_cpu() else _STEPS_PER_CHECK
 
 
 def _lloyd(gram, valid, w0, w1, num_iters):
@@ -309,96 +331,91 @@ def _lloyd(gram, valid, w0, w1, num_iters):
     return in1, inertia
 
 
-def kmeans2(x, mask, num_iters=20, num_starts=None, power_iters=20, chunk_size="auto"):
+def restart_draws(num_starts: int) -> np.ndarray:
+    """The fixed numbers in [0, 1) that stand in for k-means++'s D²-weighted random draws.
+
+    Returns `[S, 2]` float64: restart r (0-based) draws u₁ = frac((r + ½)·φ₁) and
+    u₂ = frac((r + ½)·φ₂), a rank-1 lattice with the golden and plastic ratios (evenly spread,
+    and the two columns not lined up with each other or with the first centres' ranks).
+    """
+    r = np.arange(num_starts) + 0.5
+    return np.stack([(r * _PHI1) % 1.0, (r * _PHI2) % 1.0], axis=1)
+
+
+def kmeans2(x, mask, num_iters=20, num_starts=10):
     """Batched Lloyd k-means with k = 2 on the valid tokens of each sample (VALUE §3.1).
 
     x `[B, N, D]` token representations (any float dtype; computed in float32), mask `[B, N]`
     bool. Returns assignments `[B, N]` int32 in {0, 1}, cluster 0 being the one that holds the
     first valid token; padded tokens get -1.
 
-    Deterministic multi-start, all candidates run side by side; the final partition with the
-    lowest k-means objective (sum of squared distances to its two means) is kept, ties to the
-    earlier candidate:
-      * farthest pair: every valid token s in index order starts a candidate with centres
-        x_s and the valid point farthest from x_s (ties to the lowest token index). With
-        `num_starts=S`, only the S valid tokens farthest from the mean of the valid points start
-        candidates (farthest first) — cheaper for long sequences, less thorough.
-      * principal split, the last candidate: the valid points split by the sign of their score
-        on the first principal axis (`power_iters` power iterations on the Gram matrix from
-        the squared distances to the mean, each step scaled to max |v| = 1), each half's mean a
-        centre; skipped when one half is empty.
-    Each runs `num_iters` (a Python int) Lloyd steps — assign each point to the nearer centre,
-    ties to centre 0; move each centre to its points' mean; a centre left without points stays
-    put — then a final assignment. The loop stops once no assignment changes, which gives the
-    same result as running all steps.
-    Why many starts: a single start gets stuck in a poor local optimum whenever the modality
-    split competes with another direction of similar spread (the regime of the paper's Table 1,
-    NMI 0.2–0.8); scikit-learn's KMeans(n_init=10) answers that with 10 random k-means++ starts,
-    this with N + 1 fixed ones.
+    scikit-learn's `KMeans(n_clusters=2, n_init=num_starts)` with its random numbers replaced
+    by fixed ones, so a sample's result depends on nothing but its tokens (not on its batch).
+    Each of the `num_starts` restarts, run side by side, seeds as greedy k-means++ does for
+    k = 2, over the n valid tokens in index order:
+      * first centre: the valid token of rank ⌊(2r + 1)·n / 2S⌋ for restart r = 0..S−1 (0-based,
+        S = num_starts): evenly spread over the tokens, as S uniform draws would be on average;
+      * two trial partners drawn with probability ∝ D² (squared distance to the first centre):
+        for u = u₁, u₂ (`restart_draws`), the first valid token whose running sum of D²
+        reaches u·ΣD² (scikit-learn's `searchsorted`); the second centre is the trial whose
+        pair leaves the smaller potential Σ min(D², D²_trial), ties to u₁.
+    Then `num_iters` (a Python int) Lloyd steps — assign each point to the nearer centre, ties
+    to centre 0; move each centre to its points' mean; a centre left without points stays put —
+    and a final assignment. The loop stops once no assignment changes, which gives the same
+    result as running all steps. The final partition with the lowest k-means objective (sum of
+    squared distances to its two means) is kept, ties to the earlier restart.
+
+    Why scikit-learn's seeding rather than a better optimiser: in the regime of the paper's
+    Table 1 (NMI 0.2–0.8) the 2-means objective has many local optima and scikit-learn's 10
+    restarts often miss the best one. On `benchmarks/kmeans_nmi.py`'s data a more thorough
+    search (a greedy k-means++ pair from every token) finds lower objectives and a mean NMI
+    0.025 above scikit-learn's, while cheap deterministic starts (the farthest pair, the
+    principal-axis split) stop in poor optima and fall 0.15–0.25 below it. Table 1's numbers
+    come from scikit-learn's procedure; this one reproduces its statistics (restarts and
+    seeding as there, only the draws fixed).
 
     If all valid points coincide, every distance ties and all points land in cluster 0
     (scikit-learn likewise returns a single cluster, with a warning).
     Distances come from the Gram matrix of the mean-centred points in float32 (see `_gram`).
-    Cost per sample: the Gram matrix, O(N²·D), then O(N³) per Lloyd step for the N starts.
-    chunk_size: samples solved together (`lax.map` over chunks); None = the whole batch at once,
-    "auto" = 4 on CPU (each chunk's Gram matrices then stay in cache: about 1.5× faster there)
-    and None elsewhere. The partition does not depend on it (barring float32 rounding in an
-    exact near-tie).
+    Cost per sample: the Gram matrix, O(N²·D), then O(N²) per restart and Lloyd step.
     """
-    if chunk_size == "auto":
-        chunk_size = _CPU_CHUNK if jax.default_backend() == "cpu" else None
-    solve = functools.partial(_kmeans2_batch, num_iters=num_iters, num_starts=num_starts,
-                              power_iters=power_iters)
-    if chunk_size is None or x.shape[0] <= chunk_size:
-        return solve(x, mask)
-    return jax.lax.map(lambda xm: solve(xm[0][None], xm[1][None])[0], (x, mask),
-                       batch_size=chunk_size)
-
-
-def _kmeans2_batch(x, mask, num_iters, num_starts, power_iters):
-    """`kmeans2` on one batch, all samples at once."""
     valid = mask.astype(bool)
     gram = _gram(x, valid)                                           # [B, N, N]
     sq_norm = jnp.diagonal(gram, axis1=-2, axis2=-1)                 # [B, N] = ||x_i − mean||²
-    batch, n_tok = mask.shape
+    n_tok = mask.shape[-1]
+    draws = jnp.asarray(restart_draws(num_starts), _F32)             # [S, 2]
 
-    if num_starts is None or num_starts >= n_tok:
-        starts = jnp.broadcast_to(jnp.arange(n_tok), (batch, n_tok))
-        start_ok = valid
-    else:
-        # lax.top_k lists equal values lowest index first.
-        score, starts = jax.lax.top_k(jnp.where(valid, sq_norm, -jnp.inf), num_starts)
-        start_ok = score > -jnp.inf
-    g_starts = jnp.take_along_axis(gram, starts[:, :, None], axis=1)          # [B, S, N]
-    sq_starts = jnp.take_along_axis(sq_norm, starts, axis=1)[:, :, None]
-    dist = sq_norm[:, None, :] - 2.0 * g_starts + sq_starts                   # ||x_s − x_n||²
-    partners = jnp.argmax(jnp.where(valid[:, None, :], dist, -jnp.inf), axis=-1)  # [B, S]
-    w0 = jax.nn.one_hot(starts, n_tok, dtype=_F32)
-    w1 = jax.nn.one_hot(partners, n_tok, dtype=_F32)
+    def sq_dist(idx):  # idx [B, S] -> [B, S, N]: ||x_idx − x_n||², 0 at padding
+        g_rows = jnp.take_along_axis(gram, idx[:, :, None], axis=1)
+        d = sq_norm[:, None, :] - 2.0 * g_rows + jnp.take_along_axis(sq_norm, idx, 1)[:, :, None]
+        return jnp.where(valid[:, None, :], jnp.maximum(d, 0.0), 0.0)
 
-    def power_step(_, v):
-        v = jnp.einsum("bnm,bm->bn", gram, v, precision=_HIGHEST)
-        return v / jnp.maximum(jnp.max(jnp.abs(v), axis=-1, keepdims=True), 1e-30)
+    def first_valid_where(cond):  # cond [B, S, N] -> [B, S] index of its first valid True
+        return jnp.argmax(cond & valid[:, None, :], axis=-1)
 
-    # Started from the squared norms: generic, and not orthogonal to the leading axis.
-    scores = jax.lax.fori_loop(0, power_iters, power_step, sq_norm, unroll=True)
-    positive = valid & (scores > 0.0)
-    pc_ok = jnp.any(positive, axis=-1) & jnp.any(valid & ~positive, axis=-1)
-    pc0, pc1 = _group_means(positive, valid, jnp.zeros_like(sq_norm), jnp.zeros_like(sq_norm))
-    w0 = jnp.concatenate([w0, pc0[:, None]], axis=1)                 # [B, S + 1, N]
-    w1 = jnp.concatenate([w1, pc1[:, None]], axis=1)
-    cand_ok = jnp.concatenate([start_ok, pc_ok[:, None]], axis=1)
+    count = jnp.sum(valid, axis=-1, keepdims=True, dtype=jnp.int32)  # [B, 1]
+    rank = (2 * jnp.arange(num_starts) + 1) * count // (2 * num_starts)   # [B, S], in integers
+    running = jnp.cumsum(valid, axis=-1)                             # valid tokens up to n
+    first = first_valid_where(running[:, None, :] > rank[:, :, None])
+    d_first = sq_dist(first)
+    cum = jnp.cumsum(d_first, axis=-1)
+    total = cum[:, :, -1:]
+    trials = [first_valid_where(cum >= draws[:, t, None] * total) for t in (0, 1)]
+    potential = [jnp.sum(jnp.minimum(d_first, sq_dist(t)), axis=-1) for t in trials]
+    second = jnp.where(potential[1] < potential[0], trials[1], trials[0])
 
+    w0 = jax.nn.one_hot(first, n_tok, dtype=_F32)                    # [B, S, N]
+    w1 = jax.nn.one_hot(second, n_tok, dtype=_F32)
     in1, inertia = _lloyd(gram, valid[:, None, :], w0, w1, num_iters)
-    best = jnp.argmin(jnp.where(cand_ok, inertia, jnp.inf), axis=-1)  # first minimum wins
+    best = jnp.argmin(inertia, axis=-1)                               # first minimum wins
     in1 = jnp.take_along_axis(in1, best[:, None, None], axis=1)[:, 0]
     # Canonical names: cluster 0 holds the first valid token.
-    first_valid = jnp.argmax(valid, axis=-1)
-    in1 = in1 != jnp.take_along_axis(in1, first_valid[:, None], axis=1)
+    first_token = jnp.argmax(valid, axis=-1)
+    in1 = in1 != jnp.take_along_axis(in1, first_token[:, None], axis=1)
     return jnp.where(valid, in1.astype(jnp.int32), -1)
 
 
-def kmeans2_nmi(x, labels, mask, num_iters=20):
+def kmeans2_nmi(x, labels, mask, num_iters=20, num_starts=10):
     """VALUE §3.1 multimodal fusion degree for one layer: NMI(2-means clusters, true modality).
 
     x `[B, N, D]` token representations, labels `[B, N]` int (0 = text, 1 = region, say; only
@@ -406,4 +423,4 @@ def kmeans2_nmi(x, labels, mask, num_iters=20):
     See `kmeans2` for the initialisation and `nmi` for edge cases. Table 1 is the mean over
     samples of this value, per layer (`over_layers(kmeans2_nmi)` for `[L, B, N, D]`).
     """
-    return nmi(kmeans2(x, mask, num_iters), labels, mask)
+    return nmi(kmeans2(x, mask, num_iters, num_starts), labels, mask)
