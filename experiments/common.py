@@ -29,6 +29,9 @@ flags.DEFINE_integer("max_images", 0, "Use at most this many images / sentences 
 flags.DEFINE_boolean("resume", True, "Resume an interrupted run from its saved accumulators "
                      "(only when every input that changes a number is unchanged).")
 flags.DEFINE_integer("checkpoint_every", 20, "Save the accumulators every this many batches.")
+flags.DEFINE_enum("buckets", "fit", ["fit", "fixed"], "Static batch shapes: fitted to the "
+                  "data (the least padding for at most 4 text x 7 region sizes) or the fixed "
+                  "grid of value_jax.data.collate.DEFAULT_BUCKETS.")
 flags.DEFINE_float("collect_budget_mb", 4096, "Host memory for the per-item features collected "
                    "for the probers; beyond it they are appended to files under <out_dir>/_state "
                    "(or _spill) and streamed from disk.")
@@ -319,6 +322,11 @@ def _max_images():
     return FLAGS.max_images or None
 
 
+def buckets():
+    from value_jax.data.collate import DEFAULT_BUCKETS
+    return "fit" if FLAGS.buckets == "fit" else DEFAULT_BUCKETS
+
+
 def _load(loader_class, *args, **kwargs):
     """A loader; nothing left after filtering ends the run with the data report, not a trace."""
     from value_jax.data.errors import NoExamplesError
@@ -361,7 +369,7 @@ def coref_loader(demo):
     loader = _load(CorefLoader, root, feats, vocab, lowercase, split=FLAGS.split,
                    batch_size=FLAGS.batch_size, seed=FLAGS.seed,
                    region_source=FLAGS.region_source, iou_threshold=FLAGS.iou_threshold,
-                   max_images=_max_images())
+                   max_images=_max_images(), buckets=buckets())
     loader.data_paths = (root, feats)
     return loader
 
@@ -374,7 +382,7 @@ def relation_loader(demo, captions="region"):
     root, feats = relation_sources(demo)
     loader = _load(RelationLoader, root, feats, vocab, lowercase, batch_size=FLAGS.batch_size,
                    seed=FLAGS.seed, iou_threshold=FLAGS.iou_threshold, captions=captions,
-                   max_images=_max_images())
+                   max_images=_max_images(), buckets=buckets())
     loader.data_paths = (root, feats)
     return loader
 
@@ -436,7 +444,7 @@ def prepared(kind: str, demo, captions: str = "region"):
                          "data and setting flags first")
     split = FLAGS.split if kind == "coref" else builder.SPLIT
     with quiet_tfds():
-        loader = prepared_loader(builder, split, FLAGS.batch_size, lazy=True)
+        loader = prepared_loader(builder, split, FLAGS.batch_size, lazy=True, buckets=buckets())
     if not loader.examples:
         raise SystemExit(f"{builder.data_dir}: the prepared {split} split holds no example")
     say(f"[{kind}] reading the prepared dataset {builder.data_dir}")
@@ -466,7 +474,8 @@ def senteval_loaders(demo, feat_dim):
     for t in tasks:
         path = os.path.join(root, f"{t}.txt")
         loaders[t] = _load(SentEvalLoader, path, t, vocab, lowercase, batch_size=FLAGS.batch_size,
-                                    seed=FLAGS.seed, per_split=_max_images(), feat_dim=feat_dim)
+                                    seed=FLAGS.seed, per_split=_max_images(), feat_dim=feat_dim,
+                                    buckets=buckets())
         loaders[t].data_paths = (path,)
     return loaders
 

@@ -18,6 +18,7 @@ from experiments import common, suite
 from experiments.common import FLAGS
 
 flags.adopt_module_key_flags(common)   # --help lists the shared flags
+flags.adopt_module_key_flags(suite)    # and the probers' (--bilinear_rank, ...)
 
 flags.DEFINE_list("models", ["uniter", "lxmert"], "Models to run the demo on.")
 flags.DEFINE_boolean("analyses", True, "Run every VALUE analysis after the attention summary.")

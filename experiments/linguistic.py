@@ -9,6 +9,7 @@ from absl import app, flags
 from experiments import common, suite
 
 flags.adopt_module_key_flags(common)   # --help lists the shared flags
+flags.adopt_module_key_flags(suite)    # and the probers' (--bilinear_rank, ...)
 
 
 def main(argv):

@@ -103,7 +103,8 @@ class ExampleLoader:
     Args:
       examples: prepared examples (their order is kept inside each bucket).
       batch_size: rows per batch; the last batch of a bucket is padded with masked rows.
-      buckets: static sizes (`collate.Buckets`).
+      buckets: static sizes (`collate.Buckets`), or "fit": sizes fitted to these examples
+        (`bucketing.fit_buckets`: the least padding for a small grid of shapes).
       regions: `image_id -> (features, normalised boxes)` for examples that do not carry them.
       feat_dim: region feature width, needed for text-only examples.
       overflow: "error" or "truncate" for examples larger than the largest bucket.
@@ -111,12 +112,18 @@ class ExampleLoader:
     """
 
     def __init__(self, examples: Sequence[C.Example], batch_size: int, *,
-                 buckets: C.Buckets = C.DEFAULT_BUCKETS, regions: Optional[C.RegionFetch] = None,
+                 buckets: Union[C.Buckets, str] = C.DEFAULT_BUCKETS,
+                 regions: Optional[C.RegionFetch] = None,
                  feat_dim: Optional[int] = None, overflow: str = "error",
                  report: Optional[DataReport] = None):
         self.report = report_or_new(report)
         self.examples = list(examples)
         self.batch_size = batch_size
+        if isinstance(buckets, str):
+            if buckets != "fit":
+                raise ValueError(f"buckets must be a collate.Buckets or 'fit', got {buckets!r}")
+            from value_jax.data.bucketing import fit_buckets
+            buckets = fit_buckets(self.examples, batch_size)
         self.buckets = buckets
         self.feat_dim = feat_dim
         self._regions = regions
@@ -178,7 +185,9 @@ def _require_examples(examples: Sequence, what: str, report: DataReport,
         raise NoExamplesError(what, report, hint)
 
 
-def _check_text_len(max_text_len: int, buckets: C.Buckets) -> None:
+def _check_text_len(max_text_len: int, buckets) -> None:
+    if isinstance(buckets, str):            # fitted to the examples: any length they have fits
+        buckets = C.DEFAULT_BUCKETS
     if not 2 <= max_text_len <= buckets.text[-1]:
         raise ValueError(f"max_text_len={max_text_len} must lie in [2, {buckets.text[-1]}] (the "
                          "largest text bucket); widen Buckets.text for longer inputs")
@@ -314,7 +323,7 @@ class CorefLoader(_FeatureLoader):
                  split: str = "val", batch_size: int = 8, seed: int = 0, region_source: str = "iou",
                  iou_threshold: float = 0.5, max_text_len: int = 64, max_images: Optional[int] = None,
                  report: Optional[DataReport] = None, *, negative_ratio: float = 1.0,
-                 buckets: C.Buckets = C.DEFAULT_BUCKETS, overflow: str = "error",
+                 buckets: Union[C.Buckets, str] = C.DEFAULT_BUCKETS, overflow: str = "error",
                  features_options: Optional[dict] = None):
         _check_text_len(max_text_len, buckets)
         report = report_or_new(report)
@@ -480,7 +489,7 @@ class RelationLoader(_FeatureLoader):
                  max_pairs_per_predicate: int = 15000, max_same_type_per_image: int = 5,
                  iou_threshold: float = 0.5, captions: str = "region", max_images: Optional[int] = None,
                  report: Optional[DataReport] = None, *, max_text_len: int = 64,
-                 negative_ratio: float = 1.0, buckets: C.Buckets = C.DEFAULT_BUCKETS,
+                 negative_ratio: float = 1.0, buckets: Union[C.Buckets, str] = C.DEFAULT_BUCKETS,
                  overflow: str = "error", features_options: Optional[dict] = None):
         _check_text_len(max_text_len, buckets)
         report = report_or_new(report)
@@ -534,7 +543,7 @@ class SentEvalLoader(ExampleLoader):
     def __init__(self, path: PathLike, task: str, vocab_path: PathLike, lowercase: bool,
                  batch_size: int = 8, seed: int = 0, per_split: Optional[int] = None,
                  max_text_len: int = 64, report: Optional[DataReport] = None, *,
-                 feat_dim: int = 2048, buckets: C.Buckets = C.DEFAULT_BUCKETS, overflow: str = "error"):
+                 feat_dim: int = 2048, buckets: Union[C.Buckets, str] = C.DEFAULT_BUCKETS, overflow: str = "error"):
         _check_text_len(max_text_len, buckets)
         report = report_or_new(report)
         self.task = task
