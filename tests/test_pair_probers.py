@@ -250,3 +250,29 @@ def test_table2_rand_is_the_best_random_head_with_its_own_label():
     header, row = res.tables[0].header, res.tables[0].rows[0]
     assert row[header.index("V→T (Rand.) head")] == "2-3"
     assert row[header.index("V→T (Rand.)")] == pytest.approx(0.3)
+
+
+def test_embedding_probers_beyond_the_budget_train_in_layer_chunks_from_disk(tmp_path):
+    """Planted: only layer 2 of 3 carries the label (the sign of e_a·e_b). With a budget below one
+    layer, each layer is read from the memmaps alone and trained alone; the layer is found."""
+    rng = np.random.default_rng(0)
+    n, d = 600, 4
+    a, b = rng.normal(size=(n, 3, d)).astype(np.float32), rng.normal(size=(n, 3, d)).astype(np.float32)
+    labels = rng.integers(0, 2, n).astype(np.int32)
+    b[:, 1] = np.where(labels[:, None] == 1, a[:, 1], -a[:, 1])   # e_a·e_b = ±|e_a|²
+    disk = []
+    for name, x in (("a", a), ("b", b)):
+        m = np.memmap(tmp_path / name, np.float32, "w+", shape=x.shape)
+        m[:] = x
+        m.flush()
+        disk.append(np.memmap(tmp_path / name, np.float32, "r", shape=x.shape))
+    sel, groups, types = np.ones(n, bool), np.arange(n) // 4, np.arange(n) // 2
+    slow = {"bilinear": dict(max_epochs=300, patience=30)}
+    args = (sel, labels, types, groups, 0, ["l1", "l2", "l3"], slow, 0)
+    whole = pair_probers._fit_layers(a, b, *args)
+    chunked = pair_probers._fit_layers(*disk, *args, budget=1)
+    assert "layers_per_fit" not in whole and chunked["layers_per_fit"] == 1
+    assert chunked["names"] == whole["names"] == ["l1", "l2", "l3"]
+    for res in (whole, chunked):
+        acc = res["test_acc"]
+        assert acc[1] > 0.85 and max(acc[0], acc[2]) < 0.7, acc

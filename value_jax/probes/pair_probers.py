@@ -35,6 +35,9 @@ SPLIT = "by image: every image's items in one of train/dev/test (80/10/10 of the
 CONTROL_ITEMS_PER_TYPE = 20
 MAX_CONTROL_CLASSES = 32
 _KMEANS_FIT_ROWS = 20000
+# Host memory for one embedding-prober fit; beyond it the layers are trained in chunks read
+# from the collected (possibly disk-backed) arrays, so memory does not grow with layers × items.
+EMBEDDING_PROBER_BUDGET_BYTES = 4 << 30
 _KMEANS_ITERS = 25
 
 
@@ -119,6 +122,31 @@ def _fit(features, labels, types, groups, seed, names, kind, settings, bilinear_
     return out
 
 
+def _fit_layers(emb_a, emb_b, sel, labels, types, groups, seed, layers, settings, bilinear_rank,
+                budget=None):
+    """The bilinear prober of every layer: `[N, L, D]` collected arrays (memmaps when spilled),
+    all layers under one vmap when two float32 copies fit `budget`, else in chunks of layers,
+    each read from the arrays on its own (recorded as `layers_per_fit`)."""
+    budget = EMBEDDING_PROBER_BUDGET_BYTES if budget is None else budget
+    n, n_layers, d = int(np.count_nonzero(sel)), emb_a.shape[1], emb_a.shape[2]
+    per_layer = max(1, 2 * 2 * n * d * 4)                  # two arrays, a copy for the splits
+    chunk = int(max(1, min(n_layers, budget // per_layer)))
+    parts = []
+    for lo in range(0, n_layers, chunk):
+        hi = min(lo + chunk, n_layers)
+        pick = lambda e: np.swapaxes(np.asarray(e[:, lo:hi][sel], np.float32), 0, 1)
+        parts.append(_fit((pick(emb_a), pick(emb_b)), labels, types, groups, seed,
+                          list(layers[lo:hi]), "bilinear", settings, bilinear_rank))
+    if len(parts) == 1 or "skipped" in parts[0]:
+        return parts[0]
+    merged = dict(parts[0])
+    for key, value in parts[0].items():
+        if isinstance(value, list):
+            merged[key] = [v for part in parts for v in part[key]]
+    merged["layers_per_fit"] = chunk
+    return merged
+
+
 def _rows(task, res, label):
     if "skipped" in res:
         return [[task, f"{label} (skipped: {res['skipped']})".strip(), "n/a", "n/a", "n/a", "n/a"]]
@@ -138,9 +166,8 @@ def _run_all(tasks, att, emb_a, emb_b, layers, types, groups, seed, settings, bi
         entry = {
             "attention_prober": _fit(att[sel], labels, types[sel], groups[sel], seed,
                                      ["all heads"], "linear", settings, bilinear_rank),
-            "embedding_prober": _fit((np.swapaxes(emb_a[sel], 0, 1), np.swapaxes(emb_b[sel], 0, 1)),
-                                     labels, types[sel], groups[sel], seed, layers, "bilinear",
-                                     settings, bilinear_rank)}
+            "embedding_prober": _fit_layers(emb_a, emb_b, sel, labels, types[sel], groups[sel],
+                                            seed, layers, settings, bilinear_rank)}
         results[task] = entry
         rows += _rows(task, entry["attention_prober"], "attention prober")
         rows += _rows(task, entry["embedding_prober"], "embedding prober,")
