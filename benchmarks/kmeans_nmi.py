@@ -16,6 +16,7 @@ first `--sk_samples` samples (all layers); its time for all samples is extrapola
 """
 from __future__ import annotations
 
+from contextlib import nullcontext
 import statistics
 import time
 import warnings
@@ -27,6 +28,7 @@ import numpy as np
 from sklearn.cluster import KMeans
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.metrics import normalized_mutual_info_score
+from threadpoolctl import threadpool_limits
 
 from value_jax import kernels
 
@@ -46,6 +48,10 @@ _N_INIT = flags.DEFINE_string("n_init", "10", "scikit-learn KMeans n_init: an in
 _SK_NOISE = flags.DEFINE_bool(
     "sk_noise_floor", True, "Run sklearn a second time with other random_states, to show how "
     "much its own mean NMI moves with the seed (doubles the sklearn time).")
+_SK_THREADS = flags.DEFINE_integer(
+    "sk_threads", 0, "Threads for scikit-learn's OpenMP / BLAS pools; 0 = its default (all "
+    "cores). On a loaded machine the default's thread barriers slow it 10-20x; 1 thread then "
+    "stays near its idle-machine time (and is no slower on an idle 2-core machine).")
 _SEED = flags.DEFINE_integer("seed", 0, "numpy Generator seed for the synthetic data.")
 
 
@@ -102,7 +108,8 @@ def run_sklearn(x, labels, mask, num_samples, seed_offset=0):
     n_init = _N_INIT.value if _N_INIT.value == "auto" else int(_N_INIT.value)
     out = np.zeros((x.shape[0], num_samples))
     start = time.perf_counter()
-    with warnings.catch_warnings():
+    limits = threadpool_limits(_SK_THREADS.value) if _SK_THREADS.value else nullcontext()
+    with warnings.catch_warnings(), limits:
         # Collapsed layers legitimately yield fewer than 2 distinct clusters.
         warnings.simplefilter("ignore", ConvergenceWarning)
         for layer in range(x.shape[0]):
@@ -135,6 +142,8 @@ def main(argv):
     print(f"sklearn KMeans(n_init={_N_INIT.value}) + NMI: {t_sk_subset:.2f} s for {k * l} "
           f"problems ({k} samples x {l} layers)" + (
               f", extrapolated to {t_sk:.1f} s for all {s * l}" if k < s else ""))
+    print(f"per problem: JAX {t_jax / (s * l) * 1e3:.3f} ms, sklearn {t_sk / (s * l) * 1e3:.2f} ms "
+          f"({'default threads' if not _SK_THREADS.value else f'{_SK_THREADS.value} thread(s)'})")
     print(f"speed-up: {t_sk / t_jax:.0f}x")
 
     sub = nmi_jax[:, :k]

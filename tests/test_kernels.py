@@ -405,6 +405,19 @@ def test_kmeans2_several_steps_per_loop_test_change_nothing(monkeypatch, num_ite
     np.testing.assert_array_equal(four, one)
 
 
+@pytest.mark.parametrize("before,share", [(2, 2), (3, 4), (2, 1000)])
+def test_kmeans2_compacted_stragglers_change_nothing(monkeypatch, before, share):
+    """On CPU the restarts still moving after a few steps finish on their own (or all go on
+    together when too many move): the same partitions as one loop over every restart."""
+    x, _, mask = _modality_data(np.random.default_rng(20), sep=0.5)
+    solve = lambda: np.asarray(jax.jit(kernels.kmeans2)(x, mask))
+    monkeypatch.setattr(kernels, "_CPU_STEPS_BEFORE_COMPACTING", 100)
+    plain = solve()
+    monkeypatch.setattr(kernels, "_CPU_STEPS_BEFORE_COMPACTING", before)
+    monkeypatch.setattr(kernels, "_CPU_COMPACT_SHARE", share)
+    np.testing.assert_array_equal(solve(), plain)
+
+
 def test_kmeans2_accelerator_formulation_agrees(monkeypatch):
     """Off CPU the Gram matrices are one batched matmul and each Lloyd step a batched matmul,
     4 steps per loop test; the partitions must be those of the CPU formulation."""

@@ -27,6 +27,8 @@ _F32 = jnp.float32
 # bf16 passes on accelerators whose default float32 matmul precision is reduced.
 _HIGHEST = jax.lax.Precision.HIGHEST
 _STEPS_PER_CHECK = 4      # Lloyd steps per k-means loop-exit test off CPU (1 on CPU)
+_CPU_STEPS_BEFORE_COMPACTING = 8   # then only the k-means restarts still moving go on (CPU)
+_CPU_COMPACT_SHARE = 8             # ... if at most 1/8 of them still move
 _PHI1 = (np.sqrt(5.0) - 1.0) / 2.0                   # golden ratio − 1
 _PHI2 = 1.0 / 1.324717957244746                      # 1 / plastic number
 
@@ -254,10 +256,11 @@ def _on_cpu() -> bool:
 
 def _bmm(gram, w):
     """`[B, N, N] × [B, C, N] -> [B, C, N]`: inner products of every point with C centres."""
-    if _on_cpu():
+    if _on_cpu() and w.shape[1] > 1:
         # Broadcast-multiply-sum over the Gram matrix's leading axis (it is symmetric): XLA:CPU
-        # vectorises this along the contiguous axis, about 10x faster than its batched matmul
-        # of [C, N] × [N, N] blocks.
+        # vectorises this along the contiguous axis, about 2x faster than its batched matmul
+        # of [C, N] × [N, N] blocks. For C = 1 (a batched matrix-vector product) the opposite
+        # holds, by about 30x.
         # The barrier keeps XLA from sharing one materialised [B, C, N, N] broadcast of the
         # Gram matrices between calls (measured: 50x slower than fusing it into each sum).
         gram, w = jax.lax.optimization_barrier((gram, w))
@@ -285,40 +288,16 @@ def _lloyd(gram, valid, w0, w1, num_iters):
     gram `[B, N, N]`, valid `[B, 1, N]`, w0 / w1 `[B, C, N]`. Returns the final cluster-1 masks
     `[B, C, N]` and the k-means objective of each final partition `[B, C]`.
     """
-    def assign(w0, w1):
-        # ||x−c0||² − ||x−c1||² = 2·x·(c1−c0) − (c1+c0)·(c1−c0); positive → centre 1, so a tie
-        # stays with centre 0. With c = Σ w_i x_i, x·c = (G w) and c·c' = wᵀ G w'.
-        diff = _bmm(gram, w1 - w0)
-        offset = jnp.sum((w1 + w0) * diff, axis=-1, keepdims=True)
-        return (2.0 * diff - offset > 0.0) & valid
-
-    # Once no assignment changes, the means and so every later step are unchanged: stopping
-    # there returns exactly what `num_iters` steps would, usually after far fewer. The loop
-    # body takes `_STEPS_PER_CHECK` steps on accelerators (each a no-op past `num_iters`), so
-    # the stop test, a device-to-host round trip per iteration on GPUs, runs a few times per
-    # call, not 20. On CPU the test is free and the extra steps are not: one step per test.
-    def not_done(carry):
-        i, changed = carry[:2]
-        return (i < num_iters) & changed
-
-    def step(carry):
-        i, _, w0, w1, prev = carry
-        changed = jnp.asarray(False)
-        for _ in range(steps_per_check):
-            in1 = assign(w0, w1)
-            n0, n1 = _group_means(in1, valid, w0, w1)
-            live = i < num_iters
-            changed = changed | (live & jnp.any(in1 != prev))
-            w0, w1 = jnp.where(live, n0, w0), jnp.where(live, n1, w1)
-            prev, i = jnp.where(live, in1, prev), i + live
-        return i, changed, w0, w1, prev
-
-    steps_per_check = _steps_per_check()
     if num_iters > 0:
-        first = assign(w0, w1)
-        init = (jnp.asarray(1), jnp.asarray(True), *_group_means(first, valid, w0, w1), first)
-        _, _, w0, w1, _ = jax.lax.while_loop(not_done, step, init)
-    in1 = assign(w0, w1)
+        first = _assign(gram, valid, w0, w1)
+        w0, w1 = _group_means(first, valid, w0, w1)
+        if _on_cpu() and num_iters > _CPU_STEPS_BEFORE_COMPACTING:
+            w0, w1, prev, moving = _lloyd_steps(gram, valid, w0, w1, first, 1,
+                                                _CPU_STEPS_BEFORE_COMPACTING)
+            w0, w1 = _finish_moving(gram, valid, w0, w1, prev, moving, num_iters)
+        else:
+            w0, w1, _, _ = _lloyd_steps(gram, valid, w0, w1, first, 1, num_iters)
+    in1 = _assign(gram, valid, w0, w1)
     # Objective of the partition with its own means: Σ||x_i||² − Σ_j |S_j|·||mean(S_j)||².
     m0, m1 = _group_means(in1, valid, jnp.zeros_like(w0), jnp.zeros_like(w1))
     sq_norm = jnp.diagonal(gram, axis1=-2, axis2=-1)[:, None, :]
@@ -329,6 +308,78 @@ def _lloyd(gram, valid, w0, w1, num_iters):
     # One sum of the two groups' terms, so a partition and its mirror image score identically.
     inertia = jnp.sum(jnp.where(valid, sq_norm, 0.0), axis=-1) - (n0 * c0_sq + n1 * c1_sq)
     return in1, inertia
+
+
+def _assign(gram, valid, w0, w1):
+    """Cluster-1 mask `[B, C, N]`: points strictly nearer centre 1 (a tie stays with 0)."""
+    # ||x−c0||² − ||x−c1||² = 2·x·(c1−c0) − (c1+c0)·(c1−c0); with c = Σ w_i x_i, x·c = (G w)
+    # and c·c' = wᵀ G w'.
+    diff = _bmm(gram, w1 - w0)
+    offset = jnp.sum((w1 + w0) * diff, axis=-1, keepdims=True)
+    return (2.0 * diff - offset > 0.0) & valid
+
+
+def _lloyd_steps(gram, valid, w0, w1, prev, done, stop):
+    """Lloyd steps done + 1 .. stop (Python ints) after `prev`, the assignment of step `done`.
+
+    Returns the centre weights, the last assignment and which pairs `[B, C]` it changed (all
+    False if the loop stopped because nothing changed).
+    Once no assignment changes, the means and so every later step are unchanged: stopping
+    there returns exactly what all steps would, usually after far fewer. The loop body takes
+    `_STEPS_PER_CHECK` steps on accelerators (each a no-op past `stop`), so the stop test, a
+    device-to-host round trip per iteration on GPUs, runs a few times per call, not 20. On CPU
+    the test is free and the extra steps are not: one step per test.
+    """
+    def not_done(carry):
+        i, changed = carry[:2]
+        return (i < stop) & changed
+
+    def step(carry):
+        i, _, w0, w1, prev, moving = carry
+        changed = jnp.asarray(False)
+        for _ in range(_steps_per_check()):
+            in1 = _assign(gram, valid, w0, w1)
+            n0, n1 = _group_means(in1, valid, w0, w1)
+            live = i < stop
+            moved = jnp.any(in1 != prev, axis=-1)
+            changed = changed | (live & jnp.any(moved))
+            moving = jnp.where(live, moved, moving)
+            w0, w1 = jnp.where(live, n0, w0), jnp.where(live, n1, w1)
+            prev, i = jnp.where(live, in1, prev), i + live
+        return i, changed, w0, w1, prev, moving
+
+    init = (jnp.asarray(done), jnp.asarray(True), w0, w1, prev, jnp.ones(w0.shape[:2], bool))
+    _, _, w0, w1, prev, moving = jax.lax.while_loop(not_done, step, init)
+    return w0, w1, prev, moving
+
+
+def _finish_moving(gram, valid, w0, w1, prev, moving, num_iters):
+    """Steps `_CPU_STEPS_BEFORE_COMPACTING` + 1 .. num_iters for the pairs still `moving`.
+
+    Most pairs settle within a few steps, a few need 15 or more; a batch's loop runs until the
+    last one settles. When at most 1/`_CPU_COMPACT_SHARE` of the pairs still move, they are
+    gathered (with their Gram matrices) and finish on their own, then scattered back; pairs
+    that settled are fixed points, so taking a few of them along changes nothing. Otherwise
+    all pairs go on together. Either way the result is that of the uncompacted loop.
+    """
+    batch, pairs, n_tok = w0.shape
+    size = max(1, batch * pairs // _CPU_COMPACT_SHARE)
+    start = _CPU_STEPS_BEFORE_COMPACTING
+
+    def compacted(args):
+        w0, w1, prev = (a.reshape(batch * pairs, 1, n_tok) for a in args)
+        _, idx = jax.lax.top_k(moving.reshape(-1).astype(_F32), size)   # moving ones first
+        sample = idx // pairs
+        sub = _lloyd_steps(gram[sample], valid[sample], w0[idx], w1[idx], prev[idx], start,
+                           num_iters)
+        return tuple(a.at[idx].set(b).reshape(batch, pairs, n_tok)
+                     for a, b in zip((w0, w1, prev), sub[:3]))
+
+    def together(args):
+        return _lloyd_steps(gram, valid, *args, start, num_iters)[:3]
+
+    w0, w1, _ = jax.lax.cond(jnp.sum(moving) <= size, compacted, together, (w0, w1, prev))
+    return w0, w1
 
 
 def restart_draws(num_starts: int) -> np.ndarray:
