@@ -124,6 +124,12 @@ def test_explorer_in_chromium(driver, tmp_path, lxmert_built):
         _wait(lambda: driver.find_element("id", "caption").text == caption, what="caption")
         _shot(driver, "example-picker", "example_picker", tmp_path)
 
+        # Switch the statistic to VALUE's coreference T→V max attention.
+        _click_xpath(driver, "//*[@id='stat']")
+        _click_xpath(driver, "//*[@role='option' and contains(., 'coreference T→V')]")
+        _wait(lambda: "coreference T→V" in _plot(driver, "head-summary", "gd.layout.title.text"),
+              what="coref statistic")
+
         # Click the head-summary cell (cross1.l2v, head 2): the planted head.
         xy = _wait(lambda: _plot(driver, "head-summary",
                                  "(() => {const fl=gd._fullLayout; return [fl._size.l + "
@@ -161,6 +167,18 @@ def test_explorer_in_chromium(driver, tmp_path, lxmert_built):
         assert "solid blue" in colours.replace("2px ", "")
         _shot(driver, "attention-view", "attention_from_token", tmp_path)
         _shot(driver, "matrix", "attention_matrix", tmp_path)
+        # Click a token in the hidden-state projection: its nearest neighbours across examples.
+        xy = _plot(driver, "hidden", "(() => {const fl=gd._fullLayout, t=gd._fullData[0]; return ["
+                                     "fl._size.l + fl.xaxis.l2p(t.x[0]), fl._size.t + "
+                                     "fl.yaxis.l2p(t.y[0]), gd.getBoundingClientRect().width, "
+                                     "gd.getBoundingClientRect().height];})()")
+        gd = driver.find_element("css selector", "#hidden .js-plotly-plot")
+        driver.execute_script("arguments[0].scrollIntoView({block: 'center'});", gd)
+        ActionChains(driver).move_to_element(gd).move_by_offset(
+            int(xy[0] - xy[2] / 2), int(xy[1] - xy[3] / 2)).click().perform()
+        items = _wait(lambda: driver.find_elements("css selector", "#neighbours li"),
+                      what="nearest neighbours")
+        assert all("in example" in li.text for li in items)
         _shot(driver, "hidden-view", "hidden_states", tmp_path)
 
         # Play steps through the tokens.

@@ -64,7 +64,7 @@ def _image(info: dict) -> np.ndarray | None:
 # ---- one figure per view ---------------------------------------------------------------------
 
 def head_summary_figure(store: Store, example: int | None, key: str, zscore: bool = False):
-    data = S.results(store, example)
+    data, example = S.results_for(store, example, key)
     m, rows, label = S.head_matrix(store, data, key, zscore)
     plt = _plt()
     h = m.shape[1]
@@ -77,7 +77,8 @@ def head_summary_figure(store: Store, example: int | None, key: str, zscore: boo
     ax.set_yticks(range(len(rows)), rows)
     ax.axvline(h - 0.5, color="white", lw=2)
     ax.set_xlabel("head (1-based)")
-    ax.set_title(label, fontsize=9)
+    scope = "all examples" if example is None else f"example {example}"
+    ax.set_title(f"{label}\n{scope}", fontsize=9)
     fig.colorbar(im, ax=ax)
     return fig
 

@@ -11,11 +11,12 @@ from value_jax.viz import stats as S
 from value_jax.viz import views as V
 from value_jax.viz.store import Store
 
-HIDDEN_POINTS_SHOWN = 20_000    # the scatter shows at most this many tokens (all are searched)
+HIDDEN_POINTS_SHOWN = 12_000    # the scatter shows at most this many tokens (all are searched)
 
 
 def head_summary(store: Store, example: int | None, key: str, zscore: bool = False) -> go.Figure:
-    data = S.results(store, example)
+    asked = example
+    data, example = S.results_for(store, example, key)
     if key not in S.available(store, data):
         key = "t2v"
     m, rows, label = S.head_matrix(store, data, key, zscore)
@@ -29,6 +30,8 @@ def head_summary(store: Store, example: int | None, key: str, zscore: bool = Fal
         z=np.where(np.isfinite(z), z, None).tolist(), x=x, y=rows, colorscale="Viridis",
         hovertemplate="%{y}, head %{x}: %{z:.4f}<extra></extra>", xgap=1, ygap=1))
     scope = "all examples" if example is None else f"example {example}"
+    if asked is not None and example is None:
+        scope += f" (example {asked} has no data for this statistic)"
     fig.update_layout(title=dict(text=f"{label}<br><sub>{scope}; query→key; click a cell</sub>",
                                  font=dict(size=13)),
                       xaxis=dict(title="head (1-based) | layer mean", type="category"),
@@ -132,13 +135,13 @@ def hidden(store: Store, group: str, example: int | None, picked: int | None = N
         sel = shown[rows[shown, 1] == kind]
         fig.add_trace(go.Scattergl(
             x=coords[sel, 0], y=coords[sel, 1], mode="markers", name=label,
-            marker=dict(size=5, color=colour, opacity=0.55), customdata=sel,
+            marker=dict(size=5, color=colour, opacity=0.55), customdata=sel.tolist(),
             text=[f"{labels[i]} (ex {rows[i, 0]})" for i in sel],
             hovertemplate="%{text}<extra></extra>"))
     if example is not None:
         sel = np.flatnonzero(rows[:, 0] == example)
         fig.add_trace(go.Scattergl(x=coords[sel, 0], y=coords[sel, 1], mode="markers",
-                                   name=f"example {example}", customdata=sel,
+                                   name=f"example {example}", customdata=sel.tolist(),
                                    text=[labels[i] for i in sel],
                                    hovertemplate="%{text}<extra></extra>",
                                    marker=dict(size=9, color="rgba(0,0,0,0)",

@@ -58,6 +58,15 @@ def results(store: Store, example: int | None) -> dict:
     return _finalize(store, stats)
 
 
+def results_for(store: Store, example: int | None, key: str) -> tuple[dict, int | None]:
+    """`results(store, example)` when it has statistic `key`, else the dataset aggregate (a
+    typed caption has no coreference links): `(data, the example actually used or None)`."""
+    data = results(store, example)
+    if example is not None and key not in available(store, data):
+        return results(store, None), None
+    return data, example
+
+
 def available(store: Store, data: dict) -> list[str]:
     """Statistic keys with data for this store / example."""
     keys = [k for k, _ in VL_INTERPRET]

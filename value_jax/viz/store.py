@@ -118,7 +118,9 @@ class StoreWriter:
             import shutil
             shutil.rmtree(self.path / "records.lmdb")
         self.meta = {"schema": SCHEMA, **meta, "n_examples": 0, "projection": None}
-        self.env = lmdb.open(str(self.path / "records.lmdb"), map_size=_MAP_SIZE, subdir=True)
+        # No fsync per example: the store is rebuilt from scratch if a write is interrupted.
+        self.env = lmdb.open(str(self.path / "records.lmdb"), map_size=_MAP_SIZE, subdir=True,
+                             sync=False, metasync=False)
         self.count = 0
         self.aggregate: dict[str, np.ndarray] = {}
         self._rows = collections.Counter()
@@ -165,6 +167,7 @@ class StoreWriter:
         self.meta["groups"] = sorted(self._rows, key=lambda g: self.meta["group_order"].index(g))
         self.meta["projection"] = fit_projections(self.path, self.meta, projection)
         np.savez(self.path / "aggregate.npz", **self.aggregate)
+        self.env.sync(True)
         self.env.close()
         _write_json(self.path / "meta.json", self.meta)
 
@@ -186,8 +189,8 @@ def _hidden_table(path: Path, group: str, dim: int, mode="r"):
 def fit_projections(path: Path, meta: dict, method: str = "pca") -> str:
     """Fits one 2-D projection per group over every stored row and writes the coordinates.
 
-    PCA by default (the SVD of the centred rows; deterministic up to sign, fixed here so the
-    largest loading is positive); `umap` when umap-learn is installed. The fit reads one group's
+    PCA by default (the two leading eigenvectors of the rows' covariance, accumulated in
+    float64 over chunks; the sign fixed so the largest loading is positive); `umap` when umap-learn is installed. The fit reads one group's
     table at a time."""
     if method == "umap":
         try:
@@ -195,21 +198,32 @@ def fit_projections(path: Path, meta: dict, method: str = "pca") -> str:
         except ImportError:
             method = "pca"
     dim = meta.get("hidden_dim", 0)
+    chunk = 8192
     for group in meta.get("groups", []):
         states, _ = _hidden_table(path, group, dim)
-        x = np.asarray(states, np.float32)
-        mean = x.mean(0) if len(x) else np.zeros(dim, np.float32)
-        if len(x) >= 2:
-            _, _, vt = np.linalg.svd(x - mean, full_matrices=False)
-            comps = vt[:2] if len(vt) >= 2 else np.concatenate([vt, np.zeros((2 - len(vt), dim))])
+        n = len(states)
+        # Covariance accumulated in float64 over chunks of rows: one pass, one [D, D] in memory.
+        total, cov = np.zeros(dim), np.zeros((dim, dim))
+        for i in range(0, n, chunk):
+            x = np.nan_to_num(np.asarray(states[i:i + chunk], np.float64))
+            total += x.sum(0)
+            cov += x.T @ x
+        mean = total / max(n, 1)
+        cov = cov / max(n, 1) - np.outer(mean, mean)
+        if n >= 2:
+            _, vecs = np.linalg.eigh(cov)
+            comps = vecs[:, ::-1][:, :2].T                              # largest variance first
         else:
             comps = np.eye(2, dim)
         sign = np.sign(comps[np.arange(2), np.argmax(np.abs(comps), axis=1)])
         comps = (comps * np.where(sign == 0, 1, sign)[:, None]).astype(np.float32)
-        coords = (x - mean) @ comps.T
-        if method == "umap" and len(x) > 15:
+        mean = mean.astype(np.float32)
+        coords = np.concatenate([(np.nan_to_num(np.asarray(states[i:i + chunk], np.float32)) - mean)
+                                 @ comps.T for i in range(0, n, chunk)] or [np.zeros((0, 2))])
+        if method == "umap" and n > 15:
             import umap
-            coords = umap.UMAP(n_components=2, random_state=0).fit_transform(x)
+            coords = umap.UMAP(n_components=2, random_state=0).fit_transform(
+                np.asarray(states, np.float32))
         np.savez(path / "projection" / f"{group}.npz", mean=mean, components=comps,
                  method=np.array(method))
         coords.astype(np.float32).tofile(path / "projection" / f"{group}.coords")
@@ -233,8 +247,10 @@ class Store:
         self.env = _open_env(self.path / "records.lmdb")
         self._cache: collections.OrderedDict = collections.OrderedDict()
         self._cache_size = cache_size
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
         self._tables: dict = {}
+        self._unit = None
+        self._labels: dict = {}
         self._aggregate = None
 
     # ---- metadata -------------------------------------------------------------------------
@@ -288,12 +304,16 @@ class Store:
     def hidden(self, group: str):
         """`(states [N, D] float16 memmap, rows [N, 3] int32, coords [N, 2] float32)`."""
         with self._lock:
-            if group not in self._tables:
-                states, rows = _hidden_table(self.path, group, self.meta["hidden_dim"])
-                coords = np.fromfile(self.path / "projection" / f"{group}.coords",
-                                     np.float32).reshape(-1, 2)
-                self._tables[group] = (states, rows, coords)
-            return self._tables[group]
+            return self._group_table(group)
+
+    def _group_table(self, group: str):
+        """`hidden` with the lock already held."""
+        if group not in self._tables:
+            states, rows = _hidden_table(self.path, group, self.meta["hidden_dim"])
+            coords = np.fromfile(self.path / "projection" / f"{group}.coords",
+                                 np.float32).reshape(-1, 2)
+            self._tables[group] = (states, rows, coords)
+        return self._tables[group]
 
     def example_hidden(self, index: int, group: str) -> tuple[np.ndarray, np.ndarray]:
         """One example's rows of a group: `(states [n, D] float32, where [n, 2])`."""
@@ -312,10 +332,9 @@ class Store:
         """The k rows of `group` nearest to `row` by cosine similarity of hidden states
         (in the model's space, not the projection), by default from other examples only.
         Returns `[(row, similarity)]`."""
-        states, rows, _ = self.hidden(group)
-        x = np.asarray(states, np.float32)
-        q = x[row]
-        sim = x @ q / (np.linalg.norm(x, axis=1) * np.linalg.norm(q) + 1e-12)
+        _, rows, _ = self.hidden(group)
+        unit = self._unit_rows(group)
+        sim = unit @ unit[row]
         sim[row] = -np.inf
         if other_examples:
             sim[rows[:, 0] == rows[row, 0]] = -np.inf
@@ -323,6 +342,28 @@ class Store:
         best = np.argpartition(-sim, k - 1)[:k] if k else np.zeros(0, int)
         best = best[np.argsort(-sim[best])]
         return [(int(r), float(sim[r])) for r in best]
+
+    def _unit_rows(self, group: str) -> np.ndarray:
+        """The group's hidden states as float32 unit rows, kept for the last group asked for
+        only (one layer of the store in memory, never all)."""
+        with self._lock:
+            if self._unit is None or self._unit[0] != group or len(self._unit[1]) != len(
+                    self._group_table(group)[1]):
+                x = np.asarray(self._group_table(group)[0], np.float32)
+                x /= np.linalg.norm(x, axis=1, keepdims=True) + 1e-12
+                self._unit = (group, x)
+            return self._unit[1]
+
+    def labels(self, group: str) -> list[str]:
+        """The word piece or region label of every row of a group's table."""
+        _, rows, _ = self.hidden(group)
+        with self._lock:
+            cached = self._labels.get(group)
+            if cached is None or len(cached) != len(rows):
+                cached = [self.examples[int(e)]["tokens" if k == 0 else "regions"][int(p)]
+                          for e, k, p in rows]
+                self._labels = {group: cached}
+            return cached
 
     # ---- appending ------------------------------------------------------------------------
     def append(self, info: dict, record: dict, hidden: dict) -> int:

@@ -79,11 +79,7 @@ def hidden_points(store: Store, group: str, highlight: int | None = None):
     """Every stored token of a projection group: `coords [N, 2]`, `rows [N, 3]` (example,
     0 text / 1 region, position), labels [N] (word piece or region label)."""
     _, rows, coords = store.hidden(group)
-    labels = []
-    for ex, kind, pos in rows:
-        info = store.examples[int(ex)]
-        labels.append(info["tokens"][pos] if kind == 0 else info["regions"][pos])
-    return coords, rows, labels
+    return coords, rows, store.labels(group)
 
 
 __all__ = ["default_map", "head_map", "axis_labels", "attention_from", "overlay_alpha", "top_k", "hidden_points"]
