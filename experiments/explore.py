@@ -61,6 +61,10 @@ def _session_and_examples():
         infos = sources.flickr_examples(demo.flickr_root, regions, tokenizer, demo.images,
                                         split=FLAGS.split, max_images=max_images, seed=FLAGS.seed)
     else:
+        if not FLAGS.vocab:
+            raise SystemExit("--checkpoint needs --vocab: the WordPiece vocab.txt the checkpoint "
+                             "was trained with (bert-base-cased for UNITER, bert-base-uncased "
+                             "for LXMERT)")
         model, params = common.load_model(None)
         vocab, lowercase = common.vocab_path(None)
         tokenizer = WordPieceTokenizer(vocab, lowercase)
