@@ -104,15 +104,23 @@ def main(argv):
     say(f"[explore] wrote {facts['examples']} examples to {store_dir} in {facts['seconds']:.1f} s "
         f"({size / max(facts['examples'], 1) / 1e6:.2f} MB per example)")
     store = open_store(store_dir)
+    # The demo opens on its planted head (0-based head 1); other data on the first map.
+    planted = ({"uniter": "layer3", "lxmert": "cross1.l2v"}[FLAGS.model], 1) \
+        if common.using_demo() else (None, 0)
     if FLAGS.export_only:
         from value_jax.viz.app import export_example
         for i in range(min(FLAGS.export_examples, len(store))):
             out = os.path.join(base, "export", f"example_{i}")
-            paths = export_example(store, i, out)
+            rec = store.record(i)
+            named = [p for p, t in enumerate(rec["tokens"])
+                     if any(t in label.split()[1:] for label in rec["regions"])]
+            paths = export_example(store, i, out, map_name=planted[0], head=planted[1],
+                                   source=("text", named[0] if named else 1))
             say(f"[explore] exported example {i}: {len(paths)} files in {out}")
         return
     from value_jax.viz.app import make_app, serve
-    server = serve(make_app(store, session, export_dir=os.path.join(base, "export")),
+    server = serve(make_app(store, session, export_dir=os.path.join(base, "export"),
+                            map_name=planted[0], head=planted[1]),
                    FLAGS.host, FLAGS.port)
     say(f"[explore] serving the explorer at {server.url} (Ctrl-C stops it; from another machine: "
         f"ssh -L {server.port}:127.0.0.1:{server.port} <this host>, then open "

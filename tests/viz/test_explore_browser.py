@@ -124,7 +124,12 @@ def test_explorer_in_chromium(driver, tmp_path, lxmert_built):
         _wait(lambda: driver.find_element("id", "caption").text == caption, what="caption")
         _shot(driver, "example-picker", "example_picker", tmp_path)
 
-        # Switch the statistic to VALUE's coreference T→V max attention.
+        # Switch the statistic to VL-InterpreT's cross-modal mean, then to VALUE's coreference
+        # T→V max attention (the demo's default).
+        _click_xpath(driver, "//*[@id='stat']")
+        _click_xpath(driver, "//*[@role='option' and contains(., 'cross-modal')]")
+        _wait(lambda: "cross-modal" in _plot(driver, "head-summary", "gd.layout.title.text"),
+              what="cross-modal statistic")
         _click_xpath(driver, "//*[@id='stat']")
         _click_xpath(driver, "//*[@role='option' and contains(., 'coreference T→V')]")
         _wait(lambda: "coreference T→V" in _plot(driver, "head-summary", "gd.layout.title.text"),

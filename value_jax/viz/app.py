@@ -53,7 +53,9 @@ def _source(value):
     return (value["kind"], int(value["pos"]))
 
 
-def make_app(store, session=None, export_dir: str | None = None, title: str = "value_jax explorer"):
+def make_app(store, session=None, export_dir: str | None = None, title: str = "value_jax explorer",
+             map_name: str | None = None, head: int = 0):
+    """The app over `store`; `map_name` / `head` (0-based) are the first selection."""
     app = Dash(__name__, title=title, suppress_callback_exceptions=True)
     export_dir = export_dir or str(Path(store.path).parent / "export")
     _routes(app.server, store)
@@ -86,7 +88,9 @@ def make_app(store, session=None, export_dir: str | None = None, title: str = "v
         html.Hr(),
         html.H4("Head summary"),
         html.Div(style={"display": "flex", "gap": "12px"}, children=[
-            dcc.Dropdown(id="stat", options=stat_options, value="t2v", clearable=False,
+            dcc.Dropdown(id="stat", options=stat_options, clearable=False,
+                         value=next((o["value"] for o in stat_options
+                                     if o["value"] == "coref_t2v"), "t2v"),
                          style={"width": "520px"}),
             dcc.RadioItems(id="scope", options=[{"label": " this example", "value": "example"},
                                                 {"label": " all examples (= results.json)",
@@ -100,10 +104,11 @@ def make_app(store, session=None, export_dir: str | None = None, title: str = "v
         html.H4("Attention from a token"),
         html.Div(style={"display": "flex", "gap": "12px", "alignItems": "center"}, children=[
             html.Label("map"),
-            dcc.Dropdown(id="map", options=store.map_names, value=V.default_map(store),
+            dcc.Dropdown(id="map", options=store.map_names,
+                         value=map_name or V.default_map(store),
                          clearable=False, style={"width": "220px"}),
             html.Label("head"),
-            dcc.Dropdown(id="head", options=_head_options(store), value="0", clearable=False,
+            dcc.Dropdown(id="head", options=_head_options(store), value=str(head), clearable=False,
                          style={"width": "180px"}),
             html.Button("▶ play", id="play"),
             dcc.Interval(id="ticker", interval=900, disabled=True),
