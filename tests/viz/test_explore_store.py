@@ -243,3 +243,20 @@ def test_demo_images_match_the_boxes(lxmert_built):
         edge = pixels[y1 + 1, (x1 + x2) // 2]       # the box outline, in the box's colour
         assert np.ptp(edge) > 40                   # coloured, not the grey background
     assert store_bytes(store.path) > 0
+
+
+def test_app_serves_images_and_region_crops(lxmert_built):
+    """The routes the overlay and the hidden-state hover use (no browser needed)."""
+    import io
+    from PIL import Image
+    from value_jax.viz.app import make_app
+    store = lxmert_built.open()
+    client = make_app(store).server.test_client()
+    image = client.get("/explore/image/0")
+    assert image.status_code == 200 and image.data[:4] == b"\x89PNG"
+    x1, y1, x2, y2 = store.record(0)["boxes"][1]
+    crop = client.get("/explore/crop/0/1.png")
+    assert crop.status_code == 200
+    with Image.open(io.BytesIO(crop.data)) as im:
+        assert abs(im.size[0] - (x2 - x1)) <= 2 and abs(im.size[1] - (y2 - y1)) <= 2
+    assert client.get(f"/explore/image/{len(store) + 5}").status_code in (404, 500)
