@@ -260,3 +260,22 @@ def test_app_serves_images_and_region_crops(lxmert_built):
     with Image.open(io.BytesIO(crop.data)) as im:
         assert abs(im.size[0] - (x2 - x1)) <= 2 and abs(im.size[1] - (y2 - y1)) <= 2
     assert client.get(f"/explore/image/{len(store) + 5}").status_code in (404, 500)
+
+
+def test_attention_from_a_region(uniter_built, lxmert_built):
+    """A region as the source: UNITER's joint row n_text + r split into words and regions;
+    LXMERT's cross2.v2l row r over the words, and no row in a map without region queries."""
+    store = uniter_built.open()
+    rec = store.record(0)
+    n = rec["info"]["n_text"]
+    joint = rec["attention"]["layer2"][2].astype(np.float32)
+    text_w, region_w = views.attention_from(store, rec, "layer2", 2, ("region", 3))
+    np.testing.assert_array_equal(text_w, joint[n + 3, :n])
+    np.testing.assert_array_equal(region_w, joint[n + 3, n:])
+    store = lxmert_built.open()
+    rec = store.record(0)
+    text_w, region_w = views.attention_from(store, rec, "cross2.v2l", "mean", ("region", 1))
+    np.testing.assert_allclose(text_w, rec["attention"]["cross2.v2l"].astype(np.float32)
+                               .mean(0)[1], rtol=1e-6)
+    assert region_w is None
+    assert views.attention_from(store, rec, "cross1.l2v", 0, ("region", 1)) == (None, None)
