@@ -5,7 +5,8 @@ import os
 import numpy as np
 import pytest
 
-from value_jax.probes.results import Result, Table, heatmap, line_plot, write_atomic, write_result
+from value_jax.io import write_atomic
+from value_jax.probes.results import Result, Table, heatmap, line_plot, write_result
 
 
 def _result():

@@ -29,8 +29,8 @@ from typing import Any
 import jax
 import numpy as np
 
+from value_jax.io import local_checkpointer, quiet_orbax
 from value_jax.models import build_model
-from value_jax.runner import _local_checkpointer, _quiet_orbax
 from value_jax.models.configs import config_from_dict
 
 HASH_KEY = "content_sha256"  # under `conversion` in config.json
@@ -120,7 +120,7 @@ def save(out_dir: str, config, params: Any, heads=(), extra: dict | None = None,
             meta["conversion"] = {**(extra or {}), HASH_KEY: params_sha256(params)}
             with open(os.path.join(tmp, "config.json"), "w") as f:
                 json.dump(meta, f, indent=2, sort_keys=True)
-            with _quiet_orbax(), _local_checkpointer() as ckptr:
+            with quiet_orbax(), local_checkpointer() as ckptr:
                 ckptr.save(os.path.join(tmp, "params"), params)
                 ckptr.wait_until_finished()
             if os.path.lexists(out_dir):
@@ -264,7 +264,7 @@ def load(path: str):
     `model.available_heads` lists the pre-training heads whose weights the checkpoint holds.
     """
     config, heads, _ = read_config(path)
-    with _quiet_orbax(), _local_checkpointer() as ckptr:
+    with quiet_orbax(), local_checkpointer() as ckptr:
         params = ckptr.restore(os.path.join(os.path.abspath(path), "params"))
     params = jax.tree_util.tree_map(lambda x: np.asarray(x, np.float32), params)
     return build_model(config, heads), params

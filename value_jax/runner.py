@@ -36,12 +36,11 @@ from typing import Any, Iterable, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
-from absl import logging as absl_logging
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from value_jax.api import forward
+from value_jax.io import local_checkpointer, quiet_orbax, replace_dir
 from value_jax.trace import Layout
 
 
@@ -498,17 +497,6 @@ def fingerprint_differences(saved: dict, now: dict, prefix: str = "") -> list[st
     return out
 
 
-@contextlib.contextmanager
-def _quiet_orbax():
-    """orbax logs every step of a save at INFO; a progress line per checkpoint is enough here."""
-    level = absl_logging.get_verbosity()
-    absl_logging.set_verbosity(min(level, absl_logging.WARNING))  # lower = quieter in absl
-    try:
-        yield
-    finally:
-        absl_logging.set_verbosity(level)
-
-
 def _save(state_dir: str, accs: dict[str, Accumulator], done: int, names, fingerprint: dict) -> None:
     """Atomically replaces `state_dir` with the accumulators after `done` batches."""
     tree = {name: st for name in names if (st := accs[name].state())}
@@ -517,7 +505,7 @@ def _save(state_dir: str, accs: dict[str, Accumulator], done: int, names, finger
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     if tree:
-        with _quiet_orbax(), _local_checkpointer() as ckptr:
+        with quiet_orbax(), local_checkpointer() as ckptr:
             ckptr.save(os.path.join(tmp, "accumulators"), tree)
             ckptr.wait_until_finished()
     with open(os.path.join(tmp, "progress.json"), "w") as f:
@@ -525,22 +513,7 @@ def _save(state_dir: str, accs: dict[str, Accumulator], done: int, names, finger
                    "spilled": {n: s for n in names if (s := accs[n].spilled())}}, f)
     with open(os.path.join(tmp, "fingerprint.json"), "w") as f:
         json.dump(fingerprint, f, indent=1, sort_keys=True)
-    old = state_dir + ".old"
-    shutil.rmtree(old, ignore_errors=True)
-    if os.path.exists(state_dir):
-        os.replace(state_dir, old)
-    os.replace(tmp, state_dir)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def _local_checkpointer():
-    """An orbax checkpointer acting for this process alone: the state is the same on every
-    process, and only one writes it (no barrier with processes that do not take part)."""
-    if jax.process_count() == 1:
-        return ocp.StandardCheckpointer()
-    me = jax.process_index()
-    return ocp.StandardCheckpointer(multiprocessing_options=ocp.options.MultiprocessingOptions(
-        primary_host=me, active_processes={me}, barrier_sync_key_prefix=f"p{me}"))
+    replace_dir(tmp, state_dir)
 
 
 def _save_lead(state_dir: str, accs, done: int, names, fingerprint: dict) -> None:
@@ -594,7 +567,7 @@ def _restore_from(state_dir: str, accs: dict[str, Accumulator], names) -> None:
     ckpt = os.path.join(os.path.abspath(state_dir), "accumulators")
     tree = {}
     if os.path.isdir(ckpt):
-        with _quiet_orbax(), _local_checkpointer() as ckptr:
+        with quiet_orbax(), local_checkpointer() as ckptr:
             tree = ckptr.restore(ckpt)
     for name in names:
         if spilled.get(name) and not accs[name].spill_dir:

@@ -11,10 +11,11 @@ import dataclasses
 import io
 import json
 import os
-import secrets
 from typing import Any, Callable
 
 import numpy as np
+
+from value_jax.io import write_atomic
 
 
 @dataclasses.dataclass
@@ -65,23 +66,6 @@ def _jsonable(x):
     if isinstance(x, np.bool_):
         return bool(x)
     return x
-
-
-def write_atomic(path: str, data: str | bytes) -> None:
-    """Writes `data` to `path` through a temporary file in the same directory and a rename."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f".tmp-{secrets.token_hex(8)}-{os.path.basename(path)}")
-    # os.open with 0o666 lets the kernel apply the umask (tempfile.mkstemp would force 0600).
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data.encode() if isinstance(data, str) else data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 # A fixed salt makes the SVG element ids a function of the figure alone (the default is random).

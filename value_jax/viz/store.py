@@ -47,6 +47,8 @@ import lmdb
 import msgpack
 import numpy as np
 
+from value_jax.io import write_json_atomic
+
 SCHEMA = "value_jax.explore/1"
 _MAP_SIZE = 1 << 40          # LMDB reserves address space only; the file grows with the data
 
@@ -173,9 +175,7 @@ class StoreWriter:
 
 
 def _write_json(path: Path, obj) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(obj, indent=1), encoding="utf-8")
-    os.replace(tmp, path)
+    write_json_atomic(path, obj, indent=1)
 
 
 def _hidden_table(path: Path, group: str, dim: int, mode="r"):
