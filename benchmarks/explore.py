@@ -78,7 +78,7 @@ def build(model_type, path):
     from value_jax.viz import compute
     from value_jax.viz.store import StoreWriter
     config = UniterConfig() if model_type == "uniter" else LxmertConfig()
-    model = build_model(config, heads=())
+    model = build_model(config, outputs=())
     params = init_params(model, jax.random.PRNGKey(0))
     infos = _infos(FLAGS.computed, config.vocab_size)
     session = compute.Session(model, params, _Pieces(), _regions(infos), batch_size=FLAGS.batch)

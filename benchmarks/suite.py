@@ -38,7 +38,7 @@ def make_inputs(cfg, seed):
     import value_jax
     rng = np.random.default_rng(seed)
     b, t, r, p = FLAGS.batch, FLAGS.text, FLAGS.regions, FLAGS.links
-    feat = cfg.img_dim if cfg.model_type == "uniter" else cfg.visual_feat_dim
+    feat = cfg.feature_dim
     x1y1 = rng.uniform(0, 0.5, (b, r, 2))
     batch = value_jax.Batch.create(rng.integers(1000, 20000, (b, t)), np.ones((b, t)),
                                    rng.random((b, r, feat)), np.concatenate([x1y1, x1y1 + 0.3], -1))

@@ -56,8 +56,8 @@ def main(argv):
         print(f"interrupted by {name}: nothing written at {_OUT.value}", file=sys.stderr)
         sys.exit(128 + getattr(signal, name, signal.SIGINT))
     print(result.report.format())
-    print(f"\nwrote {os.path.abspath(_OUT.value)} ({result.config.model_type}, heads: "
-          f"{', '.join(result.heads) or 'none'})")
+    print(f"\nwrote {os.path.abspath(_OUT.value)} ({result.config.model_type}, outputs: "
+          f"{', '.join(result.outputs) or 'none'})")
     if result.report.text_only:
         print(f"note: --format={_FORMAT.value} converts the text path only; the region "
               "embedding is zeros, so use this model on text alone.", file=sys.stderr)

@@ -2,7 +2,7 @@
 
     sd = read_state_dict("Epoch20_LXRT.pth")
     result = convert_state_dict(sd, "lxmert")   # raises ConversionError(report) on any gap
-    result.config, result.params, result.heads, result.report
+    result.config, result.params, result.outputs, result.report
 
 Every expected Flax leaf must be filled from the source (or be a declared zero-fill), every
 source key must match a rule, be a tied duplicate (checked bit-equal, then dropped) or be a known
@@ -24,10 +24,9 @@ from flax.traverse_util import flatten_dict, unflatten_dict
 from checkpoints_convert.files import prepare_out, read_state_dict, to_numpy
 from checkpoints_convert.tables import (CONFIG_FROM_JSON, CONFIG_FROM_SHAPES, Layout,
                                         select_layout)
-from value_jax.models import LXMERT_HEADS, UNITER_HEADS, build_model, param_shapes
-from value_jax.models.configs import LxmertConfig, UniterConfig
+from value_jax.models import build_model, param_shapes
+from value_jax.models.configs import CONFIGS, LxmertConfig, UniterConfig
 
-MODEL_HEADS = {"uniter": UNITER_HEADS, "lxmert": LXMERT_HEADS}
 
 
 class ConversionError(Exception):
@@ -57,16 +56,16 @@ class Report:
     non_finite: list = dataclasses.field(default_factory=list)        # (key, nan, inf, size)
     unused: list = dataclasses.field(default_factory=list)            # (source key, reason)
     tied: list = dataclasses.field(default_factory=list)              # (dup, kept, status, ok)
-    heads_present: list = dataclasses.field(default_factory=list)
-    heads_absent: list = dataclasses.field(default_factory=list)
-    partial_heads: list = dataclasses.field(default_factory=list)     # (head, has, lacks)
+    outputs_present: list = dataclasses.field(default_factory=list)
+    outputs_absent: list = dataclasses.field(default_factory=list)
+    partial_outputs: list = dataclasses.field(default_factory=list)     # (head, has, lacks)
     zero_filled: list = dataclasses.field(default_factory=list)       # flax paths
 
     @property
     def errors(self) -> int:
         return (len(self.config_conflicts) + len(self.missing) + len(self.unexpected)
                 + len(self.mismatched) + len(self.non_float) + len(self.non_finite)
-                + len(self.partial_heads)
+                + len(self.partial_outputs)
                 + sum(1 for *_, ok in self.tied if not ok))
 
     @property
@@ -89,8 +88,8 @@ class Report:
             lines.append(f"renamed: {len(self.renamed)} source keys read under their canonical "
                          f"name (prefix / old LayerNorm names), e.g. {self.renamed[0][0]} -> "
                          f"{self.renamed[0][1]}")
-        lines.append(f"heads present: {', '.join(self.heads_present) or 'none'}; "
-                     f"absent: {', '.join(self.heads_absent) or 'none'}")
+        lines.append(f"outputs present: {', '.join(self.outputs_present) or 'none'}; "
+                     f"absent: {', '.join(self.outputs_absent) or 'none'}")
 
         def section(title, rows, fmt_row):
             lines.append(f"{title} ({len(rows)}):" if rows else f"{title}: none")
@@ -110,7 +109,7 @@ class Report:
                 lambda r: f"{r[0]}: {r[1]}, where a float weight belongs")
         section("NOT FINITE", self.non_finite,
                 lambda r: f"{r[0]}: {r[1] + r[2]} of {r[3]} values ({r[1]} NaN, {r[2]} Inf)")
-        section("PARTIAL HEADS", self.partial_heads,
+        section("PARTIAL OUTPUT HEADS", self.partial_outputs,
                 lambda r: f"{r[0]}: has {r[1]}; lacks {r[2]}")
         lines.append("result: OK" if self.ok else f"result: REFUSED ({self.errors} problems)")
         return "\n".join(lines)
@@ -119,7 +118,7 @@ class Report:
         """A JSON-ready record for the converted checkpoint's metadata."""
         return {"format": self.fmt, "layout": self.layout, "source": self.source,
                 "text_only": self.text_only, "matched": len(self.matched),
-                "heads_present": self.heads_present, "heads_absent": self.heads_absent,
+                "outputs_present": self.outputs_present, "outputs_absent": self.outputs_absent,
                 "tied_checked": [f"{d} == {k}: {s}" for d, k, s, _ in self.tied],
                 "unused": [k for k, _ in self.unused], "zero_filled": self.zero_filled,
                 "config": self.config_notes}
@@ -129,13 +128,12 @@ class Report:
 class ConversionResult:
     config: Any
     params: dict
-    heads: tuple
+    outputs: tuple
     report: Report
 
 
 # ---- config ------------------------------------------------------------------------------------
 
-_CONFIG_CLASSES = {"uniter": UniterConfig, "lxmert": LxmertConfig}
 
 
 def _load_model_config(model_config) -> dict:
@@ -150,7 +148,7 @@ def _load_model_config(model_config) -> dict:
 def _infer(shapes: dict[str, tuple], model_type: str, num_heads=None, model_config=None,
            text_only: bool = False):
     """`(config, notes, conflicts)` from canonical key -> shape."""
-    cls = _CONFIG_CLASSES[model_type]
+    cls = CONFIGS[model_type]
     defaults = cls()
     values, notes, conflicts = {}, [], []
     for field, (key, axis) in CONFIG_FROM_SHAPES[model_type].items():
@@ -258,28 +256,29 @@ def _classify(canon, layout: Layout, report: Report) -> list:
     return candidates
 
 
-def _heads_present(candidates, canon, layout: Layout, report: Report):
-    """A head is present iff a key only it needs is there; shared keys follow their heads."""
-    all_heads = MODEL_HEADS[layout.model_type]
-    has = {h: [] for h in all_heads}
+def _outputs_present(candidates, canon, layout: Layout, report: Report):
+    """An output head is present iff a key only it needs is there; shared keys follow their
+    output heads."""
+    all_outputs = CONFIGS[layout.model_type].outputs
+    has = {h: [] for h in all_outputs}
     for c, rule, _ in candidates:
-        if len(rule.heads) == 1 and rule.heads[0] in has:
-            has[rule.heads[0]].append(canon[c][0])
+        if len(rule.outputs) == 1 and rule.outputs[0] in has:
+            has[rule.outputs[0]].append(canon[c][0])
     for t in layout.tied:
-        if t.duplicate in canon and len(t.heads) == 1:
-            has[t.heads[0]].append(canon[t.duplicate][0])
-    heads = tuple(h for h in all_heads if has[h])
-    report.heads_present = list(heads)
-    report.heads_absent = [h for h in all_heads if not has[h]]
-    return heads, has
+        if t.duplicate in canon and len(t.outputs) == 1:
+            has[t.outputs[0]].append(canon[t.duplicate][0])
+    outputs = tuple(h for h in all_outputs if has[h])
+    report.outputs_present = list(outputs)
+    report.outputs_absent = [h for h in all_outputs if not has[h]]
+    return outputs, has
 
 
-def _fill(candidates, canon, expected, layout: Layout, config, heads, has, report: Report):
+def _fill(candidates, canon, expected, layout: Layout, config, outputs, has, report: Report):
     """Flax path -> float32 array; records matched, mismatched, non-float, non-finite,
-    missing, partial heads."""
+    missing, partial outputs."""
     filled: dict[str, np.ndarray] = {}
     refused: set[str] = set()  # present but unusable paths: reported, not also missing
-    orphans: dict[tuple, list] = {}  # shared-head keys whose heads are all absent
+    orphans: dict[tuple, list] = {}  # keys shared by output heads that are all absent
     for c, rule, path in candidates:
         key, value = canon[c]
         if path not in expected:
@@ -287,7 +286,7 @@ def _fill(candidates, canon, expected, layout: Layout, config, heads, has, repor
                 report.unexpected.append((key, f"-> {path}, which the {config.model_type} "
                                                "config has no place for (layer beyond the config?)"))
             else:
-                orphans.setdefault(rule.heads, []).append(key)
+                orphans.setdefault(rule.outputs, []).append(key)
             continue
         arr = rule.transform.apply(to_numpy(value, key))
         usable = arr.shape == tuple(expected[path])
@@ -307,7 +306,7 @@ def _fill(candidates, canon, expected, layout: Layout, config, heads, has, repor
         filled[path] = np.ascontiguousarray(arr, dtype=np.float32)
         report.matched.append((key, path))
 
-    lacks = {h: [] for h in heads}
+    lacks = {h: [] for h in outputs}
     for path, shape in expected.items():
         if path in filled or path in refused:
             continue
@@ -319,20 +318,20 @@ def _fill(candidates, canon, expected, layout: Layout, config, heads, has, repor
         torch_key = layout.source_spelling(rule.match_flax(path)) if rule else "(no rule fills it)"
         report.missing.append((path, torch_key))
         # Every expected leaf belongs to the encoder or to a head found present.
-        for h in (rule.heads if rule else ()):
+        for h in (rule.outputs if rule else ()):
             if h in lacks:
                 lacks[h].append(torch_key)
-    report.partial_heads = [(h, has[h], miss) for h, miss in lacks.items() if miss]
+    report.partial_outputs = [(h, has[h], miss) for h, miss in lacks.items() if miss]
     for group, keys in orphans.items():
-        report.partial_heads.append(("/".join(group), keys, [f"the decoder of one of {list(group)}"]))
+        report.partial_outputs.append(("/".join(group), keys, [f"the decoder of one of {list(group)}"]))
     return filled
 
 
-def _check_tied(canon, layout: Layout, heads, report: Report) -> None:
+def _check_tied(canon, layout: Layout, outputs, report: Report) -> None:
     """Each tied duplicate must equal its kept tensor bit for bit; it is then dropped."""
     for t in layout.tied:
         if t.duplicate not in canon:
-            if any(h in heads for h in t.heads):
+            if any(h in outputs for h in t.outputs):
                 report.tied.append((t.duplicate, t.kept, "duplicate absent (shared storage)", True))
             continue
         dup_key, dup = canon[t.duplicate]
@@ -376,18 +375,18 @@ def convert_state_dict(state_dict, fmt: str, config=None, num_heads=None, model_
         raise ConversionError(report)
 
     candidates = _classify(canon, layout, report)
-    heads, has = _heads_present(candidates, canon, layout, report)
+    outputs, has = _outputs_present(candidates, canon, layout, report)
     expected = {"/".join(k): v.shape
-                for k, v in flatten_dict(param_shapes(build_model(config, heads))).items()}
-    filled = _fill(candidates, canon, expected, layout, config, heads, has, report)
-    _check_tied(canon, layout, heads, report)
+                for k, v in flatten_dict(param_shapes(build_model(config, outputs))).items()}
+    filled = _fill(candidates, canon, expected, layout, config, outputs, has, report)
+    _check_tied(canon, layout, outputs, report)
 
     order = {k: i for i, k in enumerate(state_dict)}
     report.unexpected.sort(key=lambda r: order.get(r[0], -1))
     if not report.ok:
         raise ConversionError(report)
     params = unflatten_dict({tuple(p.split("/")): v for p, v in filled.items()})
-    return ConversionResult(config, params, heads, report)
+    return ConversionResult(config, params, outputs, report)
 
 
 def convert_file(src: str, fmt: str, num_heads=None, model_config=None) -> ConversionResult:
@@ -412,5 +411,5 @@ def convert_checkpoint(src: str, fmt: str, out: str, num_heads=None, model_confi
     result = convert_file(src, fmt, num_heads=num_heads, model_config=model_config)
     extra = {"source": os.path.abspath(src), "format": fmt, "text_only": result.report.text_only,
              "report": result.report.summary()}
-    save(out, result.config, result.params, result.heads, extra=extra, overwrite=overwrite)
+    save(out, result.config, result.params, result.outputs, extra=extra, overwrite=overwrite)
     return result

@@ -15,7 +15,7 @@ import dataclasses
 
 import torch
 
-from value_jax.models import LXMERT_HEADS, UNITER_HEADS
+from value_jax.models import LXMERT_OUTPUTS, UNITER_OUTPUTS
 
 FAKE_FORMATS = ("uniter", "lxmert", "hf_lxmert", "bert")
 
@@ -77,7 +77,7 @@ class _Spec:
             self.tie(f"{p}.decoder.bias", f"{p}.bias")
 
 
-def _uniter(c, heads, spec: _Spec, prefix: str):
+def _uniter(c, outputs, spec: _Spec, prefix: str):
     u = f"{prefix}uniter"
     spec.text_embeddings(f"{u}.embeddings", c.vocab_size, c.hidden_size,
                          c.max_position_embeddings, c.type_vocab_size)
@@ -91,23 +91,23 @@ def _uniter(c, heads, spec: _Spec, prefix: str):
     for i in range(c.num_layers):
         spec.bert_layer(f"{u}.encoder.layer.{i}", c.hidden_size, c.intermediate_size)
     spec.linear(f"{u}.pooler.dense", c.hidden_size, c.hidden_size)
-    if "mlm" in heads:
+    if "mlm" in outputs:
         spec.mlm(f"{prefix}cls.predictions", f"{u}.embeddings.word_embeddings.weight",
                  c.vocab_size, c.hidden_size)
-    if "mrfr" in heads:
+    if "mrfr" in outputs:
         spec.tie(f"{prefix}feat_regress.weight", f"{img}.img_linear.weight")
         spec.param(f"{prefix}feat_regress.bias", (c.img_dim,), "b")
         spec.linear(f"{prefix}feat_regress.net.0", c.hidden_size, c.hidden_size)
         spec.layer_norm(f"{prefix}feat_regress.net.2", c.hidden_size)
-    if "mrc" in heads:
+    if "mrc" in outputs:
         spec.linear(f"{prefix}region_classifier.net.0", c.hidden_size, c.hidden_size)
         spec.layer_norm(f"{prefix}region_classifier.net.2", c.hidden_size)
         spec.linear(f"{prefix}region_classifier.net.3", c.num_region_labels, c.hidden_size)
-    if "itm" in heads:
+    if "itm" in outputs:
         spec.linear(f"{prefix}itm_output", 2, c.hidden_size)
 
 
-def _lxmert(c, heads, spec: _Spec, base: str, head_prefix: str, answer_labels: int):
+def _lxmert(c, outputs, spec: _Spec, base: str, head_prefix: str, answer_labels: int):
     """`base` = `module.bert` (original), `lxmert` (HF) or `` (bare `LxmertModel`)."""
     b = f"{base}." if base else ""
     h, inner = c.hidden_size, c.intermediate_size
@@ -130,12 +130,12 @@ def _lxmert(c, heads, spec: _Spec, base: str, head_prefix: str, answer_labels: i
     for i in range(c.r_layers):
         spec.bert_layer(f"{b}encoder.r_layers.{i}", h, inner)
     spec.linear(f"{b}pooler.dense", h, h)
-    if "mlm" in heads:
+    if "mlm" in outputs:
         spec.mlm(f"{head_prefix}cls.predictions", f"{b}embeddings.word_embeddings.weight",
                  c.vocab_size, h)
-    if "itm" in heads:
+    if "itm" in outputs:
         spec.linear(f"{head_prefix}cls.seq_relationship", 2, h)
-    visual = [k for k in ("obj", "attr", "feat") if k in heads]
+    visual = [k for k in ("obj", "attr", "feat") if k in outputs]
     if visual:
         o = f"{head_prefix}obj_predict_head"
         spec.linear(f"{o}.transform.dense", h, h)
@@ -150,73 +150,73 @@ def _lxmert(c, heads, spec: _Spec, base: str, head_prefix: str, answer_labels: i
         spec.linear(f"{a}.3", answer_labels, 2 * h)
 
 
-def _bert(c, heads, spec: _Spec, bare: bool, nsp: bool):
+def _bert(c, outputs, spec: _Spec, bare: bool, nsp: bool):
     b = "" if bare else "bert."
     spec.text_embeddings(f"{b}embeddings", c.vocab_size, c.hidden_size,
                          c.max_position_embeddings, c.type_vocab_size)
     for i in range(c.num_layers):
         spec.bert_layer(f"{b}encoder.layer.{i}", c.hidden_size, c.intermediate_size)
     spec.linear(f"{b}pooler.dense", c.hidden_size, c.hidden_size)
-    if "mlm" in heads:
+    if "mlm" in outputs:
         spec.mlm("cls.predictions", f"{b}embeddings.word_embeddings.weight", c.vocab_size,
                  c.hidden_size, decoder_bias=True)
     if nsp:
         spec.linear("cls.seq_relationship", 2, c.hidden_size)
 
 
-def _spec(fmt, config, heads, answer_labels, old_layer_norm_names, module_prefix, bare,
+def _spec(fmt, config, outputs, answer_labels, old_layer_norm_names, module_prefix, bare,
           nsp) -> _Spec:
     spec = _Spec(old_layer_norm_names)
     if fmt == "uniter":
-        _uniter(config, UNITER_HEADS if heads is None else heads, spec,
+        _uniter(config, UNITER_OUTPUTS if outputs is None else outputs, spec,
                 "module." if module_prefix else "")
     elif fmt in ("lxmert", "hf_lxmert"):
-        heads = LXMERT_HEADS if heads is None else heads
+        outputs = LXMERT_OUTPUTS if outputs is None else outputs
         if fmt == "lxmert":
-            _lxmert(config, heads, spec, "module.bert", "module.", answer_labels)
+            _lxmert(config, outputs, spec, "module.bert", "module.", answer_labels)
         elif bare:
             _lxmert(config, (), spec, "", "", 0)
         else:
-            _lxmert(config, heads, spec, "lxmert", "", answer_labels)
+            _lxmert(config, outputs, spec, "lxmert", "", answer_labels)
     elif fmt == "bert":
-        _bert(config, () if bare else (("mlm",) if heads is None else heads), spec, bare,
+        _bert(config, () if bare else (("mlm",) if outputs is None else outputs), spec, bare,
               nsp and not bare)
     else:
         raise ValueError(f"unknown format {fmt!r}; expected one of {list(FAKE_FORMATS)}")
     return spec
 
 
-def state_dict_shapes(fmt: str, config, heads=None, *, answer_labels: int = 0,
+def state_dict_shapes(fmt: str, config, outputs=None, *, answer_labels: int = 0,
                       old_layer_norm_names: bool = False, module_prefix: bool = False,
                       bare: bool = False, nsp: bool = True) -> dict[str, tuple]:
     """The keys and torch shapes `make_state_dict` would produce, without allocating anything
     (cheap at full size)."""
-    spec = _spec(fmt, config, heads, answer_labels, old_layer_norm_names, module_prefix, bare, nsp)
+    spec = _spec(fmt, config, outputs, answer_labels, old_layer_norm_names, module_prefix, bare, nsp)
     shapes = {}
     for key, shape, kind in spec.entries:
         shapes[key] = shapes[kind[1:]] if kind.startswith("=") else shape
     return shapes
 
 
-def make_state_dict(fmt: str, config, seed: int = 0, heads=None, *, answer_labels: int = 0,
+def make_state_dict(fmt: str, config, seed: int = 0, outputs=None, *, answer_labels: int = 0,
                     old_layer_norm_names: bool = False, dtype=torch.float32,
                     module_prefix: bool = False, bare: bool = False, nsp: bool = True,
                     attention_score_std: float | None = None) -> dict[str, torch.Tensor]:
     """A fake state dict of `fmt` for `config` (UniterConfig for uniter/bert, else LxmertConfig).
 
-    heads: pre-training heads to include (default all the format has; bert: `("mlm",)`).
+    outputs: pre-training outputs to include (default all the format has; bert: `("mlm",)`).
     answer_labels: > 0 adds LXMERT's `answer_head` with that many answers.
     old_layer_norm_names: LayerNorms as `gamma`/`beta` (old UNITER/BERT files).
     dtype: e.g. `torch.float16`, as UNITER's fp16 training saved.
     module_prefix: UNITER keys under `module.` (a DataParallel save).
-    bare: hf_lxmert as `LxmertModel`, bert as `BertModel`, with no prefix and no heads.
+    bare: hf_lxmert as `LxmertModel`, bert as `BertModel`, with no prefix and no outputs.
     nsp: bert only, include `cls.seq_relationship`.
     attention_score_std: query/key weights ~ N(0, s / hidden) so that attention logits have
       std about `s` at any size (a BERT init gives near-uniform maps, most of all at tiny
       sizes; s ~ 1-2 gives peaked, demo-worthy maps). Default: the BERT init for them too.
     Tied keys hold the *same* tensor as their source, as `model.state_dict()` does.
     """
-    spec = _spec(fmt, config, heads, answer_labels, old_layer_norm_names, module_prefix, bare, nsp)
+    spec = _spec(fmt, config, outputs, answer_labels, old_layer_norm_names, module_prefix, bare, nsp)
     # Logit = q.k / sqrt(d_head) with q, k ~ N(0, hidden * std^2) per unit: std (hidden std^2).
     qk_std = 0.02 if attention_score_std is None else (attention_score_std / config.hidden_size) ** 0.5
     gen = torch.Generator().manual_seed(seed)

@@ -1,7 +1,7 @@
 """Declarative key tables: how each source layout's PyTorch keys land in the Flax params tree.
 
-A table is an ordered list of `Rule`s over *canonical* torch keys (UNITER: `uniter.*`, heads
-`cls.*`, `feat_regress.*`, ...; LXMERT: Hugging Face's `lxmert.*`, `cls.*`, `obj_predict_head.*`).
+A table is an ordered list of `Rule`s over *canonical* torch keys (UNITER: `uniter.*`, the output
+heads' `cls.*`, `feat_regress.*`, ...; LXMERT: Hugging Face's `lxmert.*`, `cls.*`, `obj_predict_head.*`).
 A `Layout` says how a source file spells those keys (prefix renames such as `module.bert.` ->
 `lxmert.`, old LayerNorm names `gamma`/`beta`), which keys are tied duplicates, which are known
 and deliberately unused, and which Flax leaves have no source at all and are filled with zeros.
@@ -49,14 +49,14 @@ def _template_regex(template: str) -> re.Pattern:
 class Rule:
     """One canonical torch key template <-> one Flax path template (`{i}` = a layer index).
 
-    `heads` is `("encoder",)` for the required encoder/embeddings/pooler, else the head groups
+    `outputs` is `("encoder",)` for the required encoder/embeddings/pooler, else the output heads
     that need the key: `("mlm",)`, or `("obj", "attr", "feat")` for a transform they share.
     """
 
     torch: str
     flax: str
     transform: Transform
-    heads: tuple = (ENCODER,)
+    outputs: tuple = (ENCODER,)
 
     def __post_init__(self):
         object.__setattr__(self, "_torch_re", _template_regex(self.torch))
@@ -72,7 +72,7 @@ class Rule:
 
     @property
     def required(self) -> bool:
-        return self.heads == (ENCODER,)
+        return self.outputs == (ENCODER,)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,7 +81,7 @@ class Tied:
 
     duplicate: str
     kept: str
-    heads: tuple
+    outputs: tuple
 
 
 @dataclasses.dataclass(frozen=True)
@@ -157,19 +157,19 @@ class Layout:
 
 # ---- building blocks (torch prefix, Flax prefix) -------------------------------------------
 
-def _dense(t: str, f: str, heads=(ENCODER,), bias: bool = True) -> Iterator[Rule]:
-    yield Rule(f"{t}.weight", f"{f}/kernel", Transform.TRANSPOSE, heads)
+def _dense(t: str, f: str, outputs=(ENCODER,), bias: bool = True) -> Iterator[Rule]:
+    yield Rule(f"{t}.weight", f"{f}/kernel", Transform.TRANSPOSE, outputs)
     if bias:
-        yield Rule(f"{t}.bias", f"{f}/bias", Transform.IDENTITY, heads)
+        yield Rule(f"{t}.bias", f"{f}/bias", Transform.IDENTITY, outputs)
 
 
-def _layer_norm(t: str, f: str, heads=(ENCODER,)) -> Iterator[Rule]:
-    yield Rule(f"{t}.weight", f"{f}/scale", Transform.IDENTITY, heads)
-    yield Rule(f"{t}.bias", f"{f}/bias", Transform.IDENTITY, heads)
+def _layer_norm(t: str, f: str, outputs=(ENCODER,)) -> Iterator[Rule]:
+    yield Rule(f"{t}.weight", f"{f}/scale", Transform.IDENTITY, outputs)
+    yield Rule(f"{t}.bias", f"{f}/bias", Transform.IDENTITY, outputs)
 
 
-def _embed(t: str, f: str, heads=(ENCODER,)) -> Iterator[Rule]:
-    yield Rule(f"{t}.weight", f"{f}/embedding", Transform.IDENTITY, heads)
+def _embed(t: str, f: str, outputs=(ENCODER,)) -> Iterator[Rule]:
+    yield Rule(f"{t}.weight", f"{f}/embedding", Transform.IDENTITY, outputs)
 
 
 def _attention(t: str, f: str, core: str) -> Iterator[Rule]:
@@ -197,14 +197,14 @@ def _text_embeddings(t: str, f: str) -> Iterator[Rule]:
     yield from _layer_norm(f"{t}.LayerNorm", f"{f}/LayerNorm")
 
 
-def _prediction_transform(t: str, f: str, heads) -> Iterator[Rule]:
-    yield from _dense(f"{t}.dense", f"{f}/dense", heads)
-    yield from _layer_norm(f"{t}.LayerNorm", f"{f}/LayerNorm", heads)
+def _prediction_transform(t: str, f: str, outputs) -> Iterator[Rule]:
+    yield from _dense(f"{t}.dense", f"{f}/dense", outputs)
+    yield from _layer_norm(f"{t}.LayerNorm", f"{f}/LayerNorm", outputs)
 
 
-def _mlm(heads=("mlm",)) -> Iterator[Rule]:
-    yield Rule("cls.predictions.bias", "cls/predictions/bias", Transform.IDENTITY, heads)
-    yield from _prediction_transform("cls.predictions.transform", "cls/predictions/transform", heads)
+def _mlm(outputs=("mlm",)) -> Iterator[Rule]:
+    yield Rule("cls.predictions.bias", "cls/predictions/bias", Transform.IDENTITY, outputs)
+    yield from _prediction_transform("cls.predictions.transform", "cls/predictions/transform", outputs)
 
 
 # ---- UNITER (canonical = `UniterForPretraining.state_dict()`) --------------------------------
@@ -282,7 +282,7 @@ _ANSWER_HEAD = Unused(r"answer_head\..*", "VQA answer head (not modelled; no ana
 
 # BERT has no region embedding: UNITER's `img_embeddings` are zeros and the result is text-only.
 BERT_RULES = tuple(r for r in UNITER_RULES
-                   if r.heads in ((ENCODER,), ("mlm",)) and not r.torch.startswith("uniter.img_"))
+                   if r.outputs in ((ENCODER,), ("mlm",)) and not r.torch.startswith("uniter.img_"))
 BERT_TIED = UNITER_TIED[:1] + (
     Tied("cls.predictions.decoder.bias", "cls.predictions.bias", ("mlm",)),
 )

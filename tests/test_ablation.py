@@ -94,7 +94,7 @@ def test_mrc_xe_uses_object_id_plus_one_not_the_reference_off_by_one():
     assert off_by_one - got > 10.0
     assert res.data["mrc_kl_nats"]["none"]["mean"] == pytest.approx(right, abs=1e-6)  # one-hot p: KL = XE
     assert res.data["top1_matches_detector"]["none"] == 1.0
-    assert P.Lang4VisProbe([A.Lang4Vis()], "uniter").heads == ("mrc",)
+    assert P.Lang4VisProbe([A.Lang4Vis()], "uniter").outputs == ("mrc",)
 
 
 def test_lxmert_mrc_xe_is_confidence_weighted_on_the_1600_way_head():
@@ -102,7 +102,7 @@ def test_lxmert_mrc_xe_is_confidence_weighted_on_the_1600_way_head():
     logits = rng.normal(size=(4, 3, 1600)).astype(np.float32)
     obj, conf, region = np.array([0, 7, 1599, 300]), np.array([0.9, 0.2, 0.5, 1.0]), np.array([2, 0, 1, 2])
     probe = P.Lang4VisProbe([A.Lang4Vis("none")], "lxmert")
-    assert probe.heads == ("obj",)
+    assert probe.outputs == ("obj",)
     stats = jax.device_get(probe.step(types.SimpleNamespace(outputs={"obj": logits}),
                                       _lang4vis_targets(obj, conf, np.zeros((4, 1), np.float32), region)))
     res = probe.finalize({k: np.asarray(v, np.float64) for k, v in stats.items()}, {})
@@ -252,7 +252,7 @@ def _row_bits(model, params, loader):
     """{(setting name, example index): bits} from a plain forward of every collated row."""
     out = {}
     for batch, tg in loader:
-        trace = value_jax.run(model, params, batch, heads=("mlm",))
+        trace = value_jax.run(model, params, batch, outputs=("mlm",))
         bits = np.asarray(P.masked_lm_bits(trace.outputs["mlm"], tg["labels"], tg["label_mask"]))
         for i in np.flatnonzero(tg["valid"]):
             out[loader.settings[tg["setting"][i]].name, int(tg["example_index"][i])] = float(bits[i])
@@ -274,7 +274,7 @@ def _by_hand(model, params, data, left_feature=None):
         if left_feature is not None:
             feats[i, :m][ex.regions.normalized_boxes[:, 0] < 0.5] = left_feature
     batch = value_jax.Batch.create(ids, text_mask, feats, boxes, region_mask)
-    logits = value_jax.run(model, params, batch, heads=("mlm",)).outputs["mlm"]
+    logits = value_jax.run(model, params, batch, outputs=("mlm",)).outputs["mlm"]
     return _log_softmax(np.asarray(logits, np.float64))
 
 

@@ -109,20 +109,20 @@ def test_round_trip_every_leaf_equals_its_source(name):
     assert result.report.ok and result.report.text_only == (fmt == "bert")
     assert all(ok for *_, ok in result.report.tied)
     if fmt == "uniter":
-        assert result.config == cfg and result.heads == ("mlm", "mrc", "mrfr", "itm")
+        assert result.config == cfg and result.outputs == ("mlm", "mrc", "mrfr", "itm")
         assert len(result.report.tied) == 2
     if fmt == "lxmert":
-        assert result.config == cfg and result.heads == ("mlm", "obj", "attr", "feat", "itm")
+        assert result.config == cfg and result.outputs == ("mlm", "obj", "attr", "feat", "itm")
         assert len(result.report.unused) == 6
         assert all(k.startswith("module.answer_head.") for k, _ in result.report.unused)
     if bare:
-        assert result.heads == ()
+        assert result.outputs == ()
     if fmt == "bert" and not bare:
-        assert result.heads == ("mlm",)
+        assert result.outputs == ("mlm",)
         assert {k for k, _ in result.report.unused} == {"cls.seq_relationship.weight",
                                                         "cls.seq_relationship.bias"}
     # The Flax tree is exactly the model's, and it runs.
-    want = jax.tree_util.tree_map(lambda s: s.shape, param_shapes(build_model(result.config, result.heads)))
+    want = jax.tree_util.tree_map(lambda s: s.shape, param_shapes(build_model(result.config, result.outputs)))
     assert jax.tree_util.tree_map(np.shape, result.params) == want
 
 
@@ -177,10 +177,10 @@ def _lxmert_parity(hf, result, pretraining=True):
         enc = base(**kw)
         full = hf(**kw) if pretraining else None
         visual = hf.obj_predict_head(enc.vision_output) if pretraining else None
-    model = build_model(result.config, result.heads)
+    model = build_model(result.config, result.outputs)
     # Un-jitted: one forward of a tiny model is quicker op by op than compiled.
     trace = value_jax.forward(model, result.params, value_jax.Batch.create(ids, tm, feats, boxes, rm),
-                              heads=result.heads)
+                              outputs=result.outputs)
     out, diffs = trace.outputs, {}
     c = result.config
     lang_names = [f"lang{i}" for i in range(1, c.l_layers + 1)] + [f"cross{j}.lang" for j in range(1, c.x_layers + 1)]
@@ -217,7 +217,7 @@ def test_hf_lxmert_pretraining_parity(hf_lxmert, tmp_path):
     path = str(tmp_path / "hf_lxmert.bin")
     torch.save(hf_lxmert.state_dict(), path)
     result = convert_state_dict(read_state_dict(path), "hf_lxmert", num_heads=L.num_heads)
-    assert result.heads == ("mlm", "obj", "attr", "feat", "itm")
+    assert result.outputs == ("mlm", "obj", "attr", "feat", "itm")
     assert [k for k, _ in result.report.unused] == [k for k in hf_lxmert.state_dict() if k.startswith("answer_head.")]
     diffs = _lxmert_parity(hf_lxmert, result)
     print("hf_lxmert max|diff|:", max(diffs.values()))
@@ -239,7 +239,7 @@ def test_hf_lxmert_model_parity(hf_lxmert):
     bare = hf_lxmert.lxmert
     assert type(bare) is transformers.LxmertModel
     result = convert_state_dict(bare.state_dict(), "hf_lxmert", num_heads=L.num_heads)
-    assert result.heads == () and result.report.layout == "LxmertModel"
+    assert result.outputs == () and result.report.layout == "LxmertModel"
     full = convert_state_dict(hf_lxmert.state_dict(), "hf_lxmert", num_heads=L.num_heads)
     assert set(result.params) == {"lxmert"}
     jax.tree_util.tree_map(np.testing.assert_array_equal, result.params["lxmert"],
@@ -269,8 +269,8 @@ def test_bert_parity_on_uniter_text_path(tmp_path):
     b, n = ids.shape
     batch = value_jax.Batch.create(ids, tm, np.zeros((b, 0, result.config.img_dim), np.float32),
                                    np.zeros((b, 0, 4), np.float32))
-    trace = value_jax.forward(build_model(result.config, result.heads), result.params, batch,
-                              heads=("mlm",))
+    trace = value_jax.forward(build_model(result.config, result.outputs), result.params, batch,
+                              outputs=("mlm",))
     diffs = {}
     names = ["embeddings"] + [f"layer{i}" for i in range(1, U.num_layers + 1)]
     for name, h in zip(names, enc.hidden_states, strict=True):
@@ -326,14 +326,14 @@ def test_cli_writes_a_directory_that_loads_and_runs(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "result: OK" in proc.stdout and "equal, dropped" in proc.stdout
     model, params = load(str(out))
-    assert model.available_heads == ("mlm", "mrc", "mrfr", "itm")
+    assert model.available_outputs == ("mlm", "mrc", "mrfr", "itm")
     expected = convert_state_dict(read_state_dict(src), "uniter", num_heads=U.num_heads).params
     jax.tree_util.tree_map(np.testing.assert_array_equal, params, expected)
     _, _, meta = read_config(str(out))
     assert meta["format"] == "uniter" and meta["text_only"] is False
     ids, tm, feats, boxes, rm = random_inputs(U.img_dim, U.vocab_size)
     trace = value_jax.forward(model, params, value_jax.Batch.create(ids, tm, feats, boxes, rm),
-                              heads=model.available_heads)
+                              outputs=model.available_outputs)
     probs = np.asarray(trace.attention["layer1"])
     assert np.isfinite(probs).all() and np.allclose(probs.sum(-1), 1, atol=1e-5)
     assert probs.std() > 0
@@ -465,17 +465,17 @@ def test_partially_present_head_is_refused(fmt, cfg, drop, head):
     for k in drop:
         del sd[k]
     report, message = _refused(sd, fmt)
-    assert head in [h for h, *_ in report.partial_heads], report.partial_heads
-    assert "PARTIAL HEADS" in message
+    assert head in [h for h, *_ in report.partial_outputs], report.partial_outputs
+    assert "PARTIAL OUTPUT HEADS" in message
 
 
-def test_absent_head_is_fine_and_reported():
-    sd = make_state_dict("uniter", U, seed=0, heads=("itm",))
+def test_absent_output_head_is_fine_and_reported():
+    sd = make_state_dict("uniter", U, seed=0, outputs=("itm",))
     result = convert_state_dict(sd, "uniter", num_heads=4)
-    assert result.heads == ("itm",) and result.report.heads_absent == ["mlm", "mrc", "mrfr"]
-    with pytest.raises(ValueError, match="no weights for heads"):
-        build_model(result.config, result.heads).apply(
-            {"params": result.params}, value_jax.models.dummy_batch(result.config), heads=("mlm",))
+    assert result.outputs == ("itm",) and result.report.outputs_absent == ["mlm", "mrc", "mrfr"]
+    with pytest.raises(ValueError, match="no weights for outputs"):
+        build_model(result.config, result.outputs).apply(
+            {"params": result.params}, value_jax.models.dummy_batch(result.config), outputs=("mlm",))
 
 
 @pytest.mark.parametrize("fmt,cfg,dup", [("uniter", U, "cls.predictions.decoder.weight"),

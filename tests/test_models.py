@@ -142,15 +142,15 @@ def test_attention_rows_are_distributions_and_names_documented():
             np.testing.assert_allclose(a.sum(-1), 1.0, atol=1e-5, err_msg=name)
 
 
-def test_heads_absent_from_checkpoint_are_refused():
+def test_output_heads_absent_from_checkpoint_are_refused():
     cfg = UniterConfig.tiny()
-    model = build_model(cfg, heads=("mlm",))
+    model = build_model(cfg, outputs=("mlm",))
     params = init_params(model, jax.random.PRNGKey(0))
     assert "region_classifier" not in params
-    with pytest.raises(ValueError, match="no weights for heads \\['mrc'\\]"):
-        value_jax.run(model, params, _batch(cfg, np.random.default_rng(0)), heads=("mrc",))
-    with pytest.raises(ValueError, match="unknown UNITER heads"):
-        value_jax.run(model, params, _batch(cfg, np.random.default_rng(0)), heads=("vqa",))
+    with pytest.raises(ValueError, match="no weights for outputs \\['mrc'\\]"):
+        value_jax.run(model, params, _batch(cfg, np.random.default_rng(0)), outputs=("mrc",))
+    with pytest.raises(ValueError, match="unknown UNITER outputs"):
+        value_jax.run(model, params, _batch(cfg, np.random.default_rng(0)), outputs=("vqa",))
 
 
 def test_base_configs_have_the_published_sizes():

@@ -92,7 +92,7 @@ def test_lxmert_every_attention_map_and_hidden_state(size):
                  visual_pos=tt(boxes), visual_attention_mask=tt(rm).float(),
                  output_hidden_states=True, output_attentions=True)
     result = convert_state_dict(hf.state_dict(), "hf_lxmert", num_heads=cfg.num_heads)
-    trace = value_jax.run(build_model(result.config, result.heads), result.params,
+    trace = value_jax.run(build_model(result.config, result.outputs), result.params,
                           value_jax.Batch.create(ids, tm, feats, boxes, rm))
     worst = {}
     lang = [f"lang{i}" for i in range(1, cfg.l_layers + 1)] + [f"cross{j}.lang" for j in range(1, cfg.x_layers + 1)]
@@ -133,7 +133,7 @@ def test_uniter_text_path_matches_bert(size):
     result = convert_state_dict(hf.state_dict(), "bert", num_heads=cfg.num_heads)
     batch = value_jax.Batch.create(ids, tm, np.zeros((b, 0, result.config.img_dim), np.float32),
                                    np.zeros((b, 0, 4), np.float32))
-    trace = value_jax.run(build_model(result.config, result.heads), result.params, batch)
+    trace = value_jax.run(build_model(result.config, result.outputs), result.params, batch)
     worst = {}
     names = ["embeddings"] + [f"layer{i}" for i in range(1, cfg.num_layers + 1)]
     for name, h in zip(names, out.hidden_states, strict=True):

@@ -106,7 +106,7 @@ def test_planted_model_is_what_its_docstring_says(planted):
 
     data, _ = planted
     config, params = P.uniter_coref(data, UNITER_V2T, UNITER_T2V)
-    model = build_model(config, heads=())
+    model = build_model(config, outputs=())
     loader = CorefLoader(data.flickr_root, data.features, data.vocab_cased, lowercase=False,
                          batch_size=8)
     batch, targets = next(iter(loader))

@@ -5,7 +5,6 @@ import pytest
 
 import value_jax
 from value_jax.models import LxmertConfig, UniterConfig, build_model, init_params
-from value_jax.trace import _layer_order
 
 
 def _run(cfg, text_lens=(7, 5), region_lens=(5, 3)):
@@ -13,7 +12,7 @@ def _run(cfg, text_lens=(7, 5), region_lens=(5, 3)):
     params = init_params(model, jax.random.PRNGKey(0))
     rng = np.random.default_rng(0)
     b, t, r = 2, 7, 5
-    feat = cfg.img_dim if cfg.model_type == "uniter" else cfg.visual_feat_dim
+    feat = cfg.feature_dim
     batch = value_jax.Batch.create(
         rng.integers(0, cfg.vocab_size, (b, t)), np.arange(t)[None] < np.array(text_lens)[:, None],
         rng.random((b, r, feat)), np.tile([0.1, 0.2, 0.6, 0.7], (b, r, 1)),
@@ -58,14 +57,6 @@ def test_layout_masks():
     assert m["cls"][:, 0].all() and m["cls"].sum() == 2
     assert m["regions"][1].sum() == 3 and not m["regions"][:, :7].any()
     assert m["sep"][1, 3] and m["sep"].sum() == 2
-
-
-def test_layer_order_is_forward_order():
-    names = ["layer10", "layer2", "layer1", "embeddings"]
-    assert sorted(names, key=_layer_order) == ["embeddings", "layer1", "layer2", "layer10"]
-    names = ["cross1.v2l", "visn1", "cross1.l2v", "lang9", "cross1.visn_self", "cross1.lang_self"]
-    assert sorted(names, key=_layer_order) == ["lang9", "visn1", "cross1.l2v", "cross1.v2l",
-                                               "cross1.lang_self", "cross1.visn_self"]
 
 
 @pytest.mark.parametrize("cfg", [UniterConfig.tiny(num_layers=3),

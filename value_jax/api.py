@@ -13,22 +13,23 @@ from value_jax.batch import Batch
 from value_jax.trace import Trace
 
 
-def forward(model, params, batch: Batch, heads=()) -> Trace:
-    """Un-jitted forward returning the Trace; call it inside your own jitted step."""
-    outputs, state = model.apply({"params": params}, batch, heads=tuple(heads),
-                                 mutable=["intermediates"])
-    return Trace.from_intermediates(model.config.model_type, state["intermediates"], batch, outputs)
+def forward(model, params, batch: Batch, outputs=()) -> Trace:
+    """Un-jitted forward returning the Trace; call it inside your own jitted step. `outputs`
+    names the pre-training output heads to compute (`model.config.outputs`)."""
+    out, state = model.apply({"params": params}, batch, outputs=tuple(outputs),
+                             mutable=["intermediates"])
+    return Trace.from_intermediates(model.config.model_type, state["intermediates"], batch, out)
 
 
 @functools.lru_cache(maxsize=None)
-def _jitted(model, heads):
-    return jax.jit(lambda params, batch: forward(model, params, batch, heads))
+def _jitted(model, outputs):
+    return jax.jit(lambda params, batch: forward(model, params, batch, outputs))
 
 
-def run(model, params, batch: Batch, heads=()) -> Trace:
+def run(model, params, batch: Batch, outputs=()) -> Trace:
     """Jitted forward returning the full Trace (every attention map and hidden state).
 
-    Compiled once per (model, heads, batch shapes). The Trace stays on device; use
+    Compiled once per (model, outputs, batch shapes). The Trace stays on device; use
     `trace.attention_numpy()` to copy every map to host.
     """
-    return _jitted(model, tuple(heads))(params, batch)
+    return _jitted(model, tuple(outputs))(params, batch)

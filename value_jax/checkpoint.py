@@ -1,7 +1,7 @@
 """The converted-checkpoint directory: `config.json` + an orbax checkpoint of the Flax params.
 
 Layout of `DIR`:
-  config.json   the model config (`model_type` uniter|lxmert, sizes, `heads` present) plus
+  config.json   the model config (`model_type` uniter|lxmert, sizes, `outputs` present) plus
                 `conversion` provenance (source file, format, report summary) and
                 `conversion.content_sha256`, the hash of the params (`params_sha256`)
   params/       orbax checkpoint of the Flax `params` tree
@@ -90,9 +90,9 @@ def checkpoint_id(path: str) -> str:
     return recorded if recorded else _files_sha256(path)
 
 
-def save(out_dir: str, config, params: Any, heads=(), extra: dict | None = None,
+def save(out_dir: str, config, params: Any, outputs=(), extra: dict | None = None,
          overwrite: bool = False) -> str:
-    """Atomically writes `config` (+ `heads`, + `extra` metadata, + the params hash) and
+    """Atomically writes `config` (+ `outputs`, + `extra` metadata, + the params hash) and
     `params` to `out_dir`.
 
     `overwrite` replaces an existing checkpoint directory (or an empty one), never anything else
@@ -115,7 +115,7 @@ def save(out_dir: str, config, params: Any, heads=(), extra: dict | None = None,
         old = tmp + "-old"
         try:
             meta = dataclasses.asdict(config)
-            meta["heads"] = list(heads)
+            meta["outputs"] = list(outputs)
             params = jax.tree_util.tree_map(lambda x: np.asarray(x, np.float32), params)
             meta["conversion"] = {**(extra or {}), HASH_KEY: params_sha256(params)}
             with open(os.path.join(tmp, "config.json"), "w") as f:
@@ -245,7 +245,8 @@ def _signals_blocked():
 
 
 def read_config(path: str):
-    """Returns `(config, heads, metadata)` from `path/config.json`."""
+    """Returns `(config, outputs, metadata)` from `path/config.json` (`outputs`: the output heads
+    with weights; directories written before the key was renamed hold it as `heads`)."""
     cfg_path = os.path.join(path, "config.json")
     if not os.path.isfile(cfg_path):
         raise FileNotFoundError(
@@ -253,18 +254,19 @@ def read_config(path: str):
             "(make one with `python -m checkpoints_convert`)")
     with open(cfg_path) as f:
         meta = json.load(f)
-    heads = tuple(meta.pop("heads", ()))
+    legacy = meta.pop("heads", ())
+    outputs = tuple(meta.pop("outputs", legacy))
     extra = meta.pop("conversion", {})
-    return config_from_dict(meta), heads, extra
+    return config_from_dict(meta), outputs, extra
 
 
 def load(path: str):
     """`model, params = load(DIR)` for a directory written by `save` / the converter.
 
-    `model.available_heads` lists the pre-training heads whose weights the checkpoint holds.
+    `model.available_outputs` lists the pre-training output heads whose weights it holds.
     """
-    config, heads, _ = read_config(path)
+    config, outputs, _ = read_config(path)
     with quiet_orbax(), local_checkpointer() as ckptr:
         params = ckptr.restore(os.path.join(os.path.abspath(path), "params"))
     params = jax.tree_util.tree_map(lambda x: np.asarray(x, np.float32), params)
-    return build_model(config, heads), params
+    return build_model(config, outputs), params

@@ -47,13 +47,14 @@ from value_jax.trace import Layout
 class Probe:
     """Base class: `step` is jittable and returns small statistics; `finalize` makes the Result.
 
-    Subclasses set `name`, `heads` (model heads the step needs), `sum_keys` / `collect_keys`.
+    Subclasses set `name`, `outputs` (the model's output heads the step needs, e.g. `("mrc",)`),
+    `collect_keys`.
     Metadata a probe reports (layer names, ...) is set in `bind`, from the model's `Layout`,
     which the runner calls before the first batch; `step` never records anything on `self`.
     """
 
     name: str = "probe"
-    heads: tuple = ()
+    outputs: tuple = ()
     collect_keys: tuple = ()
 
     def bind(self, layout: Layout) -> None:
@@ -251,10 +252,10 @@ def _hms(seconds: float) -> str:
 
 def make_step(model, probes: Sequence[Probe]):
     """The jitted pass: forward → Trace → every probe's step. Returns {probe name: stats}."""
-    heads = tuple(sorted({h for p in probes for h in p.heads}))
+    outputs = tuple(sorted({o for p in probes for o in p.outputs}))
 
     def step(params, batch, targets):
-        trace = forward(model, params, batch, heads)
+        trace = forward(model, params, batch, outputs)
         return {p.name: p.step(trace, targets) for p in probes}
 
     return jax.jit(step)

@@ -4,6 +4,7 @@ This is the only module that knows how each model's sown intermediates map onto 
 (see the docstrings of `value_jax.models.uniter` / `.lxmert` for the sown names). A probe asks for
 `trace.blocks("v2t")` and gets `[L, B, H, Q, K]` plus the layer names; it never looks at a model.
 
+Layer names, directions and modalities are those of `value_jax.names`.
 Directions are written query→key: `t2v` = text queries attending to region keys.
   UNITER: every block is a slice of the layer's joint softmax over `[text slot | regions]`, so a
     slice keeps the joint normalisation (a t2v row sums to the text query's mass on regions).
@@ -21,8 +22,8 @@ import flax.struct
 import jax.numpy as jnp
 import numpy as np
 
-DIRECTIONS = ("t2t", "t2v", "v2t", "v2v")
-MODALITIES = ("text", "image")
+from value_jax import names as N
+from value_jax.names import DIRECTIONS, MODALITIES, LayerId
 
 
 @flax.struct.dataclass
@@ -54,9 +55,9 @@ class Trace:
     def from_intermediates(cls, model_type: str, intermediates: dict, batch, outputs=None) -> "Trace":
         scope = intermediates[model_type]
         attention, hidden = {}, {}
-        for name, value in scope.items():
-            kind, _, rest = name.partition(".")
-            (attention if kind == "attention" else hidden)[rest] = value[0]
+        for key, value in scope.items():
+            kind, name = N.unsown(key)
+            (attention if kind == N.ATTENTION else hidden)[name] = value[0]
         return cls(attention, hidden, batch.text_mask, batch.region_mask, dict(outputs or {}),
                    batch.input_ids, batch.region_feats, model_type)
 
@@ -107,18 +108,17 @@ class Trace:
         `layers` restricts to (and orders by) the given layer names.
         """
         names = self.layer_names(direction) if layers is None else list(layers)
-        if self.model_type == "uniter":
-            t = self.text_len
-            q = slice(0, t) if direction[0] == "t" else slice(t, None)
-            k = slice(0, t) if direction[2] == "t" else slice(t, None)
-            maps = [self.attention[n][:, :, q, k] for n in names]
-        else:
-            maps = [self.attention[n] for n in names]
+        q, k = self._slot(direction[0]), self._slot(direction[2])
+        maps = [self.attention[n][:, :, q, k] if _joint(n) else self.attention[n] for n in names]
         return jnp.stack(maps), names
+
+    def _slot(self, modality: str) -> slice:
+        """Where `modality` (`t` / `v`, or `text` / `image`) lies on a joint `[text slot | regions]` axis."""
+        return slice(0, self.text_len) if modality[0] == "t" else slice(self.text_len, None)
 
     def attention_numpy(self) -> dict[str, np.ndarray]:
         """Every attention map by name, as numpy `[B, H, Q, K]` (copies the whole set to host)."""
-        return {n: np.asarray(a) for n, a in sorted(self.attention.items(), key=lambda kv: _layer_order(kv[0]))}
+        return {n: np.asarray(self.attention[n]) for n in N.sort_names(self.attention)}
 
     # ---- hidden states --------------------------------------------------------------------
     def hidden_names(self, modality: str) -> list[str]:
@@ -129,11 +129,8 @@ class Trace:
         """`([L, B, S, D], names)`: the hidden states of `modality`'s tokens per layer (the text
         slot `[B, T, D]` or the regions `[B, R, D]`), embedding output first."""
         names = self.hidden_names(modality) if layers is None else list(layers)
-        if self.model_type == "uniter":
-            sl = slice(0, self.text_len) if modality == "text" else slice(self.text_len, None)
-            states = [self.hidden[n][:, sl] for n in names]
-        else:
-            states = [self.hidden[n] for n in names]
+        sl = self._slot(modality)
+        states = [self.hidden[n][:, sl] if _joint(n) else self.hidden[n] for n in names]
         return jnp.stack(states), names
 
     def paired_layers(self) -> list[tuple[str, str]]:
@@ -157,62 +154,47 @@ class Layout:
 
     @classmethod
     def from_config(cls, config) -> "Layout":
-        if config.model_type == "uniter":
-            layers = [f"layer{i + 1}" for i in range(config.num_layers)]
-            return cls("uniter", tuple(layers), ("embeddings", *layers))
-        lang = [f"lang{i + 1}" for i in range(config.l_layers)]
-        visn = [f"visn{i + 1}" for i in range(config.r_layers)]
-        cross = [f"cross{j + 1}" for j in range(config.x_layers)]
-        attention = lang + visn + [f"{c}.{k}" for c in cross
-                                   for k in ("l2v", "v2l", "lang_self", "visn_self")]
-        hidden = (["lang.embeddings", "visn.embeddings"] + lang + visn
-                  + [f"{c}.{k}" for c in cross for k in ("lang", "visn")])
-        return cls("lxmert", tuple(attention), tuple(hidden))
+        if config.single_stream:
+            layers = [LayerId("layer", i + 1) for i in range(config.num_layers)]
+            hidden = [LayerId("layer", 0), *layers]
+            attention = layers
+        else:
+            lang = [LayerId("lang", i + 1) for i in range(config.l_layers)]
+            visn = [LayerId("visn", i + 1) for i in range(config.r_layers)]
+            cross = range(1, config.x_layers + 1)
+            attention = lang + visn + [LayerId("cross", j, k) for j in cross for k in N.CROSS_ATTENTION]
+            hidden = ([LayerId("lang", 0), LayerId("visn", 0)] + lang + visn
+                      + [LayerId("cross", j, k) for j in cross for k in N.CROSS_HIDDEN])
+        return cls(config.model_type, tuple(i.name for i in attention), tuple(i.name for i in hidden))
 
     def layer_names(self, direction: str) -> list[str]:
         """Names of the layers `Trace.blocks(direction)` stacks, in forward order."""
         _check(direction, DIRECTIONS, "direction")
-        names = sorted(self.attention, key=_layer_order)
-        if self.model_type == "uniter":
-            return names
-        pick = {
-            "t2t": lambda n: n.startswith("lang") or n.endswith(".lang_self"),
-            "v2v": lambda n: n.startswith("visn") or n.endswith(".visn_self"),
-            "t2v": lambda n: n.endswith(".l2v"),
-            "v2t": lambda n: n.endswith(".v2l"),
-        }[direction]
-        return [n for n in names if pick(n)]
+        return [n for n in N.sort_names(self.attention) if direction in LayerId.parse(n).directions()]
 
     def hidden_names(self, modality: str) -> list[str]:
         """Layer names of `Trace.hidden_states(modality)`, embedding output first."""
         _check(modality, MODALITIES, "modality")
-        names = sorted(self.hidden, key=_layer_order)
-        if self.model_type == "uniter":
-            return names
-        stream = "lang" if modality == "text" else "visn"
-        return [n for n in names if n.startswith(stream) or n.endswith("." + stream)]
+        return [n for n in N.sort_names(self.hidden) if modality in LayerId.parse(n).modalities()]
 
     def paired_layers(self) -> list[tuple[str, str]]:
-        """(text layer, image layer) pairs with an output of both modalities (VALUE §3.1)."""
-        if self.model_type == "uniter":
-            return [(n, n) for n in self.hidden_names("text") if n != "embeddings"]
-        cross = [n for n in self.hidden_names("text") if n.startswith("cross")]
-        return [(n, n.replace(".lang", ".visn")) for n in cross]
+        """(text layer, image layer) pairs with an output of both modalities (VALUE §3.1):
+        UNITER's encoder layers, LXMERT's cross layers."""
+        pairs = []
+        for name in self.hidden_names("text"):
+            layer = LayerId.parse(name)
+            if layer.stack == "layer" and not layer.is_embeddings:
+                pairs.append((name, name))
+            elif layer.stack == "cross":
+                pairs.append((name, dataclasses.replace(layer, part=N.STREAM["image"]).name))
+        return pairs
+
+
+def _joint(name: str) -> bool:
+    """Whether layer `name` holds both modalities on one `[text slot | regions]` axis (UNITER)."""
+    return LayerId.parse(name).stack == "layer"
 
 
 def _check(value, allowed, what):
     if value not in allowed:
         raise ValueError(f"unknown {what} {value!r}; expected one of {allowed}")
-
-
-def _layer_order(name: str):
-    """Sort key in forward order: embeddings, lang1.., visn1.., cross1.* (call order), layer1.."""
-    stage = {"embeddings": 0, "lang": 1, "visn": 2, "layer": 1, "cross": 3}
-    head = name.split(".")[0]
-    prefix = head.rstrip("0123456789")
-    number = int(head[len(prefix):] or 0)
-    if name.endswith("embeddings"):
-        return (0, 0, 0, name)
-    sub = ["l2v", "v2l", "lang_self", "visn_self", "lang", "visn"]
-    tail = name.split(".")[1] if "." in name else ""
-    return (stage.get(prefix, 9), number, sub.index(tail) if tail in sub else 0, name)

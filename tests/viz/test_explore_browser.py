@@ -257,7 +257,7 @@ def test_real_coco_boxes_sit_at_tsv_pixels(driver, tmp_path):
     captions.write_text("".join(f"{i}\ta photo of a street with people\n" for i, *_ in rows))
     vocab = REAL.parent / "bert_base_uncased" / "vocab.txt"
     config = LxmertConfig.tiny(vocab_size=30522, visual_feat_dim=2048)
-    model = build_model(config, heads=())
+    model = build_model(config, outputs=())
     params = init_params(model, jax.random.PRNGKey(0))
     tok = WordPieceTokenizer(vocab, True)
     regions = sources.open_regions(str(tsv), str(REAL / "objects_vocab.txt"))

@@ -6,20 +6,21 @@ import numpy as np
 
 from value_jax.batch import Batch
 from value_jax.models.configs import LxmertConfig, UniterConfig
-from value_jax.models.lxmert import LXMERT_HEADS, Lxmert
-from value_jax.models.uniter import UNITER_HEADS, Uniter
+from value_jax.models.lxmert import LXMERT_OUTPUTS, Lxmert
+from value_jax.models.uniter import UNITER_OUTPUTS, Uniter
 
-MODEL_CLASSES = {"uniter": (Uniter, UNITER_HEADS), "lxmert": (Lxmert, LXMERT_HEADS)}
+MODEL_CLASSES = {"uniter": Uniter, "lxmert": Lxmert}
 
 
-def build_model(config, heads=None):
-    """The Flax module for `config`; `heads` = the pre-training heads with weights (default all)."""
-    cls, all_heads = MODEL_CLASSES[config.model_type]
-    return cls(config, available_heads=tuple(all_heads if heads is None else heads))
+def build_model(config, outputs=None):
+    """The Flax module for `config`; `outputs` = the pre-training output heads whose weights the
+    checkpoint holds (default all of `config.outputs`)."""
+    cls = MODEL_CLASSES[config.model_type]
+    return cls(config, available_outputs=tuple(config.outputs if outputs is None else outputs))
 
 
 def dummy_batch(config, batch_size: int = 1, text_len: int = 4, num_regions: int = 3) -> Batch:
-    feat_dim = config.img_dim if config.model_type == "uniter" else config.visual_feat_dim
+    feat_dim = config.feature_dim
     return Batch.create(
         np.zeros((batch_size, text_len), np.int32), np.ones((batch_size, text_len), np.int32),
         np.zeros((batch_size, num_regions, feat_dim), np.float32),
@@ -27,8 +28,8 @@ def dummy_batch(config, batch_size: int = 1, text_len: int = 4, num_regions: int
 
 
 def init_params(model, key):
-    """Random params of `model` covering all of its available heads."""
-    return model.init(key, dummy_batch(model.config), heads=model.available_heads)["params"]
+    """Random params of `model` covering all of its available output heads."""
+    return model.init(key, dummy_batch(model.config), outputs=model.available_outputs)["params"]
 
 
 def param_shapes(model):
@@ -36,5 +37,5 @@ def param_shapes(model):
     return jax.eval_shape(lambda: init_params(model, jax.random.PRNGKey(0)))
 
 
-__all__ = ["Uniter", "Lxmert", "UniterConfig", "LxmertConfig", "UNITER_HEADS", "LXMERT_HEADS",
+__all__ = ["Uniter", "Lxmert", "UniterConfig", "LxmertConfig", "UNITER_OUTPUTS", "LXMERT_OUTPUTS",
            "build_model", "init_params", "param_shapes", "dummy_batch"]

@@ -1,13 +1,20 @@
 """Model configurations: frozen dataclasses (hashable, so a model is a valid static jit argument).
 
 `base` configs are the released checkpoints' sizes; `tiny` ones keep every structural feature
-(all layer kinds, all heads) at a size tests can run in milliseconds.
+(all layer kinds, all output heads) at a size tests can run in milliseconds.
+
+Every per-model fact the rest of the project needs is read from the config, never from a
+`model_type` switch: `display_name`, `outputs` (the pre-training output heads the model can
+compute), `feature_dim` (detector feature size), `mrc_output` and `mrc_classes` (the masked-region
+classification head and its class count), `mrc_background` (whether class 0 is the detector's
+background), `lowercase` (vocabulary casing of the released checkpoint) and `single_stream`.
+These are class constants or properties, so `config.json` holds the sizes only.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
-from typing import Any
+from typing import Any, ClassVar
 
 
 @dataclasses.dataclass(frozen=True)
@@ -26,6 +33,21 @@ class UniterConfig:
     num_region_labels: int = 1601  # MRC head: the detector's 1601 classes, background at 0
     dtype: str = "float32"
     model_type: str = "uniter"
+
+    display_name: ClassVar[str] = "UNITER"
+    outputs: ClassVar[tuple[str, ...]] = ("mlm", "mrc", "mrfr", "itm")
+    mrc_output: ClassVar[str] = "mrc"
+    mrc_background: ClassVar[bool] = True   # 1601-way: background at 0, then the VG classes
+    lowercase: ClassVar[bool] = False       # bert-base-cased
+    single_stream: ClassVar[bool] = True
+
+    @property
+    def feature_dim(self) -> int:
+        return self.img_dim
+
+    @property
+    def mrc_classes(self) -> int:
+        return self.num_region_labels
 
     @classmethod
     def tiny(cls, **kw) -> "UniterConfig":
@@ -55,6 +77,21 @@ class LxmertConfig:
     num_qa_labels: int = 0  # the 9500-way VQA answer head is not needed by any analysis here
     dtype: str = "float32"
     model_type: str = "lxmert"
+
+    display_name: ClassVar[str] = "LXMERT"
+    outputs: ClassVar[tuple[str, ...]] = ("mlm", "obj", "attr", "feat", "itm")
+    mrc_output: ClassVar[str] = "obj"
+    mrc_background: ClassVar[bool] = False  # 1600-way over the VG classes, no background
+    lowercase: ClassVar[bool] = True        # bert-base-uncased
+    single_stream: ClassVar[bool] = False
+
+    @property
+    def feature_dim(self) -> int:
+        return self.visual_feat_dim
+
+    @property
+    def mrc_classes(self) -> int:
+        return self.num_object_labels
 
     @classmethod
     def tiny(cls, **kw) -> "LxmertConfig":

@@ -1,7 +1,8 @@
 """BERT building blocks shared by UNITER and LXMERT, named as the PyTorch modules are.
 
 Every attention module returns its probabilities `[B, H, Q, K]` (float32) alongside its output;
-the model that owns the layer sows them under a documented name. Two traps of these models are
+the top-level encoder module of each model sows them, with the hidden states, through `sow_trace`
+under the names of `value_jax.names`. Two traps of these models are
 handled here once: LayerNorm epsilon is 1e-12 (Flax's default is 1e-6) and GELU is the exact erf
 form (`jax.nn.gelu` defaults to the tanh approximation). LayerNorm also takes torch's two-pass
 variance: Flax's default E[x²] − E[x]² cancels catastrophically when a vector's mean is large next
@@ -15,6 +16,8 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from value_jax import names as N
 
 LN_EPS = 1e-12
 MASK_BIAS = -10000.0  # the originals' additive mask, `(1 - m) * -10000`
@@ -30,15 +33,25 @@ def mask_bias(mask: jnp.ndarray) -> jnp.ndarray:
     return ((1.0 - mask.astype(jnp.float32)) * MASK_BIAS)[:, None, None, :]
 
 
-def check_heads(model: str, requested, known, available) -> None:
-    """Refuses unknown heads, and heads whose weights the loaded checkpoint does not hold."""
+def check_outputs(model: str, requested, known, available) -> None:
+    """Refuses unknown output heads, and output heads whose weights the loaded checkpoint does
+    not hold."""
     unknown = sorted(set(requested) - set(known))
     if unknown:
-        raise ValueError(f"unknown {model} heads {unknown}; known heads: {list(known)}")
+        raise ValueError(f"unknown {model} outputs {unknown}; known outputs: {list(known)}")
     missing = sorted(set(requested) - set(available))
     if missing:
-        raise ValueError(f"{model} checkpoint has no weights for heads {missing}; "
+        raise ValueError(f"{model} checkpoint has no weights for outputs {missing}; "
                          f"it holds {list(available)}")
+
+
+def sow_trace(module: nn.Module, attention: dict[str, Any], hidden: dict[str, Any]) -> None:
+    """Sows every attention map and hidden state, keyed by layer name (`value_jax.names`), into
+    `module`'s `intermediates` collection: what `Trace.from_intermediates` reads."""
+    for name, probs in attention.items():
+        module.sow("intermediates", N.sown(N.ATTENTION, name), probs)
+    for name, states in hidden.items():
+        module.sow("intermediates", N.sown(N.HIDDEN, name), states)
 
 
 def layer_norm(name: str | None = None) -> nn.LayerNorm:
@@ -161,3 +174,13 @@ class MLMHead(nn.Module):
         logits = jnp.einsum("...d,vd->...v", x, word_embedding.astype(x.dtype),
                             preferred_element_type=jnp.float32)
         return logits + bias
+
+
+class Pooler(nn.Module):
+    """`tanh(dense(h[:, 0]))`."""
+
+    hidden_size: int
+
+    @nn.compact
+    def __call__(self, x):
+        return jnp.tanh(nn.Dense(self.hidden_size, name="dense")(x[:, 0]))

@@ -7,7 +7,8 @@ Each cross layer runs, in this order: the shared cross-attention `visual_attenti
 (with the vision mask) and vision→language (with the language mask), both on the layer's *inputs*;
 then `lang_self_att` / `visn_self_att`; then the two feed-forward blocks.
 
-Sown into `intermediates` under the `lxmert` scope (1-based names; T text slot, R regions):
+Sown into `intermediates` under the `lxmert` scope (`value_jax.names`; 1-based; T text slot,
+R regions):
   `attention.lang{i}`          `[B, H, T, T]`  language self-attention, i = 1..l_layers
   `attention.visn{i}`          `[B, H, R, R]`  relational (vision) self-attention, i = 1..r_layers
   `attention.cross{j}.l2v`     `[B, H, T, R]`  cross layer j, language queries → vision keys
@@ -26,11 +27,11 @@ import jax.numpy as jnp
 from value_jax.batch import Batch
 from value_jax.models.configs import LxmertConfig
 from value_jax.models.layers import (AttentionBlock, AttentionOutput, BertLayer, Intermediate,
-                                     MLMHead, PredictionTransform, check_heads, layer_norm,
-                                     mask_bias)
-from value_jax.models.uniter import Pooler
+                                     MLMHead, Pooler, PredictionTransform, check_outputs,
+                                     layer_norm, mask_bias, sow_trace)
+from value_jax.names import LayerId
 
-LXMERT_HEADS = ("mlm", "obj", "attr", "feat", "itm")
+LXMERT_OUTPUTS = LxmertConfig.outputs
 
 
 class LxmertEmbeddings(nn.Module):
@@ -88,31 +89,34 @@ class CrossLayer(nn.Module):
 
 
 class LxmertEncoder(nn.Module):
+    """Returns `(lang, visn, attention, hidden)`: the last states and every map / state by name."""
+
     config: LxmertConfig
 
     @nn.compact
-    def __call__(self, lang, feats, boxes, lang_bias, visn_bias, sow):
+    def __call__(self, lang, feats, boxes, lang_bias, visn_bias):
         c = self.config
         dtype = jnp.dtype(c.dtype)
+        attention, hidden = {}, {}
         visn = VisualFeatEncoder(c, name="visn_fc")(feats, boxes)
-        sow("hidden.visn.embeddings", visn)
+        hidden[LayerId("visn", 0).name] = visn
         for i in range(c.l_layers):
             lang, p = BertLayer(c.hidden_size, c.num_heads, c.intermediate_size, dtype,
                                 name=f"layer_{i}")(lang, lang_bias)
-            sow(f"attention.lang{i + 1}", p)
-            sow(f"hidden.lang{i + 1}", lang)
+            attention[LayerId("lang", i + 1).name] = p
+            hidden[LayerId("lang", i + 1).name] = lang
         for i in range(c.r_layers):
             visn, p = BertLayer(c.hidden_size, c.num_heads, c.intermediate_size, dtype,
                                 name=f"r_layers_{i}")(visn, visn_bias)
-            sow(f"attention.visn{i + 1}", p)
-            sow(f"hidden.visn{i + 1}", visn)
+            attention[LayerId("visn", i + 1).name] = p
+            hidden[LayerId("visn", i + 1).name] = visn
         for j in range(c.x_layers):
             lang, visn, probs = CrossLayer(c, name=f"x_layers_{j}")(lang, visn, lang_bias, visn_bias)
-            for kind, p in probs.items():
-                sow(f"attention.cross{j + 1}.{kind}", p)
-            sow(f"hidden.cross{j + 1}.lang", lang)
-            sow(f"hidden.cross{j + 1}.visn", visn)
-        return lang, visn
+            for part, p in probs.items():
+                attention[LayerId("cross", j + 1, part).name] = p
+            hidden[LayerId("cross", j + 1, "lang").name] = lang
+            hidden[LayerId("cross", j + 1, "visn").name] = visn
+        return lang, visn, attention, hidden
 
 
 class LxmertModel(nn.Module):
@@ -123,20 +127,19 @@ class LxmertModel(nn.Module):
     @nn.compact
     def __call__(self, batch: Batch):
         c = self.config
-        lang = LxmertEmbeddings(c, name="embeddings")(batch.input_ids)
-        sow = lambda name, value: self.sow("intermediates", name, value)
-        sow("hidden.lang.embeddings", lang)
-        lang, visn = LxmertEncoder(c, name="encoder")(
-            lang, batch.region_feats, batch.region_boxes,
-            mask_bias(batch.text_mask), mask_bias(batch.region_mask), sow)
+        embedded = LxmertEmbeddings(c, name="embeddings")(batch.input_ids)
+        lang, visn, attention, hidden = LxmertEncoder(c, name="encoder")(
+            embedded, batch.region_feats, batch.region_boxes,
+            mask_bias(batch.text_mask), mask_bias(batch.region_mask))
+        sow_trace(self, attention, {LayerId("lang", 0).name: embedded, **hidden})
         return lang, visn, Pooler(c.hidden_size, name="pooler")(lang)
 
 
 class Lxmert(nn.Module):
     """`LXRTPretraining` / HF `LxmertForPreTraining` minus the VQA answer head.
 
-    `__call__(batch, heads=...)` returns a dict with `lang_output` `[B, T, D]`, `visn_output`
-    `[B, R, D]`, `pooled_output` `[B, D]` and, per requested head:
+    `__call__(batch, outputs=...)` returns a dict with `lang_output` `[B, T, D]`, `visn_output`
+    `[B, R, D]`, `pooled_output` `[B, D]` and, per requested output head:
       `mlm`  `[B, T, vocab]` (decoder tied to the word embeddings)
       `obj`  `[B, R, 1600]` object logits (0-based over the VG classes, no background)
       `attr` `[B, R, 400]`, `feat` `[B, R, 2048]` (the `obj_predict_head` decoders)
@@ -144,16 +147,16 @@ class Lxmert(nn.Module):
     """
 
     config: LxmertConfig
-    available_heads: tuple = LXMERT_HEADS  # heads whose weights the checkpoint holds
+    available_outputs: tuple = LXMERT_OUTPUTS  # output heads whose weights the checkpoint holds
 
     @nn.compact
-    def __call__(self, batch: Batch, heads: Sequence[str] = ()):
-        check_heads("LXMERT", heads, LXMERT_HEADS, self.available_heads)
+    def __call__(self, batch: Batch, outputs: Sequence[str] = ()):
+        check_outputs("LXMERT", outputs, LXMERT_OUTPUTS, self.available_outputs)
         c = self.config
         model = LxmertModel(c, name="lxmert")
         lang, visn, pooled = model(batch)
         out = {"lang_output": lang, "visn_output": visn, "pooled_output": pooled}
-        wanted = tuple(h for h in LXMERT_HEADS if h in heads)
+        wanted = tuple(h for h in LXMERT_OUTPUTS if h in outputs)
         if "mlm" in wanted or "itm" in wanted:
             word_embedding = model.variables["params"]["embeddings"]["word_embeddings"]["embedding"]
             out.update(_LxmertCls(c, wanted, name="cls")(lang, pooled, word_embedding))
@@ -166,15 +169,15 @@ class _LxmertCls(nn.Module):
     """`cls.predictions` (MLM) and `cls.seq_relationship` (ITM); only the requested ones run."""
 
     config: LxmertConfig
-    heads: tuple
+    outputs: tuple
 
     @nn.compact
     def __call__(self, lang, pooled, word_embedding):
         c = self.config
         out = {}
-        if "mlm" in self.heads:
+        if "mlm" in self.outputs:
             out["mlm"] = MLMHead(c.hidden_size, c.vocab_size, name="predictions")(lang, word_embedding)
-        if "itm" in self.heads:
+        if "itm" in self.outputs:
             out["itm"] = nn.Dense(2, name="seq_relationship")(pooled)
         return out
 
@@ -183,11 +186,11 @@ class _ObjPredictHead(nn.Module):
     """`obj_predict_head`: a shared transform, then `decoder_dict.{obj, attr, feat}`."""
 
     config: LxmertConfig
-    heads: tuple
+    outputs: tuple
 
     @nn.compact
     def __call__(self, visn):
         c = self.config
         x = PredictionTransform(c.hidden_size, name="transform")(visn)
         sizes = {"obj": c.num_object_labels, "attr": c.num_attr_labels, "feat": c.visual_feat_dim}
-        return {k: nn.Dense(n, name=f"decoder_dict_{k}")(x) for k, n in sizes.items() if k in self.heads}
+        return {k: nn.Dense(n, name=f"decoder_dict_{k}")(x) for k, n in sizes.items() if k in self.outputs}

@@ -3,7 +3,7 @@
 Parameter names mirror `UniterForPretraining` (`uniter.embeddings.word_embeddings` ->
 `uniter/embeddings/word_embeddings/embedding`, `encoder.layer.3` -> `encoder/layer_3`).
 
-Sown into the `intermediates` collection under the `uniter` scope (1-based layer names):
+Sown into the `intermediates` collection under the `uniter` scope (`value_jax.names`; 1-based):
   `attention.layer{i}`  `[B, H, N, N]`, N = T + R, the joint softmax over `[text slot | regions]`
   `hidden.embeddings`   `[B, N, D]`, the embedding output (text and region embeddings, concatenated)
   `hidden.layer{i}`     `[B, N, D]`, the output of layer i
@@ -17,9 +17,11 @@ import jax.numpy as jnp
 
 from value_jax.batch import Batch, uniter_position_feature
 from value_jax.models.configs import UniterConfig
-from value_jax.models.layers import BertLayer, MLMHead, check_heads, gelu, layer_norm, mask_bias
+from value_jax.models.layers import (BertLayer, MLMHead, Pooler, check_outputs, gelu, layer_norm,
+                                     mask_bias, sow_trace)
+from value_jax.names import LayerId
 
-UNITER_HEADS = ("mlm", "mrc", "mrfr", "itm")
+UNITER_OUTPUTS = UniterConfig.outputs
 
 
 class UniterTextEmbeddings(nn.Module):
@@ -84,12 +86,11 @@ class UniterModel(nn.Module):
         image = self.img_embeddings(batch.region_feats, batch.region_boxes, batch.region_masked,
                                     self.embeddings.image_type_embedding())
         x = jnp.concatenate([text, image], axis=1)
-        self.sow("intermediates", "hidden.embeddings", x)
         key_bias = mask_bias(jnp.concatenate([batch.text_mask, batch.region_mask], axis=1))
         hidden, probs = self.encoder(x, key_bias)
-        for i, (h, p) in enumerate(zip(hidden, probs), start=1):
-            self.sow("intermediates", f"attention.layer{i}", p)
-            self.sow("intermediates", f"hidden.layer{i}", h)
+        layers = [LayerId("layer", i).name for i in range(1, len(hidden) + 1)]
+        sow_trace(self, dict(zip(layers, probs)),
+                  {LayerId("layer", 0).name: x, **dict(zip(layers, hidden))})
         return hidden[-1], self.pooler(hidden[-1])
 
     def word_embedding(self):
@@ -111,21 +112,11 @@ class UniterEncoder(nn.Module):
         return hidden, probs
 
 
-class Pooler(nn.Module):
-    """`tanh(dense(h[:, 0]))`."""
-
-    hidden_size: int
-
-    @nn.compact
-    def __call__(self, x):
-        return jnp.tanh(nn.Dense(self.hidden_size, name="dense")(x[:, 0]))
-
-
 class Uniter(nn.Module):
-    """`UniterForPretraining`: the encoder plus the heads later analyses need.
+    """`UniterForPretraining`: the encoder plus the output heads later analyses need.
 
-    `__call__(batch, heads=...)` returns a dict with `sequence_output` `[B, T+R, D]`,
-    `pooled_output` `[B, D]` and, per requested head:
+    `__call__(batch, outputs=...)` returns a dict with `sequence_output` `[B, T+R, D]`,
+    `pooled_output` `[B, D]` and, per requested output head:
       `mlm`  `[B, T, vocab]` logits over the text slot (decoder tied to the word embeddings)
       `mrc`  `[B, R, 1601]` logits over the region slot (MRC / MRC-kl head, background at 0)
       `mrfr` `[B, R, F]` regressed features (projection tied to `img_linear`, transposed)
@@ -133,7 +124,7 @@ class Uniter(nn.Module):
     """
 
     config: UniterConfig
-    available_heads: tuple = UNITER_HEADS  # heads whose weights the checkpoint holds
+    available_outputs: tuple = UNITER_OUTPUTS  # output heads whose weights the checkpoint holds
 
     def setup(self):
         c = self.config
@@ -143,18 +134,18 @@ class Uniter(nn.Module):
         self.region_classifier = _RegionClassifier(c)
         self.itm_output = nn.Dense(2)
 
-    def __call__(self, batch: Batch, heads: Sequence[str] = ()):
-        check_heads("UNITER", heads, UNITER_HEADS, self.available_heads)
+    def __call__(self, batch: Batch, outputs: Sequence[str] = ()):
+        check_outputs("UNITER", outputs, UNITER_OUTPUTS, self.available_outputs)
         seq, pooled = self.uniter(batch)
         out = {"sequence_output": seq, "pooled_output": pooled}
         t = batch.input_ids.shape[1]
-        if "mlm" in heads:
+        if "mlm" in outputs:
             out["mlm"] = self.cls(seq[:, :t], self.uniter.word_embedding())
-        if "mrc" in heads:
+        if "mrc" in outputs:
             out["mrc"] = self.region_classifier(seq[:, t:])
-        if "mrfr" in heads:
+        if "mrfr" in outputs:
             out["mrfr"] = self.feat_regress(seq[:, t:], self.uniter.img_embeddings.img_linear_kernel())
-        if "itm" in heads:
+        if "itm" in outputs:
             out["itm"] = self.itm_output(pooled)
         return out
 

@@ -51,13 +51,12 @@ import numpy as np
 
 from value_jax.data.ablation_data import AblationData, AblationLoader, Lang4Vis, Vis4Lang, summary
 from value_jax.data.flickr30k import PHRASE_TYPES
+from value_jax.models.configs import CONFIGS
 from value_jax.probes.results import Result, Table
 from value_jax.runner import Probe, run_probes
 
 LN2 = math.log(2.0)
-MRC_HEADS = {"uniter": "mrc", "lxmert": "obj"}
 LANG4VIS_AVERAGES = ("masked", "reference")
-MODEL_NAMES = {"uniter": "UNITER", "lxmert": "LXMERT"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -92,10 +91,15 @@ def cross_entropy(logits, index):
     return -jnp.take_along_axis(logq, index[:, None], axis=-1)[:, 0]
 
 
-def xe_class_index(object_ids, head: str):
-    """Index of the detector's class in the head's logits: `object_ids + 1` for the 1601-way
-    UNITER `mrc` head (background at 0), `object_ids` for LXMERT's 1600-way `obj` head."""
-    return object_ids + 1 if head == "mrc" else object_ids
+def _display_name(model_type: str) -> str:
+    return CONFIGS[model_type].display_name if model_type in CONFIGS else model_type
+
+
+def xe_class_index(object_ids, background: bool):
+    """Index of the detector's class in the MRC head's logits: `object_ids + 1` for a head with
+    the background at 0 (UNITER's 1601-way `mrc`), `object_ids` otherwise (LXMERT's 1600-way
+    `obj`); `background` is the config's `mrc_background`."""
+    return object_ids + 1 if background else object_ids
 
 
 def _grouped(key, values, targets, mask, n_settings, n_types):
@@ -165,7 +169,7 @@ class Vis4LangProbe(Probe):
     """MLM on the masked phrase under vision ablation; one row per (setting, example)."""
 
     name = "vis4lang"
-    heads = ("mlm",)
+    outputs = ("mlm",)
 
     def __init__(self, settings: Sequence[Vis4Lang], model_type: str, threshold: float = 0.5,
                  types=PHRASE_TYPES):
@@ -189,7 +193,7 @@ class Vis4LangProbe(Probe):
         base = per.get("none", {}).get("mean", math.nan)
         for name in names:
             per[name]["relative_change_pct"] = relative_change(per[name]["mean"], base)
-        model = MODEL_NAMES.get(self.model_type, self.model_type)
+        model = _display_name(self.model_type)
         main = [n for n in ("none", Vis4Lang("object", self.threshold).name, "all") if n in per]
         label = lambda n: f"object (IoT > {self.threshold:g})" if n.startswith("object") else n
         lm = any(per[n]["label_match_count"] for n in main)
@@ -226,32 +230,33 @@ class Lang4VisProbe(Probe):
                  average: str = "masked", unmasked: Optional[dict] = None):
         """`average`: "masked" or "reference" (see the module docstring); "reference" needs
         `unmasked` = `AblationLoader.unmasked_counts()`."""
-        if model_type not in MRC_HEADS:
-            raise ValueError(f"model_type must be one of {sorted(MRC_HEADS)}, got {model_type!r}")
+        if model_type not in CONFIGS:
+            raise ValueError(f"model_type must be one of {sorted(CONFIGS)}, got {model_type!r}")
         if average not in LANG4VIS_AVERAGES:
             raise ValueError(f"average must be one of {LANG4VIS_AVERAGES}, got {average!r}")
         if average == "reference" and unmasked is None:
             raise ValueError("average='reference' needs the unmasked example counts "
                              "(AblationLoader.unmasked_counts())")
         self.settings, self.model_type, self.types = list(settings), model_type, tuple(types)
-        self.head = MRC_HEADS[model_type]
-        self.heads = (self.head,)
+        self.output = CONFIGS[model_type].mrc_output
+        self.background = CONFIGS[model_type].mrc_background
+        self.outputs = (self.output,)
         self.average = average
         self.unmasked = unmasked if average == "reference" else None
 
     def step(self, trace, targets):
-        logits = region_logits(trace.outputs[self.head], targets["target_region"])       # [B, C]
-        index = xe_class_index(targets["target_object"], self.head)
+        logits = region_logits(trace.outputs[self.output], targets["target_region"])     # [B, C]
+        index = xe_class_index(targets["target_object"], self.background)
         xe_raw = cross_entropy(logits, index)
         s, n = len(self.settings), len(self.types)
         every = jnp.ones_like(targets["valid"])
         top1 = (jnp.argmax(logits, axis=-1) == index).astype(jnp.float32)
         stats = {**_grouped("xe_raw", xe_raw, targets, every, s, n),
                  **_grouped("top1", top1, targets, every, s, n)}
-        if self.head == "mrc":
+        if self.background:   # a 1601-way head: the detector's distributions compare (MRC-KL)
             if targets["target_probs"].shape[-1] != logits.shape[-1]:
                 raise ValueError(f"detector distributions have {targets['target_probs'].shape[-1]} classes, "
-                                 f"the mrc head {logits.shape[-1]}")
+                                 f"the {self.output} head {logits.shape[-1]}")
             stats.update(_grouped("kl", kl_divergence(targets["target_probs"], logits), targets,
                                   targets["has_probs"], s, n))
             stats.update(_grouped("xe", xe_raw, targets, every, s, n))
@@ -272,12 +277,12 @@ class Lang4VisProbe(Probe):
             base = table.get("none", {}).get("mean", math.nan)
             for name in names:
                 table[name]["relative_change_pct"] = relative_change(table[name]["mean"], base)
-        model = MODEL_NAMES.get(self.model_type, self.model_type)
+        model = _display_name(self.model_type)
         kl_of = lambda n, k="mean": None if kl is None or not kl[n]["count"] else kl[n][k]
         rows = [[model, n, _bits(kl_of(n)), _pct(kl_of(n, "relative_change_pct") if kl_of(n) is not None
                                                   else math.nan),
                  _bits(xe[n]["mean"]), _pct(xe[n]["relative_change_pct"]), xe[n]["count"]] for n in names]
-        xe_name = "MRC-XE (bits)" if self.head == "mrc" else "MRC-XE (bits, × detector conf)"
+        xe_name = "MRC-XE (bits)" if self.background else "MRC-XE (bits, × detector conf)"
         averaged = ("examples without a masked region count as 0, as the reference code"
                     if self.average == "reference" else "examples with a masked region")
         tables = [Table(f"Language-for-vision: MRC at the masked target region (bits; higher = "
@@ -291,15 +296,15 @@ class Lang4VisProbe(Probe):
                                     [[n] + [_bits(summ[n]["per_type"][t]) for t in self.types]
                                      + [_bits(summ[n]["mean"])] for n in names]))
         has_kl = kl is not None and any(kl[n]["count"] for n in names)
-        data = {"model": self.model_type, "head": self.head, "units": "nats (tables: bits)",
+        data = {"model": self.model_type, "head": self.output, "units": "nats (tables: bits)",
                 "average": self.average, "average_definition": f"mean over {averaged}",
                 "mrc_kl_nats": kl if has_kl else None, "mrc_xe_nats": xe,
                 "mrc_xe_unweighted_nats": raw,
                 "top1_matches_detector": {n: top1[n]["mean"] for n in names},
-                "xe_definition": ("-log softmax(mrc)[object_id + 1]" if self.head == "mrc" else
+                "xe_definition": ("-log softmax(mrc)[object_id + 1]" if self.background else
                                   "object_conf * -log softmax(obj)[object_id]; mean over examples"),
                 "batches": info.get("batches")}
-        if self.head == "mrc" and not has_kl:
+        if self.background and not has_kl:
             data["mrc_kl_note"] = "the region features hold no cls_prob: MRC-KL not computed"
         return Result(self.name, data, tables)
 
@@ -329,8 +334,7 @@ def merge_results(name: str, results: Sequence[Result], extra: Optional[dict] = 
 
 
 def head_classes(model) -> int:
-    c = model.config
-    return c.num_region_labels if c.model_type == "uniter" else c.num_object_labels
+    return model.config.mrc_classes
 
 
 def run_ablation(model, params, data: AblationData, vis_settings: Sequence[Vis4Lang],

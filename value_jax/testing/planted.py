@@ -252,7 +252,7 @@ def lxmert_config(data: PlantedFlickr, x_layers: int = 3) -> LxmertConfig:
 
 def identity_params(config, data: PlantedFlickr, d: Directions):
     """Every weight zero except LayerNorm scales (1) and the embeddings of the recipe table."""
-    shapes = flax.core.unfreeze(param_shapes(build_model(config, heads=())))
+    shapes = flax.core.unfreeze(param_shapes(build_model(config, outputs=())))
     params = jax.tree_util.tree_map_with_path(
         lambda path, s: (np.ones if path[-1].key == "scale" else np.zeros)(s.shape, np.float32),
         shapes)
@@ -291,7 +291,7 @@ def _plant_pairs(core: dict, head: int, pairs, logit: float, d: Directions) -> N
 def save_checkpoint(out_dir, config, params) -> str:
     """The planted model as a checkpoint directory `value_jax.load` (and every experiment's
     `--checkpoint`) reads; no pre-training heads."""
-    return checkpoint.save(os.fspath(out_dir), config, params, heads=(), overwrite=True)
+    return checkpoint.save(os.fspath(out_dir), config, params, outputs=(), overwrite=True)
 
 
 # ---- the planted answers -----------------------------------------------------------------------
