@@ -64,14 +64,40 @@ def test_planted_separable_probe_among_noise():
 
 
 def test_attention_pair_features_is_eq3_layout():
-    a_ij = np.arange(6.0).reshape(2, 3)
-    a_ji = -np.arange(6.0).reshape(2, 3)
+    a_ij = np.arange(24.0).reshape(2, 4, 3)            # [items, layers, heads]
+    a_ji = -np.arange(24.0).reshape(2, 4, 3) - 100
     feats = np.asarray(C.attention_pair_features(a_ij, a_ji))
-    assert feats.shape == (2, 6)
-    np.testing.assert_array_equal(feats[:, :3], a_ij)  # w_k multiplies α_ij
-    np.testing.assert_array_equal(feats[:, 3:], a_ji)  # μ_k multiplies α_ji
+    assert feats.shape == (2, 24)
+    for layer in range(4):                              # layer-major: [α_ij H | α_ji H] per layer
+        np.testing.assert_array_equal(feats[:, 6 * layer:6 * layer + 3], a_ij[:, layer])
+        np.testing.assert_array_equal(feats[:, 6 * layer + 3:6 * layer + 6], a_ji[:, layer])
+    # eq3_weights reads the same layout back: weights equal to the features give α itself.
+    w_ij, w_ji = C.eq3_weights(feats[None, 0, :, None], num_layers=4)
+    np.testing.assert_array_equal(np.asarray(w_ij)[0, ..., 0], a_ij[0])
+    np.testing.assert_array_equal(np.asarray(w_ji)[0, ..., 0], a_ji[0])
     with pytest.raises(ValueError, match="same shape"):
-        C.attention_pair_features(a_ij, a_ji[:, :2])
+        C.attention_pair_features(a_ij, a_ji[..., :2])
+    with pytest.raises(ValueError, match="layers"):
+        C.eq3_weights(feats[None, 0, :, None], num_layers=5)
+
+
+def test_planted_eq3_prober_weights_name_the_planted_head():
+    """A label carried by one head's α_ji only: the fitted input-space weights, read through
+    eq3_weights, are largest at that head and direction."""
+    rng = np.random.default_rng(3)
+    n, layers, heads = 3000, 3, 4
+    a_ij, a_ji = rng.random((2, n, layers, heads)).astype(np.float32) * 0.1
+    y = rng.integers(0, 2, n)
+    a_ji[:, 2, 1] += 0.5 * y                            # layer 3, head 2, direction j→i
+    x = np.asarray(C.attention_pair_features(a_ij, a_ji))[None]
+    tr, dv, te = _split(n)
+    probe = C.fit_linear(x[:, tr], y[tr], x[:, dv], y[dv], 2, KEY)
+    assert float(np.asarray(C.evaluate(probe, x[:, te], y[te]))[0]) > 0.95
+    w, _ = probe.input_space_weights()
+    w_ij, w_ji = (np.asarray(v)[0] for v in C.eq3_weights(w, layers))   # [L, H, C]
+    margin_ij, margin_ji = (np.abs(v[..., 1] - v[..., 0]) for v in (w_ij, w_ji))
+    assert np.unravel_index(np.argmax(margin_ji), margin_ji.shape) == (2, 1)
+    assert margin_ji[2, 1] > 5 * max(margin_ij.max(), np.sort(margin_ji, axis=None)[-2])
 
 
 def test_bilinear_recovers_planted_rule_and_shuffled_stays_at_chance():

@@ -167,6 +167,11 @@ class Layout:
                       + [LayerId("cross", j, k) for j in cross for k in N.CROSS_HIDDEN])
         return cls(config.model_type, tuple(i.name for i in attention), tuple(i.name for i in hidden))
 
+    @property
+    def single_stream(self) -> bool:
+        """Whether every map is a joint `[text slot | regions]` softmax (UNITER)."""
+        return all(_joint(n) for n in self.attention)
+
     def layer_names(self, direction: str) -> list[str]:
         """Names of the layers `Trace.blocks(direction)` stacks, in forward order."""
         _check(direction, DIRECTIONS, "direction")

@@ -7,8 +7,6 @@ import pytest
 
 from value_jax.data import collate as C
 from value_jax.data.errors import DataReport
-from value_jax.data.flickr30k import PHRASE_TYPES
-from value_jax.probes.coref import ENTITY_TYPES
 
 F = 5
 
@@ -45,10 +43,6 @@ def _fetch(image_id):
 
 def _smallest(sizes, n):  # the obviously-correct twin of Buckets.smallest
     return min(s for s in sizes if s >= n)
-
-
-def test_entity_types_match_the_probe():
-    assert PHRASE_TYPES == ENTITY_TYPES
 
 
 def test_buckets_validate_and_pick_smallest():

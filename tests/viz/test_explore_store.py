@@ -61,7 +61,7 @@ def test_app_statistics_equal_the_runner_results(lxmert_built, uniter_built):
     runner on the same examples and compare every number."""
     for built in (lxmert_built, uniter_built):
         store = built.open()
-        probes = analysis_probes(store.model_type, coref=True)
+        probes = analysis_probes(store.single_stream, coref=True)
         loader = ExampleLoader([i.example for i in built.infos], 8, regions=built.session.regions)
         want = run_probes(built.model, built.params, loader, probes, label="test")
         got = stats.results(store, None)

@@ -1,7 +1,8 @@
 """Probing classifiers shared by the analyses: VALUE §3.3.3 (Eq. 3, Eq. 4), §3.4 (Fig. 5).
 
 * Attention prober (Eq. 3): `p(c|i,j) ∝ Σ_k (w_k α^k_ij + μ_k α^k_ji)` is a linear classifier over
-  the `2N` attention values of a pair: `attention_pair_features` builds them, `fit_linear` trains.
+  the `2N` attention values of a pair: `attention_pair_features` builds them (the one layout of
+  Eq. 3 features in the project), `fit_linear` trains, `eq3_weights` reads `w_k`, `μ_k` back.
 * Layer-wise embedding prober (Eq. 4): `p(c|i,j) ∝ w_cᵀ(W_w e_i ⊙ W_μ e_j) + b_c`: `fit_bilinear`.
 * Control tasks (Hewitt & Liang 2019): `control_labels`, `selectivity`.
 * Seeded (optionally grouped) splits, `ProbeResult`, and `run_probe`, which chains them all.
@@ -55,8 +56,8 @@ class LinearProbe:
     record: TrainRecord
 
     def input_space_weights(self):
-        """`(w [P, F, C], b [P, C])` acting on raw features: for Eq. 3 features, `w[p, k, c]` is
-        `w_k` (k < N) or `μ_{k-N}` (k >= N) of class c, comparable across heads."""
+        """`(w [P, F, C], b [P, C])` acting on raw features, comparable across features; for
+        Eq. 3 features, `eq3_weights(w, layers)` splits `w` into Eq. 3's `w_k` and `μ_k`."""
         w = self.weights["w"] / self.std[..., None]
         b = self.weights["b"] - jnp.einsum("pf,pfc->pc", self.mean, w)
         return w, b
@@ -76,17 +77,31 @@ class BilinearProbe:
 
 
 def attention_pair_features(a_ij, a_ji):
-    """Eq. 3's input: `[..., N]` attention of i on j per head, and of j on i -> `[..., 2N]`.
+    """Eq. 3's input: `a_ij`, `a_ji` `[..., L, H]` (attention of i on j, and of j on i, per layer
+    and head) -> `[..., L * 2H]`, layer-major: layer l's H values of α_ij, then its H of α_ji.
 
     A linear prober over these features (`fit_linear`) is exactly Eq. 3 per class c,
-    `Σ_k w^c_k α^k_ij + μ^c_k α^k_ji` (plus a class bias): the weights of feature k and N+k are
-    `w_k` and `μ_k`. For a phrase, α is the max over its word pieces (VALUE §3.3.3); N = 144 heads
-    for UNITER (12 layers × 12 heads, flattened layer-major).
+    `Σ_k w^c_k α^k_ij + μ^c_k α^k_ji` (plus a class bias) over the N = L·H heads k; `eq3_weights`
+    returns `w_k` and `μ_k` from the fitted weights. For a phrase, α is the max over its word
+    pieces (VALUE §3.3.3); N = 144 heads for UNITER (12 layers × 12 heads).
     """
     a_ij, a_ji = jnp.asarray(a_ij), jnp.asarray(a_ji)
-    if a_ij.shape != a_ji.shape:
-        raise ValueError(f"a_ij {a_ij.shape} and a_ji {a_ji.shape} must have the same shape")
-    return jnp.concatenate([a_ij, a_ji], axis=-1)
+    if a_ij.shape != a_ji.shape or a_ij.ndim < 2:
+        raise ValueError(f"a_ij {a_ij.shape} and a_ji {a_ji.shape} must have the same shape "
+                         "[..., layers, heads]")
+    both = jnp.concatenate([a_ij, a_ji], axis=-1)                     # [..., L, 2H]
+    return both.reshape(*both.shape[:-2], -1)
+
+
+def eq3_weights(w, num_layers: int):
+    """`(w_ij, w_ji)`, each `[..., L, H, C]`: Eq. 3's `w_k` (on α_ij) and `μ_k` (on α_ji) per
+    layer and head, from weights `w [..., L * 2H, C]` over `attention_pair_features`."""
+    w = jnp.asarray(w)
+    *lead, features, classes = w.shape
+    if features % (2 * num_layers):
+        raise ValueError(f"{features} features are not {num_layers} layers × 2 directions × heads")
+    w = w.reshape(*lead, num_layers, 2, features // (2 * num_layers), classes)
+    return w[..., 0, :, :], w[..., 1, :, :]
 
 
 @jax.custom_vjp

@@ -25,12 +25,11 @@ import numpy as np
 
 from value_jax import kernels
 from value_jax.data.collate import ROW_IMAGE
+from value_jax.data.flickr30k import PHRASE_TYPES
 from value_jax.probes import pairs
+from value_jax.probes.classifiers import attention_pair_features
 from value_jax.probes.results import Result, Table, heatmap
 from value_jax.runner import Probe
-
-ENTITY_TYPES = ("people", "clothing", "bodyparts", "animals", "vehicles", "instruments", "scene",
-                "other")
 
 
 class CorefProbe(Probe):
@@ -38,7 +37,7 @@ class CorefProbe(Probe):
     collect_keys = ("att_features", "emb_region", "emb_phrase", "linked", "type", "phrase_ids",
                     "image")
 
-    def __init__(self, types=ENTITY_TYPES, collect_features: bool = True, seed: int = 0,
+    def __init__(self, types=PHRASE_TYPES, collect_features: bool = True, seed: int = 0,
                  bilinear_rank: int = 0):
         self.types = tuple(types)
         self.collect_features = collect_features
@@ -72,9 +71,8 @@ class CorefProbe(Probe):
             stats[key + ".sum"], stats[key + ".count"] = pairs.class_sums(
                 values, targets["coref.type"], mask, n_types)
         if self.collect_features:
-            b, p = item.shape
-            att = jnp.concatenate([vt, tv], axis=-1)                         # [L, B, P, 2H]
-            stats["att_features"] = jnp.transpose(att, (1, 2, 0, 3)).reshape(b, p, -1)
+            stats["att_features"] = attention_pair_features(                  # [B, P, L·2H]
+                jnp.moveaxis(vt, 0, 2), jnp.moveaxis(tv, 0, 2))
             layer_pairs = trace.paired_layers()
             text, _ = trace.hidden_states("text", [a for a, _ in layer_pairs])
             image, _ = trace.hidden_states("image", [v for _, v in layer_pairs])

@@ -9,7 +9,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 
-from value_jax import kernels
+from value_jax import kernels, names
 from value_jax.probes.results import Result, Table, line_plot
 from value_jax.probes.samples import first_rows
 from value_jax.runner import Probe
@@ -48,7 +48,7 @@ class FusionProbe(Probe):
     def finalize(self, stats, info):
         count = float(stats.get("count", 0.0))
         nmi = stats["nmi_sum"] / max(count, 1.0) if count else np.full(len(self.layer_names), np.nan)
-        labels = [_display(n) for n in self.layer_names]
+        labels = [names.label(n) for n in self.layer_names]
         table = Table(
             "Table 1: multimodal fusion degree (mean NMI of 2-means vs modality; lower = more fused)",
             ["layer"] + labels, [["NMI"] + [float(v) for v in nmi]])
@@ -59,11 +59,3 @@ class FusionProbe(Probe):
             {"fusion_nmi": line_plot({"NMI": nmi}, "Multimodal fusion (VALUE Table 1)", "layer",
                                      "NMI", labels)})
 
-
-def _display(layer_name: str) -> str:
-    """`layer3` → `3`, `cross2.lang` → `x2` (the paper's 1-based layer labels)."""
-    if layer_name.startswith("layer"):
-        return layer_name[len("layer"):]
-    if layer_name.startswith("cross"):
-        return "x" + layer_name.split(".")[0][len("cross"):]
-    return layer_name

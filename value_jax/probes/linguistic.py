@@ -18,6 +18,8 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 
+from value_jax import names
+from value_jax.names import LayerId
 from value_jax.probes.results import Result, Table, line_plot
 from value_jax.runner import Probe
 
@@ -35,10 +37,9 @@ class LinguisticProbe(Probe):
         self.layer_names: list[str] = []
 
     def bind(self, layout):
-        names = layout.hidden_names("text")
-        if layout.model_type == "lxmert":
-            names = [n for n in names if not n.startswith("cross")]
-        self.layer_names = names
+        # LXMERT: the language encoder's layers only (VALUE Table 5), not the cross layers.
+        self.layer_names = [n for n in layout.hidden_names("text")
+                            if LayerId.parse(n).stack != "cross"]
 
     def step(self, trace, targets):
         states, _ = trace.hidden_states("text", self.layer_names)                     # [L, B, T, D]
@@ -68,8 +69,7 @@ class LinguisticProbe(Probe):
         test_acc = np.asarray(classifiers.evaluate(probe, x[:, te], y[te]), np.float64)
         dev_acc = np.asarray(classifiers.evaluate(probe, x[:, va], y[va]), np.float64)
         best, best_dev = int(np.argmax(test_acc)), int(np.argmax(dev_acc))
-        labels = [n.replace("lang.embeddings", "emb").replace("embeddings", "emb")
-                  .replace("layer", "").replace("lang", "") for n in self.layer_names]
+        labels = [names.label(n) for n in self.layer_names]
         table = Table(f"Table 5: SentEval {self.task}, accuracy per layer (best on test, as "
                       f"VALUE: {labels[best]}, {test_acc[best]:.4f}; best on dev: "
                       f"{labels[best_dev]}, test {test_acc[best_dev]:.4f})", ["layer"] + labels,

@@ -11,14 +11,15 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 
-from value_jax import kernels
+from value_jax import kernels, names
+from value_jax.probes.pairs import head_label
 from value_jax.probes.results import Result, Table, heatmap, line_plot
 from value_jax.probes.samples import first_rows
 from value_jax.runner import Probe
 
 
 def _require_single_stream(layout, what):
-    if layout.model_type != "uniter":
+    if not layout.single_stream:
         raise ValueError(f"{what} is defined for single-stream models (UNITER) only; "
                          f"got {layout.model_type}")
 
@@ -47,7 +48,7 @@ class ModalityProbe(Probe):
         text, image = stats["text_sum"] / n, stats["image_sum"] / n          # [L, H]
         per_layer_t, per_layer_v = text.mean(1), image.mean(1)
         overall_t, overall_v = float(text.sum()), float(image.sum())
-        layers = [str(i + 1) for i in range(text.shape[0])]
+        layers = [names.label(n) for n in self.layer_names]
         table = Table("Fig. 4a: modality importance of [CLS] attention per layer (mean over heads)",
                       ["layer"] + layers + ["overall (sum of heads)"],
                       [["text MI_T"] + list(per_layer_t) + [overall_t],
@@ -86,7 +87,7 @@ class ImageToTextProbe(Probe):
         prob = stats["hits"] / max(float(stats["count"]), 1.0)               # [L, H]
         layers, heads = prob.shape
         order = np.argsort(-prob, axis=None)[:5]
-        rows = [[f"{i // heads + 1}-{i % heads + 1}", float(prob.flat[i])] for i in order]
+        rows = [[head_label(self.layer_names, i, heads), float(prob.flat[i])] for i in order]
         table = Table(f"Fig. 4b: image-to-text heads (fraction of samples with a region putting "
                       f"> {self.threshold} of its attention on the words), top 5",
                       ["head (layer-head)", "probability"], rows)

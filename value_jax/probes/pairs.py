@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from value_jax import kernels
+from value_jax import kernels, names
 
 
 def gather_rows(states, idx):
@@ -81,14 +81,9 @@ def both_directions(block_ab, block_ba, a_idx, a_mask, b_idx, b_mask):
 
 
 def head_label(layer_names: list[str], flat_index: int, heads: int) -> str:
-    """1-based `layer-head` as VALUE's tables write it; LXMERT cross layers as `x<j>`."""
+    """The label (`names.head_label`) of head `flat_index` of a flattened `[L, H]` array."""
     layer, head = divmod(int(flat_index), heads)
-    name = layer_names[layer]
-    if name.startswith("layer"):
-        return f"{name[len('layer'):]}-{head + 1}"
-    if name.startswith("cross"):
-        return f"x{name.split('.')[0][len('cross'):]}-{head + 1}"
-    return f"{name}-{head + 1}"
+    return names.head_label(layer_names[layer], head)
 
 
 def best_and_random(means: np.ndarray, rand_means: np.ndarray, layer_names: list[str], c: int):

@@ -25,6 +25,7 @@ import numpy as np
 
 from value_jax.data.collate import ROW_IMAGE, ROW_ITEM_OFFSET
 from value_jax.probes import pairs
+from value_jax.probes.classifiers import attention_pair_features
 from value_jax.probes.results import Result, Table, heatmap
 from value_jax.runner import Probe
 
@@ -69,9 +70,8 @@ class RelationProbe(Probe):
         stats["rand.sum"], stats["rand.count"] = pairs.class_sums(
             (rand_ab + rand_ba) / 2, targets["rel.pred"], has_pair, len(self.predicates))
         if self.collect_features:
-            b, q = item.shape
-            att = jnp.concatenate([so, os_], axis=-1)                       # [L, B, Q, 2H]
-            stats["att_features"] = jnp.transpose(att, (1, 2, 0, 3)).reshape(b, q, -1)
+            stats["att_features"] = attention_pair_features(                  # [B, Q, L·2H]
+                jnp.moveaxis(so, 0, 2), jnp.moveaxis(os_, 0, 2))
             image, _ = trace.hidden_states("image", self.embedding_layers)
             stats["emb_subj"] = pairs.gather_rows(image, targets["rel.subj"])
             stats["emb_obj"] = pairs.gather_rows(image, targets["rel.obj"])

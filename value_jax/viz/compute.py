@@ -27,16 +27,17 @@ from value_jax.probes.coref import CorefProbe
 from value_jax.probes.head_summary import HeadSummaryProbe
 from value_jax.probes.modality import ImageToTextProbe, ModalityProbe
 from value_jax.runner import Probe, make_step
+from value_jax.names import LayerId
 from value_jax.trace import Layout
 from value_jax.viz.store import Store, StoreWriter, group_of, map_axes
 
 
-def analysis_probes(model_type: str, coref: bool) -> list[Probe]:
+def analysis_probes(single_stream: bool, coref: bool) -> list[Probe]:
     """The probes whose statistics the explorer shows: VL-InterpreT's head summary always;
     VALUE's modality importance and image-to-text heads (single-stream only, as VALUE defines
     them); VALUE's coreference max attention where the data give phrase–region links."""
     probes: list[Probe] = [HeadSummaryProbe()]
-    if model_type == "uniter":
+    if single_stream:
         probes += [ModalityProbe(), ImageToTextProbe()]
     if coref:
         probes.append(CorefProbe(collect_features=False))
@@ -98,7 +99,7 @@ class Session:
 
     def step_for(self, coref: bool):
         if coref not in self._steps:
-            probe = ExampleProbe(analysis_probes(self.model_type, coref))
+            probe = ExampleProbe(analysis_probes(self.model.config.single_stream, coref))
             probe.bind(self.layout)
             self._steps[coref] = (probe, make_step(self.model, [probe]))
         return self._steps[coref]
@@ -106,7 +107,7 @@ class Session:
     def meta(self) -> dict:
         c = self.model.config
         # Layout.from_config lists maps and hidden states in forward order.
-        maps = {n: dict(zip(("query", "key"), map_axes(self.model_type, n)))
+        maps = {n: dict(zip(("query", "key"), map_axes(n)))
                 for n in self.layout.attention}
         groups = list(dict.fromkeys(group_of(n) for n in self.layout.hidden))
         return {"model_type": self.model_type, "num_heads": int(c.num_heads),
@@ -148,14 +149,15 @@ class Session:
         attention = {}
         for name in self.layout.attention:              # forward order
             a = out["attention"][name]
-            q, k = map_axes(self.model_type, name)
+            q, k = map_axes(name)
             attention[name] = np.asarray(a[row])[:, pick[q]][:, :, pick[k]]
         hidden = {}
         for name, h in out["hidden"].items():
             h = np.asarray(h[row])
-            if self.model_type == "uniter":
+            modalities = LayerId.parse(name).modalities()
+            if len(modalities) == 2:            # UNITER: [text slot | regions] on one axis
                 parts = [(h[t_idx], 0, np.arange(n_text)), (h[t_slot + r_idx], 1, np.arange(n_reg))]
-            elif name.startswith("lang") or name.endswith(".lang"):
+            elif modalities == ("text",):
                 parts = [(h[t_idx], 0, np.arange(n_text))]
             else:
                 parts = [(h[r_idx], 1, np.arange(n_reg))]

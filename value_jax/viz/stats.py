@@ -35,7 +35,7 @@ LABELS = dict(VL_INTERPRET + VALUE)
 
 
 def _finalize(store: Store, stats: dict[str, dict]) -> dict:
-    probes = {p.name: p for p in analysis_probes(store.model_type, coref=True)}
+    probes = {p.name: p for p in analysis_probes(store.single_stream, coref=True)}
     from value_jax.trace import Layout
     layout = Layout(store.model_type, tuple(store.map_names),
                     tuple(store.meta.get("hidden_names", ())))
@@ -151,8 +151,8 @@ def _value_stat(store: Store, data: dict, key: str) -> dict[str, np.ndarray]:
 
 
 def _types():
-    from value_jax.probes.coref import ENTITY_TYPES
-    return ENTITY_TYPES
+    from value_jax.data.flickr30k import PHRASE_TYPES
+    return PHRASE_TYPES
 
 
 __all__ = ["VL_INTERPRET", "VALUE", "LABELS", "results", "available", "head_matrix", "combined",

@@ -48,6 +48,7 @@ import msgpack
 import numpy as np
 
 from value_jax.io import write_json_atomic
+from value_jax.names import LayerId
 
 SCHEMA = "value_jax.explore/1"
 _MAP_SIZE = 1 << 40          # LMDB reserves address space only; the file grows with the data
@@ -80,25 +81,20 @@ def _unpack_tree(tree):
 
 def group_of(hidden_name: str) -> str:
     """The projection group of a hidden-state name (see the module docstring)."""
-    if hidden_name.endswith("embeddings"):
+    layer = LayerId.parse(hidden_name)
+    if layer.is_embeddings:
         return "embeddings"
-    for suffix in (".lang", ".visn"):
-        if hidden_name.endswith(suffix):
-            return hidden_name[: -len(suffix)]
-    return hidden_name
+    return f"cross{layer.index}" if layer.stack == "cross" else hidden_name
 
 
-def map_axes(model_type: str, name: str) -> tuple[str, str]:
-    """(query, key) modality of an attention map: `joint`, `text` or `image`."""
-    if model_type == "uniter":
+def map_axes(name: str) -> tuple[str, str]:
+    """(query, key) modality of an attention map: `joint` (UNITER's `[text slot | regions]`),
+    `text` or `image`."""
+    directions = LayerId.parse(name).directions()
+    if len(directions) > 1:
         return "joint", "joint"
-    if name.endswith(".l2v"):
-        return "text", "image"
-    if name.endswith(".v2l"):
-        return "image", "text"
-    if name.startswith("lang") or name.endswith(".lang_self"):
-        return "text", "text"
-    return "image", "image"
+    side = {"t": "text", "v": "image"}
+    return side[directions[0][0]], side[directions[0][2]]
 
 
 class StoreWriter:
@@ -257,6 +253,11 @@ class Store:
     @property
     def model_type(self) -> str:
         return self.meta["model_type"]
+
+    @property
+    def single_stream(self) -> bool:
+        """Whether the maps are joint `[text slot | regions]` softmaxes (UNITER)."""
+        return all(axes["query"] == "joint" for axes in self.meta["maps"].values())
 
     @property
     def map_names(self) -> list[str]:

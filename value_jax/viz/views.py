@@ -17,7 +17,7 @@ def default_map(store: Store) -> str:
     """A map with text queries and region keys (UNITER's first layer, LXMERT's cross1.l2v)."""
     for name, axes in store.meta["maps"].items():
         if axes["query"] in ("text", "joint") and axes["key"] in ("image", "joint"):
-            if axes["query"] == "text" or store.model_type == "uniter":
+            if axes["query"] == "text" or store.single_stream:
                 return name
     return store.map_names[-1]
 
