@@ -249,7 +249,7 @@ def test_run_probe_end_to_end_with_control_task():
     feats = np.stack([np.concatenate([signal[:, None], one_hot], 1),
                       np.concatenate([rng.normal(size=(n, 1)), one_hot], 1)])
     images = rng.integers(0, 300, n)
-    result = C.run_probe(feats, labels, seed=3, groups=images, control_type_ids=types,
+    result = C.train_prober(feats, labels, seed=3, groups=images, control_type_ids=types,
                          names=["layer 1", "layer 12"])
     assert result.names == ["layer 1", "layer 12"]
     assert result.num_train + result.num_dev + result.num_test == n
@@ -258,7 +258,7 @@ def test_run_probe_end_to_end_with_control_task():
     np.testing.assert_allclose(result.selectivity,
                                np.subtract(result.test_acc, result.control_test_acc))
     assert json.loads(json.dumps(result.to_dict()))["names"] == ["layer 1", "layer 12"]
-    pairs = C.run_probe((feats[0, :, :4], feats[0, :, 4:8]), labels, seed=3, max_epochs=2)
+    pairs = C.train_prober((feats[0, :, :4], feats[0, :, 4:8]), labels, seed=3, max_epochs=2)
     assert len(pairs.test_acc) == 1 and pairs.control_test_acc is None
 
 

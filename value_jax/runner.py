@@ -41,36 +41,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from value_jax.api import forward
 from value_jax.io import local_checkpointer, quiet_orbax, replace_dir
+from value_jax.probes.base import Probe
 from value_jax.trace import Layout
-
-
-class Probe:
-    """Base class: `step` is jittable and returns small statistics; `finalize` makes the Result.
-
-    Subclasses set `name`, `outputs` (the model's output heads the step needs, e.g. `("mrc",)`),
-    `collect_keys`.
-    Metadata a probe reports (layer names, ...) is set in `bind`, from the model's `Layout`,
-    which the runner calls before the first batch; `step` never records anything on `self`.
-    """
-
-    name: str = "probe"
-    outputs: tuple = ()
-    collect_keys: tuple = ()
-
-    def bind(self, layout: Layout) -> None:
-        """Learns what the model sows (layer names) before anything runs."""
-
-    def fingerprint(self) -> dict[str, Any]:
-        """Everything on the probe that can change its numbers (part of the state fingerprint):
-        its public attributes, bound metadata included."""
-        return {"class": type(self).__name__,
-                **{k: v for k, v in sorted(vars(self).items()) if not k.startswith("_")}}
-
-    def step(self, trace, targets: dict) -> dict[str, jnp.ndarray]:
-        raise NotImplementedError
-
-    def finalize(self, stats: dict[str, np.ndarray], info: dict):
-        raise NotImplementedError
 
 
 class Collected:

@@ -1,21 +1,41 @@
-"""Flax UNITER and LXMERT. `build_model(config)` picks the class from `config.model_type`."""
+"""Flax UNITER and LXMERT. `build_model(config)` picks the class from `config.model_type`.
+
+`value_jax.models.configs` (the configs and every per-model fact) is light and may be imported by
+any part of the project; the Flax modules (`uniter`, `lxmert`, `layers`) load only when a model
+is built or one of their names is first used here.
+"""
 from __future__ import annotations
 
-import jax
+import importlib
+
 import numpy as np
 
 from value_jax.batch import Batch
 from value_jax.models.configs import LxmertConfig, UniterConfig
-from value_jax.models.lxmert import LXMERT_OUTPUTS, Lxmert
-from value_jax.models.uniter import UNITER_OUTPUTS, Uniter
 
-MODEL_CLASSES = {"uniter": Uniter, "lxmert": Lxmert}
+# model_type -> (module, class name); `UNITER_OUTPUTS` etc. are the configs' `outputs`.
+MODEL_CLASSES = {"uniter": ("value_jax.models.uniter", "Uniter"),
+                 "lxmert": ("value_jax.models.lxmert", "Lxmert")}
+UNITER_OUTPUTS = UniterConfig.outputs
+LXMERT_OUTPUTS = LxmertConfig.outputs
+
+
+def model_class(model_type: str):
+    module, name = MODEL_CLASSES[model_type]
+    return getattr(importlib.import_module(module), name)
+
+
+def __getattr__(name: str):
+    for module, cls in MODEL_CLASSES.values():
+        if name == cls:
+            return getattr(importlib.import_module(module), name)
+    raise AttributeError(f"module 'value_jax.models' has no attribute {name!r}")
 
 
 def build_model(config, outputs=None):
     """The Flax module for `config`; `outputs` = the pre-training output heads whose weights the
     checkpoint holds (default all of `config.outputs`)."""
-    cls = MODEL_CLASSES[config.model_type]
+    cls = model_class(config.model_type)
     return cls(config, available_outputs=tuple(config.outputs if outputs is None else outputs))
 
 
@@ -34,6 +54,7 @@ def init_params(model, key):
 
 def param_shapes(model):
     """The params tree as `jax.ShapeDtypeStruct`s, without allocating (free at base size)."""
+    import jax
     return jax.eval_shape(lambda: init_params(model, jax.random.PRNGKey(0)))
 
 

@@ -53,7 +53,8 @@ from value_jax.data.ablation_data import AblationData, AblationLoader, Lang4Vis,
 from value_jax.data.flickr30k import PHRASE_TYPES
 from value_jax.models.configs import CONFIGS
 from value_jax.probes.results import Result, Table
-from value_jax.runner import Probe, run_probes
+from value_jax.probes.base import Probe
+from value_jax.runner import run_probes
 
 LN2 = math.log(2.0)
 LANG4VIS_AVERAGES = ("masked", "reference")

@@ -5,7 +5,7 @@
   Eq. 3 features in the project), `fit_linear` trains, `eq3_weights` reads `w_k`, `μ_k` back.
 * Layer-wise embedding prober (Eq. 4): `p(c|i,j) ∝ w_cᵀ(W_w e_i ⊙ W_μ e_j) + b_c`: `fit_bilinear`.
 * Control tasks (Hewitt & Liang 2019): `control_labels`, `selectivity`.
-* Seeded (optionally grouped) splits, `ProbeResult`, and `run_probe`, which chains them all.
+* Seeded (optionally grouped) splits, `ProbeResult`, and `train_prober`, which chains them all (split, fit, control task, scores).
 
 Every fit trains `P` independent probes at once (one per layer, say) under `jax.vmap` over a
 leading probe axis, full-batch L-BFGS (or Adam) for the convex linear prober and minibatch Adam
@@ -425,9 +425,9 @@ class ProbeResult:
         return dataclasses.asdict(self)
 
 
-def run_probe(features_or_pairs, labels, *, num_classes: Optional[int] = None, seed: int = 0,
-              fractions=(0.8, 0.1, 0.1), groups=None, control_type_ids=None,
-              names: Optional[Sequence[str]] = None, **fit_kwargs) -> ProbeResult:
+def train_prober(features_or_pairs, labels, *, num_classes: Optional[int] = None, seed: int = 0,
+                 fractions=(0.8, 0.1, 0.1), groups=None, control_type_ids=None,
+                 names: Optional[Sequence[str]] = None, **fit_kwargs) -> ProbeResult:
     """Split -> fit -> evaluate (-> control task) for one probing experiment.
 
     Args:

@@ -27,9 +27,9 @@ from value_jax import kernels
 from value_jax.data.collate import ROW_IMAGE
 from value_jax.data.flickr30k import PHRASE_TYPES
 from value_jax.probes import pairs
+from value_jax.probes.base import Probe
 from value_jax.probes.classifiers import attention_pair_features
 from value_jax.probes.results import Result, Table, heatmap
-from value_jax.runner import Probe
 
 
 class CorefProbe(Probe):

@@ -10,9 +10,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from value_jax import kernels, names
+from value_jax.probes.base import Probe
 from value_jax.probes.results import Result, Table, line_plot
 from value_jax.probes.samples import first_rows
-from value_jax.runner import Probe
 
 
 class FusionProbe(Probe):

@@ -14,9 +14,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from value_jax import kernels
+from value_jax.probes.base import Probe
 from value_jax.probes.results import Result, Table, heatmap
 from value_jax.probes.samples import first_rows
-from value_jax.runner import Probe
 
 BLOCKS = ("t2t", "t2v", "v2t", "v2v", "v2v_no_self")
 

@@ -20,8 +20,8 @@ import numpy as np
 
 from value_jax import names
 from value_jax.names import LayerId
+from value_jax.probes.base import Probe
 from value_jax.probes.results import Result, Table, line_plot
-from value_jax.runner import Probe
 
 
 class LinguisticProbe(Probe):

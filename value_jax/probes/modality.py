@@ -12,10 +12,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from value_jax import kernels, names
+from value_jax.probes.base import Probe
 from value_jax.probes.pairs import head_label
 from value_jax.probes.results import Result, Table, heatmap, line_plot
 from value_jax.probes.samples import first_rows
-from value_jax.runner import Probe
 
 
 def _require_single_stream(layout, what):

@@ -114,7 +114,7 @@ def _fit(features, labels, types, groups, seed, names, kind, settings, bilinear_
     if kind == "bilinear":
         d = features[0].shape[-1]
         kw["rank"] = min(bilinear_rank, d) if bilinear_rank else d
-    res = classifiers.run_probe(features, labels, num_classes=n_classes, seed=seed, groups=groups,
+    res = classifiers.train_prober(features, labels, num_classes=n_classes, seed=seed, groups=groups,
                                 control_type_ids=types, names=names, **kw)
     out = res.to_dict()
     if kind == "bilinear":

@@ -25,9 +25,9 @@ import numpy as np
 
 from value_jax.data.collate import ROW_IMAGE, ROW_ITEM_OFFSET
 from value_jax.probes import pairs
+from value_jax.probes.base import Probe
 from value_jax.probes.classifiers import attention_pair_features
 from value_jax.probes.results import Result, Table, heatmap
-from value_jax.runner import Probe
 
 
 class RelationProbe(Probe):

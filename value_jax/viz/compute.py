@@ -26,7 +26,8 @@ from value_jax.data.loaders import ExampleLoader
 from value_jax.probes.coref import CorefProbe
 from value_jax.probes.head_summary import HeadSummaryProbe
 from value_jax.probes.modality import ImageToTextProbe, ModalityProbe
-from value_jax.runner import Probe, make_step
+from value_jax.probes.base import Probe
+from value_jax.runner import make_step
 from value_jax.names import LayerId
 from value_jax.trace import Layout
 from value_jax.viz.store import Store, StoreWriter, group_of, map_axes
