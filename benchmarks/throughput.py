@@ -64,7 +64,9 @@ def _pass(model, params, batches, probes):
     """(seconds of the timed pass, finalize seconds per probe, collected items)."""
     import jax
 
-    from value_jax.runner import Accumulator, Layout, _shard, data_mesh, make_step
+    from value_jax.runner import _shard, data_mesh, make_step
+    from value_jax.state import Accumulator
+    from value_jax.trace import Layout
     layout = Layout.from_config(model.config)
     for p in probes:
         p.bind(layout)

@@ -256,8 +256,7 @@ def identity_params(config, data: PlantedFlickr, d: Directions):
     params = jax.tree_util.tree_map_with_path(
         lambda path, s: (np.ones if path[-1].key == "scale" else np.zeros)(s.shape, np.float32),
         shapes)
-    lowercase = config.model_type == "lxmert"
-    tokens = _vocab(data.vocab_uncased if lowercase else data.vocab_cased)
+    tokens = _vocab(data.vocab_uncased if config.lowercase else data.vocab_cased)
     key_of = {w: k for k, w in enumerate(data.keys)}
     table = np.zeros((len(tokens), config.hidden_size))
     for i, tok in enumerate(tokens):

@@ -123,7 +123,7 @@ def overlay_figure(store: Store, example: int, name: str, head, source, k: int =
     top_w = float(np.max(text_w)) if text_w is not None and len(text_w) else 1.0
     for i, tok in enumerate(rec["tokens"]):
         a = 0.0 if text_w is None else float(text_w[i]) / max(top_w, 1e-9) * 0.85
-        t = tax.text(x, 0.5, tok, fontsize=9, va="center",
+        tax.text(x, 0.5, tok, fontsize=9, va="center",
                      bbox=dict(facecolor=(1, 0.3, 0, a), edgecolor="blue" if (
                          source == ("text", i)) else "none", pad=2))
         x += 0.012 * (len(tok) + 2)

@@ -41,7 +41,6 @@ import json
 import os
 import threading
 from pathlib import Path
-from typing import Any, Optional
 
 import lmdb
 import msgpack
