@@ -23,7 +23,7 @@ import numpy as np
 from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
 
-from value_jax.probes import classifiers
+from value_jax.probes import classifiers, probing
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("layers", 12, "Probes trained together (one per layer).")
@@ -66,7 +66,7 @@ def make_data(layers, n, f, classes, seed):
 def main(argv):
     del argv
     x, y = make_data(FLAGS.layers, FLAGS.pairs, FLAGS.features, FLAGS.classes, FLAGS.seed)
-    train, dev, test = classifiers.split_indices(FLAGS.pairs, FLAGS.seed)
+    train, dev, test = probing.split_indices(FLAGS.pairs, FLAGS.seed)
     print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}); "
           f"data: {FLAGS.layers} layers x {FLAGS.pairs} pairs x {FLAGS.features} features, "
           f"{FLAGS.classes} classes; split {len(train)}/{len(dev)}/{len(test)}")

@@ -8,6 +8,9 @@ Every expected Flax leaf must be filled from the source (or be a declared zero-f
 source key must match a rule, be a tied duplicate (checked bit-equal, then dropped) or be a known
 unused key; shapes are checked after the transform. A head group is either complete or absent.
 Nothing is ever randomly initialised.
+
+The report and the conversion steps that fill it stay in one module (about 410 lines): each step
+writes one section of the report.
 """
 from __future__ import annotations
 

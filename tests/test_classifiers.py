@@ -1,4 +1,5 @@
-"""Planted-structure tests of value_jax.probes.classifiers (Eq. 3 / 4 probers, control tasks)."""
+"""Planted-structure tests of the probers: value_jax.probes.classifiers (Eq. 3 / 4 fits) and
+value_jax.probes.probing (splits, control tasks, train_prober)."""
 import json
 
 import jax
@@ -8,6 +9,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
 
 from value_jax.probes import classifiers as C
+from value_jax.probes import probing
 
 KEY = jax.random.PRNGKey(0)
 # Tests (a), (d) and (g) share these sizes so that L-BFGS (slow to compile) compiles twice, not 5x.
@@ -15,7 +17,7 @@ N, F, K = 5000, 40, 4
 
 
 def _split(n, seed=0):
-    return C.split_indices(n, seed)
+    return probing.split_indices(n, seed)
 
 
 def _linear_accuracy_twin(probe, x, y):
@@ -176,31 +178,31 @@ def test_control_labels_one_label_per_type_and_marginals():
     rng = np.random.default_rng(4)
     labels = rng.choice(4, size=20000, p=[0.55, 0.25, 0.15, 0.05])
     types = rng.integers(0, 400, size=20000)
-    control = C.control_labels(types, labels, 4, np.random.default_rng(7))
+    control = probing.control_labels(types, labels, 4, np.random.default_rng(7))
     assert control.shape == labels.shape
     for t in np.unique(types):
         assert np.unique(control[types == t]).size == 1
     per_type = np.array([control[types == t][0] for t in np.unique(types)])
     np.testing.assert_allclose(np.bincount(per_type, minlength=4) / per_type.size,
                                [0.55, 0.25, 0.15, 0.05], atol=0.07)
-    np.testing.assert_array_equal(control, C.control_labels(types, labels, 4,
+    np.testing.assert_array_equal(control, probing.control_labels(types, labels, 4,
                                                             np.random.default_rng(7)))
-    assert np.any(control != C.control_labels(types, labels, 4, np.random.default_rng(8)))
-    np.testing.assert_allclose(C.selectivity([0.9, 0.5], [0.6, 0.5]), [0.3, 0.0])
+    assert np.any(control != probing.control_labels(types, labels, 4, np.random.default_rng(8)))
+    np.testing.assert_allclose(probing.selectivity([0.9, 0.5], [0.6, 0.5]), [0.3, 0.0])
     with pytest.raises(ValueError, match="num_classes|\\[0, 4\\)"):
-        C.control_labels(types[:3], np.array([0, 1, 4]), 4, np.random.default_rng(0))
+        probing.control_labels(types[:3], np.array([0, 1, 4]), 4, np.random.default_rng(0))
 
 
 def test_split_indices_partition_seed_and_groups():
-    parts = C.split_indices(1000, seed=5)
+    parts = probing.split_indices(1000, seed=5)
     assert [len(p) for p in parts] == [800, 100, 100]
     np.testing.assert_array_equal(np.sort(np.concatenate(parts)), np.arange(1000))
-    again = C.split_indices(1000, seed=5)
+    again = probing.split_indices(1000, seed=5)
     assert all(np.array_equal(a, b) for a, b in zip(parts, again))
-    assert not np.array_equal(parts[1], C.split_indices(1000, seed=6)[1])
+    assert not np.array_equal(parts[1], probing.split_indices(1000, seed=6)[1])
 
     groups = np.random.default_rng(0).integers(0, 150, size=3000)  # e.g. image ids
-    parts = C.split_indices(3000, seed=5, groups=groups)
+    parts = probing.split_indices(3000, seed=5, groups=groups)
     np.testing.assert_array_equal(np.sort(np.concatenate(parts)), np.arange(3000))
     owners = [set(groups[p]) for p in parts]
     assert not (owners[0] & owners[1] or owners[0] & owners[2] or owners[1] & owners[2])
@@ -208,12 +210,12 @@ def test_split_indices_partition_seed_and_groups():
     # Five equal images: the middle-sample rule alone leaves dev empty; no split may be.
     few = np.repeat(np.arange(5), 24)
     for seed in range(5):
-        parts = C.split_indices(len(few), seed=seed, groups=few)
+        parts = probing.split_indices(len(few), seed=seed, groups=few)
         owners = [set(few[p]) for p in parts]
         assert [len(o) for o in owners] == [3, 1, 1], (seed, owners)
         np.testing.assert_array_equal(np.sort(np.concatenate(parts)), np.arange(len(few)))
     with pytest.raises(ValueError, match="summing to 1"):
-        C.split_indices(10, 0, fractions=(0.5, 0.2))
+        probing.split_indices(10, 0, fractions=(0.5, 0.2))
 
 
 # Early-stopped Adam ends less converged than L-BFGS: up to ~2.5 points off across seeds.
@@ -249,7 +251,7 @@ def test_run_probe_end_to_end_with_control_task():
     feats = np.stack([np.concatenate([signal[:, None], one_hot], 1),
                       np.concatenate([rng.normal(size=(n, 1)), one_hot], 1)])
     images = rng.integers(0, 300, n)
-    result = C.train_prober(feats, labels, seed=3, groups=images, control_type_ids=types,
+    result = probing.train_prober(feats, labels, seed=3, groups=images, control_type_ids=types,
                          names=["layer 1", "layer 12"])
     assert result.names == ["layer 1", "layer 12"]
     assert result.num_train + result.num_dev + result.num_test == n
@@ -258,7 +260,7 @@ def test_run_probe_end_to_end_with_control_task():
     np.testing.assert_allclose(result.selectivity,
                                np.subtract(result.test_acc, result.control_test_acc))
     assert json.loads(json.dumps(result.to_dict()))["names"] == ["layer 1", "layer 12"]
-    pairs = C.train_prober((feats[0, :, :4], feats[0, :, 4:8]), labels, seed=3, max_epochs=2)
+    pairs = probing.train_prober((feats[0, :, :4], feats[0, :, 4:8]), labels, seed=3, max_epochs=2)
     assert len(pairs.test_acc) == 1 and pairs.control_test_acc is None
 
 

@@ -15,6 +15,7 @@ from sklearn.exceptions import ConvergenceWarning
 from sklearn.metrics import normalized_mutual_info_score
 
 from value_jax import kernels
+from value_jax.kernels import kmeans
 
 
 # Jitted once per shape: eager control flow (while_loop, lax.map) would recompile on every call.
@@ -400,7 +401,7 @@ def test_kmeans2_several_steps_per_loop_test_change_nothing(monkeypatch, num_ite
     one = solve(num_iters)
     if num_iters < 20:           # the data must be able to tell extra steps apart
         assert (one != solve(20)).any()
-    monkeypatch.setattr(kernels, "_steps_per_check", lambda: 4)
+    monkeypatch.setattr(kmeans, "_steps_per_check", lambda: 4)
     four = solve(num_iters)
     np.testing.assert_array_equal(four, one)
 
@@ -411,10 +412,10 @@ def test_kmeans2_compacted_stragglers_change_nothing(monkeypatch, before, share)
     together when too many move): the same partitions as one loop over every restart."""
     x, _, mask = _modality_data(np.random.default_rng(20), sep=0.5)
     solve = lambda: np.asarray(jax.jit(kernels.kmeans2)(x, mask))
-    monkeypatch.setattr(kernels, "_CPU_STEPS_BEFORE_COMPACTING", 100)
+    monkeypatch.setattr(kmeans, "_CPU_STEPS_BEFORE_COMPACTING", 100)
     plain = solve()
-    monkeypatch.setattr(kernels, "_CPU_STEPS_BEFORE_COMPACTING", before)
-    monkeypatch.setattr(kernels, "_CPU_COMPACT_SHARE", share)
+    monkeypatch.setattr(kmeans, "_CPU_STEPS_BEFORE_COMPACTING", before)
+    monkeypatch.setattr(kmeans, "_CPU_COMPACT_SHARE", share)
     np.testing.assert_array_equal(solve(), plain)
 
 
@@ -424,7 +425,7 @@ def test_kmeans2_accelerator_formulation_agrees(monkeypatch):
     x, _, mask = _modality_data(np.random.default_rng(19), sep=0.5)
     solve = lambda: np.asarray(jax.jit(kernels.kmeans2)(x, mask))
     cpu = solve()
-    monkeypatch.setattr(kernels, "_on_cpu", lambda: False)
+    monkeypatch.setattr(kmeans, "_on_cpu", lambda: False)
     other = solve()
     # Summation order differs, so an exact near-tie may go the other way.
     assert sum((cpu[i] == other[i]).all() for i in range(B)) >= B - 1

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from value_jax.models import UniterConfig
-from value_jax.probes import classifiers, pair_probers, pairs
+from value_jax.probes import classifiers, pair_probers, pairs, probing
 from value_jax.probes.coref import CorefProbe
 from value_jax.probes.relation import RelationProbe
 from value_jax.probes.results import Result
@@ -34,7 +34,7 @@ def test_split_by_image_keeps_memorised_phrases_at_chance():
     stats = _leaky_coref_stats()
     linked = stats["linked"].astype(bool)
     # The leak is real: an item split puts every test phrase in training too.
-    leaky = classifiers.train_prober(stats["att_features"][linked], stats["type"][linked], seed=0,
+    leaky = probing.train_prober(stats["att_features"][linked], stats["type"][linked], seed=0,
                                   **FAST["linear"])
     assert leaky.test_acc[0] > 0.9
     result = Result("coref", {}, [], {})
@@ -49,19 +49,19 @@ def test_split_by_image_keeps_memorised_phrases_at_chance():
 
 
 def _recording_train_prober(calls):
-    """Stands in for `classifiers.train_prober`: records its keyword arguments, trains nothing."""
+    """Stands in for `probing.train_prober`: records its keyword arguments, trains nothing."""
     def fake(features, labels, **kw):
         calls.append(kw)
         names = list(kw["names"])
         acc = [0.5] * len(names)
-        return classifiers.ProbeResult(names, acc, acc, acc, [0] * len(names), [1] * len(names),
+        return probing.ProbeResult(names, acc, acc, acc, [0] * len(names), [1] * len(names),
                                        2, 8, 1, 1, 0.5, acc, [0.0] * len(names))
     return fake
 
 
 def test_embedding_prober_is_full_rank_unless_a_rank_is_asked(monkeypatch):
     calls = []
-    monkeypatch.setattr(classifiers, "train_prober", _recording_train_prober(calls))
+    monkeypatch.setattr(probing, "train_prober", _recording_train_prober(calls))
     stats = _leaky_coref_stats(n_images=12, phrases=2, captions=2, regions_per_phrase=1)
     rng = np.random.default_rng(1)
     emb = rng.normal(size=(len(stats["type"]), 2, 160)).astype(np.float32)  # D = 160 > 128
@@ -121,7 +121,7 @@ def _relation_stats(rng, n_images=12, pairs_per_image=20):
 
 def test_seed_reaches_the_pair_probers(monkeypatch):
     calls = []
-    monkeypatch.setattr(classifiers, "train_prober", _recording_train_prober(calls))
+    monkeypatch.setattr(probing, "train_prober", _recording_train_prober(calls))
     stats = _leaky_coref_stats(n_images=10, phrases=2, captions=2, regions_per_phrase=1)
     for k in ("v2t", "t2v", "v2t_rand", "t2v_rand"):
         stats[k + ".sum"], stats[k + ".count"] = np.ones((8, 2, 2)), np.ones(8)

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from value_jax.probes import classifiers
+from value_jax.probes import probing
 from value_jax.probes.results import Table
 
 # Small, explicit prober budgets; pass larger ones from the experiment for real data.
@@ -114,7 +114,7 @@ def _fit(features, labels, types, groups, seed, names, kind, settings, bilinear_
     if kind == "bilinear":
         d = features[0].shape[-1]
         kw["rank"] = min(bilinear_rank, d) if bilinear_rank else d
-    res = classifiers.train_prober(features, labels, num_classes=n_classes, seed=seed, groups=groups,
+    res = probing.train_prober(features, labels, num_classes=n_classes, seed=seed, groups=groups,
                                 control_type_ids=types, names=names, **kw)
     out = res.to_dict()
     if kind == "bilinear":

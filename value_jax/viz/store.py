@@ -5,6 +5,10 @@ and statistics are read from LMDB when it is asked for, and the hidden states of
 memory-mapped float16 table, so a store of 1,000 base-size examples opens in milliseconds and
 never sits in memory whole.
 
+The writer (`StoreWriter`) and the reader (`Store`) of the format stay in this one module (about
+440 lines): the layout below is their contract, and keeping both sides next to it is what keeps
+them in step.
+
 Layout of `<store>/` (schema `value_jax.explore/1`):
 
   meta.json        model type, attention map names in forward order with the modality of their
