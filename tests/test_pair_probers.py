@@ -38,7 +38,7 @@ def test_split_by_image_keeps_memorised_phrases_at_chance():
                                   **FAST["linear"])
     assert leaky.test_acc[0] > 0.9
     result = Result("coref", {}, [], {})
-    pair_probers.coref_probers(result, stats, None, ["layer 1"], seed=0, settings=FAST)
+    pair_probers.coref_probers(result, stats, None, ["layer1"], seed=0, settings=FAST)
     probers = result.data["probers"]
     for task, chance in (("VCD", 0.5), ("VCC", 1 / 8)):
         for kind in ("attention_prober", "embedding_prober"):
@@ -67,14 +67,14 @@ def test_embedding_prober_is_full_rank_unless_a_rank_is_asked(monkeypatch):
     emb = rng.normal(size=(len(stats["type"]), 2, 160)).astype(np.float32)  # D = 160 > 128
     stats.update(emb_region=emb, emb_phrase=emb[:, ::-1])
     full = Result("coref", {}, [], {})
-    pair_probers.coref_probers(full, stats, None, ["1", "2"])
+    pair_probers.coref_probers(full, stats, None, ["layer1", "layer2"])
     ranks = [kw["rank"] for kw in calls if "rank" in kw]
     assert len(ranks) == 2 and set(ranks) == {160}       # VCD and VCC embedding probers
     assert full.data["prober_settings"]["bilinear_rank"] == 160
     assert full.data["probers"]["VCC"]["embedding_prober"]["rank"] == 160
     calls.clear()
     low = Result("coref", {}, [], {})
-    pair_probers.coref_probers(low, stats, None, ["1", "2"], bilinear_rank=8)
+    pair_probers.coref_probers(low, stats, None, ["layer1", "layer2"], bilinear_rank=8)
     assert {kw["rank"] for kw in calls if "rank" in kw} == {8}
     assert low.data["prober_settings"]["bilinear_rank"] == 8
     assert "rank 8" in low.tables[0].caption

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from value_jax import kernels
+from value_jax import kernels, names
 from value_jax.data.collate import ROW_IMAGE
 from value_jax.data.flickr30k import PHRASE_TYPES
 from value_jax.probes import pairs
@@ -114,7 +114,7 @@ class CorefProbe(Probe):
                 "mean_per_head": {d: means[d] for d in means}, "links": int(counts.sum())}
         figures = {f"coref_{d}_heads": heatmap(overall[d], f"Coreference {d.upper()} max attention, "
                                                "all types", ylabel="layer (" + ", ".join(
-                                                   self.layer_names[:1]) + " first)")
+                                                   map(names.label, self.layer_names[:1])) + " first)")
                    for d in overall}
         result = Result(self.name, data, [table], figures)
         if self.collect_features and stats.get("linked") is not None and len(stats["linked"]):

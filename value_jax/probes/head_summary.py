@@ -13,7 +13,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 
-from value_jax import kernels
+from value_jax import kernels, names
 from value_jax.probes.base import Probe
 from value_jax.probes.results import Result, Table, heatmap
 from value_jax.probes.samples import first_rows
@@ -52,9 +52,10 @@ class HeadSummaryProbe(Probe):
             mean = stats[block + ".sum"] / max(float(stats[block + ".count"]), 1.0)   # [L, H]
             std = mean.std(axis=0, keepdims=True)
             z = np.where(std > 0, (mean - mean.mean(axis=0, keepdims=True)) / np.where(std > 0, std, 1), 0.0)
-            names = self.layer_names[block]
-            data[block] = {"layers": names, "mean": mean, "zscore_across_layers": z}
-            rows += [[block, n, float(mean[i].mean()), float(mean[i].max())] for i, n in enumerate(names)]
+            layers = self.layer_names[block]
+            data[block] = {"layers": layers, "mean": mean, "zscore_across_layers": z}
+            rows += [[block, names.label(n), float(mean[i].mean()), float(mean[i].max())]
+                     for i, n in enumerate(layers)]
             figures[f"head_summary_{block}"] = heatmap(mean, f"Mean {block} attention per head")
         table = Table("Mean attention per block (query→key; words and regions, [CLS]/[SEP] "
                       "excluded): mean and max over heads", ["block", "layer", "mean", "max head"],

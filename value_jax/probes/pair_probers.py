@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from value_jax import names
 from value_jax.probes import probing
 from value_jax.probes.results import Table
 
@@ -147,11 +148,12 @@ def _fit_layers(emb_a, emb_b, sel, labels, types, groups, seed, layers, settings
     return merged
 
 
-def _rows(task, res, label):
+def _rows(task, res, label, display=str):
     if "skipped" in res:
         return [[task, f"{label} (skipped: {res['skipped']})".strip(), "n/a", "n/a", "n/a", "n/a"]]
     out = []
     for i, name in enumerate(res["names"]):
+        name = display(name)
         sel = res["selectivity"][i] if res.get("selectivity") else float("nan")
         ctrl = res["control_test_acc"][i] if res.get("control_test_acc") else float("nan")
         out.append([task, f"{label} {name}".strip(), res["test_acc"][i], ctrl, sel,
@@ -170,7 +172,7 @@ def _run_all(tasks, att, emb_a, emb_b, layers, types, groups, seed, settings, bi
                                             seed, layers, settings, bilinear_rank)}
         results[task] = entry
         rows += _rows(task, entry["attention_prober"], "attention prober")
-        rows += _rows(task, entry["embedding_prober"], "embedding prober,")
+        rows += _rows(task, entry["embedding_prober"], "embedding prober, layer", names.label)
     return results, rows
 
 

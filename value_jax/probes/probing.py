@@ -75,7 +75,7 @@ def split_indices(n: int, seed: int, fractions: Sequence[float] = (0.8, 0.1, 0.1
 
 @dataclasses.dataclass
 class ProbeResult:
-    """Accuracies (fractions in [0, 1]) per probe, e.g. per layer (`names`: "layer 1", ...).
+    """Accuracies (fractions in [0, 1]) per probe, e.g. per layer (`names`: the layer names, e.g. "layer1").
 
     best_epoch is 0-based; majority_acc is the test accuracy of always predicting the most
     frequent train label; control_* fields are set when a control task was run."""
