@@ -32,33 +32,34 @@ from threadpoolctl import threadpool_limits
 
 from value_jax import kernels
 
-_SAMPLES = flags.DEFINE_integer("samples", 200, "Number of image-text samples.")
-_LAYERS = flags.DEFINE_integer("layers", 12, "Number of layers per sample.")
-_TEXT = flags.DEFINE_integer("text", 20, "Padded text length (real ones drawn in [60%, 100%]).")
-_REGIONS = flags.DEFINE_integer("regions", 36, "Number of regions (all real).")
-_DIM = flags.DEFINE_integer("dim", 768, "Hidden size.")
-_RANK = flags.DEFINE_integer("rank", 8, "Rank of the per-sample content component.")
-_SEP_FIRST = flags.DEFINE_float("sep_first", 1.6, "Modality separation at the first layer.")
-_SEP_LAST = flags.DEFINE_float("sep_last", 0.8, "Modality separation at the last layer.")
-_BATCH = flags.DEFINE_integer("batch_size", 32, "Samples per jitted call (as in the runner).")
-_ITERS = flags.DEFINE_integer("num_iters", 20, "Lloyd iterations of kernels.kmeans2.")
-_REPEATS = flags.DEFINE_integer("repeats", 3, "Timed repeats of the JAX pass (median reported).")
-_SK_SAMPLES = flags.DEFINE_integer("sk_samples", 40, "Samples (× all layers) run with sklearn.")
-_N_INIT = flags.DEFINE_string("n_init", "10", "scikit-learn KMeans n_init: an int or 'auto'.")
-_SK_NOISE = flags.DEFINE_bool(
+FLAGS = flags.FLAGS
+flags.DEFINE_integer("samples", 200, "Number of image-text samples.")
+flags.DEFINE_integer("layers", 12, "Number of layers per sample.")
+flags.DEFINE_integer("text", 20, "Padded text length (real ones drawn in [60%, 100%]).")
+flags.DEFINE_integer("regions", 36, "Number of regions (all real).")
+flags.DEFINE_integer("dim", 768, "Hidden size.")
+flags.DEFINE_integer("rank", 8, "Rank of the per-sample content component.")
+flags.DEFINE_float("sep_first", 1.6, "Modality separation at the first layer.")
+flags.DEFINE_float("sep_last", 0.8, "Modality separation at the last layer.")
+flags.DEFINE_integer("batch_size", 32, "Samples per jitted call (as in the runner).")
+flags.DEFINE_integer("num_iters", 20, "Lloyd iterations of kernels.kmeans2.")
+flags.DEFINE_integer("repeats", 3, "Timed repeats of the JAX pass (median reported).")
+flags.DEFINE_integer("sk_samples", 40, "Samples (× all layers) run with sklearn.")
+flags.DEFINE_string("n_init", "10", "scikit-learn KMeans n_init: an int or 'auto'.")
+flags.DEFINE_bool(
     "sk_noise_floor", True, "Run sklearn a second time with other random_states, to show how "
     "much its own mean NMI moves with the seed (doubles the sklearn time).")
-_SK_THREADS = flags.DEFINE_integer(
+flags.DEFINE_integer(
     "sk_threads", 0, "Threads for scikit-learn's OpenMP / BLAS pools; 0 = its default (all "
     "cores). On a loaded machine the default's thread barriers slow it 10-20x; 1 thread then "
     "stays near its idle-machine time (and is no slower on an idle 2-core machine).")
-_SEED = flags.DEFINE_integer("seed", 0, "numpy Generator seed for the synthetic data.")
+flags.DEFINE_integer("seed", 0, "numpy Generator seed for the synthetic data.")
 
 
 def make_data(rng: np.random.Generator):
     """Returns x `[L, S, N, D]` float32, labels `[S, N]` (0 text, 1 region), mask `[S, N]`."""
-    s, l, t, r, d, k = (_SAMPLES.value, _LAYERS.value, _TEXT.value, _REGIONS.value,
-                        _DIM.value, _RANK.value)
+    s, l, t, r, d, k = (FLAGS.samples, FLAGS.layers, FLAGS.text, FLAGS.regions,
+                        FLAGS.dim, FLAGS.rank)
     n = t + r
     text_len = rng.integers(int(0.6 * t), t + 1, size=s)
     mask = np.concatenate([np.arange(t)[None] < text_len[:, None], np.ones((s, r), bool)], 1)
@@ -67,7 +68,7 @@ def make_data(rng: np.random.Generator):
     content = rng.normal(size=(s, n, k)).astype(np.float32)            # token identity
     common = np.zeros(d, np.float32)
     common[rng.choice(d, 4, replace=False)] = 20.0                      # outlier dimensions
-    sep = np.linspace(_SEP_FIRST.value, _SEP_LAST.value, l, dtype=np.float32)
+    sep = np.linspace(FLAGS.sep_first, FLAGS.sep_last, l, dtype=np.float32)
     x = np.empty((l, s, n, d), np.float32)
     side = (labels - 0.5).astype(np.float32)[..., None]
     for layer in range(l):
@@ -80,7 +81,7 @@ def make_data(rng: np.random.Generator):
 def run_jax(x, labels, mask):
     """Per-batch jitted calls; returns (NMI `[L, S]`, list of pass times in seconds)."""
     l, s, n, d = x.shape
-    bs = _BATCH.value
+    bs = FLAGS.batch_size
     pad = (-s) % bs
     x = np.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0)))
     labels = np.pad(labels, ((0, pad), (0, 0)))
@@ -88,7 +89,7 @@ def run_jax(x, labels, mask):
     batches = [(jax.device_put(x[:, i:i + bs]), jax.device_put(labels[i:i + bs]),
                 jax.device_put(mask[i:i + bs])) for i in range(0, s + pad, bs)]
     step = jax.jit(kernels.over_layers(
-        lambda xl, lab, m: kernels.kmeans2_nmi(xl, lab, m, num_iters=_ITERS.value)))
+        lambda xl, lab, m: kernels.kmeans2_nmi(xl, lab, m, num_iters=FLAGS.num_iters)))
 
     def one_pass():
         outs = [step(*b) for b in batches]
@@ -97,7 +98,7 @@ def run_jax(x, labels, mask):
 
     outs = one_pass()                                                   # compile + warm-up
     times = []
-    for _ in range(_REPEATS.value):
+    for _ in range(FLAGS.repeats):
         start = time.perf_counter()
         outs = one_pass()
         times.append(time.perf_counter() - start)
@@ -105,10 +106,10 @@ def run_jax(x, labels, mask):
 
 
 def run_sklearn(x, labels, mask, num_samples, seed_offset=0):
-    n_init = _N_INIT.value if _N_INIT.value == "auto" else int(_N_INIT.value)
+    n_init = FLAGS.n_init if FLAGS.n_init == "auto" else int(FLAGS.n_init)
     out = np.zeros((x.shape[0], num_samples))
     start = time.perf_counter()
-    limits = threadpool_limits(_SK_THREADS.value) if _SK_THREADS.value else nullcontext()
+    limits = threadpool_limits(FLAGS.sk_threads) if FLAGS.sk_threads else nullcontext()
     with warnings.catch_warnings(), limits:
         # Collapsed layers legitimately yield fewer than 2 distinct clusters.
         warnings.simplefilter("ignore", ConvergenceWarning)
@@ -123,27 +124,27 @@ def run_sklearn(x, labels, mask, num_samples, seed_offset=0):
 
 def main(argv):
     del argv
-    rng = np.random.default_rng(_SEED.value)
+    rng = np.random.default_rng(FLAGS.seed)
     x, labels, mask = make_data(rng)
     l, s, n, d = x.shape
-    print(f"data: {s} samples x {l} layers x {n} tokens ({_TEXT.value} text slots, "
-          f"{_REGIONS.value} regions) x {d}; backend {jax.default_backend()} "
+    print(f"data: {s} samples x {l} layers x {n} tokens ({FLAGS.text} text slots, "
+          f"{FLAGS.regions} regions) x {d}; backend {jax.default_backend()} "
           f"({jax.devices()[0].device_kind})")
 
     nmi_jax, times = run_jax(x, labels, mask)
     t_jax = statistics.median(times)
-    k = min(_SK_SAMPLES.value, s)
+    k = min(FLAGS.sk_samples, s)
     nmi_sk, t_sk_subset = run_sklearn(x, labels, mask, k)
     t_sk = t_sk_subset * s / k
 
-    print(f"\nJAX kmeans2_nmi (jit, batch {_BATCH.value}, num_iters {_ITERS.value}): "
+    print(f"\nJAX kmeans2_nmi (jit, batch {FLAGS.batch_size}, num_iters {FLAGS.num_iters}): "
           f"{t_jax:.3f} s for all {s * l} problems (median of {len(times)}: "
           + ", ".join(f"{t:.3f}" for t in times) + ")")
-    print(f"sklearn KMeans(n_init={_N_INIT.value}) + NMI: {t_sk_subset:.2f} s for {k * l} "
+    print(f"sklearn KMeans(n_init={FLAGS.n_init}) + NMI: {t_sk_subset:.2f} s for {k * l} "
           f"problems ({k} samples x {l} layers)" + (
               f", extrapolated to {t_sk:.1f} s for all {s * l}" if k < s else ""))
     print(f"per problem: JAX {t_jax / (s * l) * 1e3:.3f} ms, sklearn {t_sk / (s * l) * 1e3:.2f} ms "
-          f"({'default threads' if not _SK_THREADS.value else f'{_SK_THREADS.value} thread(s)'})")
+          f"({'default threads' if not FLAGS.sk_threads else f'{FLAGS.sk_threads} thread(s)'})")
     print(f"speed-up: {t_sk / t_jax:.0f}x")
 
     sub = nmi_jax[:, :k]
@@ -151,7 +152,7 @@ def main(argv):
           f"{nmi_sk.mean():.4f}, difference {sub.mean() - nmi_sk.mean():+.4f}; "
           f"|per-problem difference| > 0.01 on {np.mean(np.abs(sub - nmi_sk) > 0.01):.1%}")
     nmi_sk2 = None
-    if _SK_NOISE.value:
+    if FLAGS.sk_noise_floor:
         nmi_sk2, _ = run_sklearn(x, labels, mask, k, seed_offset=10_000)
         print(f"sklearn against itself, other random_states: mean NMI {nmi_sk2.mean():.4f}, "
               f"difference {nmi_sk2.mean() - nmi_sk.mean():+.4f}; |per-problem difference| "

@@ -19,47 +19,49 @@ from checkpoints_convert.convert import ConversionError, convert_checkpoint
 from checkpoints_convert.files import prepare_out
 from checkpoints_convert.tables import FORMATS
 
-_SRC = flags.DEFINE_string("src", None, "PyTorch checkpoint (.pt/.pth/.bin or .safetensors).")
-_FORMAT = flags.DEFINE_enum("format", None, list(FORMATS), "Source layout.")
-_OUT = flags.DEFINE_string("out", None, "Output directory (written atomically).")
-_NUM_HEADS = flags.DEFINE_integer(
+FLAGS = flags.FLAGS
+
+flags.DEFINE_string("src", None, "PyTorch checkpoint (.pt/.pth/.bin or .safetensors).")
+flags.DEFINE_enum("format", None, list(FORMATS), "Source layout.")
+flags.DEFINE_string("out", None, "Output directory (written atomically).")
+flags.DEFINE_integer(
     "num_heads", None, "Attention heads; the tensors cannot tell (default: model_config, "
     "else hidden_size // 64).")
-_MODEL_CONFIG = flags.DEFINE_string(
+flags.DEFINE_string(
     "model_config", None, "UNITER/HF-style config JSON (num_attention_heads, l_layers, ...), "
     "checked against the tensors.")
-_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing --out checkpoint "
-                                "directory (never a folder holding anything else).")
+flags.DEFINE_bool("overwrite", False, "Replace an existing --out checkpoint "
+                  "directory (never a folder holding anything else).")
 
 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    for flag in (_SRC, _FORMAT, _OUT):
-        if flag.value is None:
-            raise app.UsageError(f"--{flag.name} is required")
+    for name in ("src", "format", "out"):
+        if FLAGS[name].value is None:
+            raise app.UsageError(f"--{name} is required")
     logging.set_verbosity(logging.WARNING)  # orbax logs every write step at INFO; the report says it all
     try:
-        for stale in prepare_out(_OUT.value, _OVERWRITE.value):
+        for stale in prepare_out(FLAGS.out, FLAGS.overwrite):
             print(f"removed {stale}, left by an interrupted conversion", file=sys.stderr)
-        result = convert_checkpoint(_SRC.value, _FORMAT.value, _OUT.value, _NUM_HEADS.value,
-                                    _MODEL_CONFIG.value, _OVERWRITE.value)
+        result = convert_checkpoint(FLAGS.src, FLAGS.format, FLAGS.out, FLAGS.num_heads,
+                                    FLAGS.model_config, FLAGS.overwrite)
     except ConversionError as e:
         print(e.report.format(), file=sys.stderr)
-        print(f"\nREFUSED: nothing written at {_OUT.value}", file=sys.stderr)
+        print(f"\nREFUSED: nothing written at {FLAGS.out}", file=sys.stderr)
         sys.exit(1)
     except (FileExistsError, FileNotFoundError, ValueError, TypeError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt as e:  # SIGINT, or SIGTERM while writing (value_jax.checkpoint)
         name = str(e) or "SIGINT"
-        print(f"interrupted by {name}: nothing written at {_OUT.value}", file=sys.stderr)
+        print(f"interrupted by {name}: nothing written at {FLAGS.out}", file=sys.stderr)
         sys.exit(128 + getattr(signal, name, signal.SIGINT))
     print(result.report.format())
-    print(f"\nwrote {os.path.abspath(_OUT.value)} ({result.config.model_type}, outputs: "
+    print(f"\nwrote {os.path.abspath(FLAGS.out)} ({result.config.model_type}, outputs: "
           f"{', '.join(result.outputs) or 'none'})")
     if result.report.text_only:
-        print(f"note: --format={_FORMAT.value} converts the text path only; the region "
+        print(f"note: --format={FLAGS.format} converts the text path only; the region "
               "embedding is zeros, so use this model on text alone.", file=sys.stderr)
 
 

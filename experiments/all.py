@@ -6,23 +6,27 @@ mismatched-caption baseline) and the SentEval probes. Without data flags: the bu
 """
 from absl import app, flags
 
-from experiments import common, suite
+from experiments import common, config, inputs, suite
+from experiments.config import RunConfig
 
-flags.adopt_module_key_flags(common)   # --help lists the shared flags
-flags.adopt_module_key_flags(suite)    # and the probers' (--bilinear_rank, ...)
+flags.adopt_module_key_flags(config)   # --help lists the shared flags
 
 FLICKR = ("fusion", "modality", "coref", "head_summary")
 
 
 def main(argv):
     del argv
-    demo = common.demo_data() if common.needs_demo("flickr30k_root", "vg_root", "senteval_dir",
-                                                   "vocab") else None
-    model, params = common.load_model(demo)
-    suite.run_flickr(model, params, demo, set(FLICKR), "all.flickr30k")
-    suite.run_relations(model, params, demo, "all.visual_genome")
-    suite.run_linguistic(model, params, demo, "all.senteval")
-    common.say(f"all analyses written under {common.FLAGS.out_dir}")
+    run(RunConfig.from_flags())
+
+
+def run(cfg: RunConfig):
+    needs = inputs.needs_demo(cfg, "flickr30k_root", "vg_root", "senteval_dir", "vocab")
+    demo = common.demo_data(cfg) if needs else None
+    model, params = common.load_model(cfg, demo)
+    suite.run_flickr(cfg, model, params, demo, set(FLICKR), "all.flickr30k")
+    suite.run_relations(cfg, model, params, demo, "all.visual_genome")
+    suite.run_linguistic(cfg, model, params, demo, "all.senteval")
+    common.say(f"all analyses written under {cfg.out_dir}")
 
 
 if __name__ == "__main__":

@@ -11,16 +11,19 @@ The weights are random, so the numbers show the machinery, not findings.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 from absl import app, flags
 
-from experiments import common, suite
-from experiments.common import FLAGS
+from experiments import ablation, common, config, inputs, suite
+from experiments.config import RunConfig
 
-flags.adopt_module_key_flags(common)   # --help lists the shared flags
-flags.adopt_module_key_flags(suite)    # and the probers' (--bilinear_rank, ...)
+flags.adopt_module_key_flags(config)   # --help lists the shared flags
+flags.adopt_module_key_flags(ablation)  # and the ablation's
 
-flags.DEFINE_list("models", ["uniter", "lxmert"], "Models to run the demo on.")
+MODELS = ("uniter", "lxmert")
+flags.DEFINE_list("models", list(MODELS), "Models to run the demo on.")
 flags.DEFINE_boolean("analyses", True, "Run every VALUE analysis after the attention summary.")
 flags.DEFINE_boolean("ablation", True, "Also run the cross-modal input ablation.")
 
@@ -49,20 +52,23 @@ def attention_summary(model, params, loader) -> str:
 
 def main(argv):
     del argv
-    for name in FLAGS.models:
-        FLAGS.model = name
-        demo = common.demo_data()
-        model, params = common.load_model(demo)
-        print(attention_summary(model, params, common.coref_loader(demo)))
-        if FLAGS.analyses:
-            suite.run_flickr(model, params, demo, {"fusion", "modality", "coref", "head_summary"},
-                             "demo.flickr30k")
-            suite.run_relations(model, params, demo, "demo.visual_genome")
-            suite.run_linguistic(model, params, demo, "demo.senteval")
-        if FLAGS.ablation:
-            from experiments import ablation
-            ablation.run(model, params, demo)
-    common.say(f"demo results written under {FLAGS.out_dir}/<analysis>/<model>/")
+    run(RunConfig.from_flags())
+
+
+def run(cfg: RunConfig):
+    for name in cfg.script.get("models", MODELS):
+        run_cfg = dataclasses.replace(cfg, model=name)
+        demo = common.demo_data(run_cfg)
+        model, params = common.load_model(run_cfg, demo)
+        print(attention_summary(model, params, inputs.coref_loader(run_cfg, demo)))
+        if cfg.script.get("analyses", True):
+            suite.run_flickr(run_cfg, model, params, demo,
+                             {"fusion", "modality", "coref", "head_summary"}, "demo.flickr30k")
+            suite.run_relations(run_cfg, model, params, demo, "demo.visual_genome")
+            suite.run_linguistic(run_cfg, model, params, demo, "demo.senteval")
+        if cfg.script.get("ablation", True):
+            ablation.run(run_cfg, model, params, demo)
+    common.say(f"demo results written under {cfg.out_dir}/<analysis>/<model>/")
 
 
 if __name__ == "__main__":

@@ -7,10 +7,9 @@ built-in demo data.
 """
 from absl import app, flags
 
-from experiments import common, suite
+from experiments import config, suite
 
-flags.adopt_module_key_flags(common)   # --help lists the shared flags
-flags.adopt_module_key_flags(suite)    # and the probers' (--bilinear_rank, ...)
+flags.adopt_module_key_flags(config)   # --help lists the shared flags
 main = suite.flickr_main("fusion")
 
 if __name__ == "__main__":

@@ -6,17 +6,21 @@ built-in demo). For the BERT-base baseline, convert BERT with `--format=bert` an
 """
 from absl import app, flags
 
-from experiments import common, suite
+from experiments import common, config, inputs, suite
+from experiments.config import RunConfig
 
-flags.adopt_module_key_flags(common)   # --help lists the shared flags
-flags.adopt_module_key_flags(suite)    # and the probers' (--bilinear_rank, ...)
+flags.adopt_module_key_flags(config)   # --help lists the shared flags
 
 
 def main(argv):
     del argv
-    demo = common.demo_data() if common.needs_demo("senteval_dir", "vocab") else None
-    model, params = common.load_model(demo)
-    suite.run_linguistic(model, params, demo, "linguistic")
+    run(RunConfig.from_flags())
+
+
+def run(cfg: RunConfig):
+    demo = common.demo_data(cfg) if inputs.needs_demo(cfg, "senteval_dir", "vocab") else None
+    model, params = common.load_model(cfg, demo)
+    return suite.run_linguistic(cfg, model, params, demo, "linguistic")
 
 
 if __name__ == "__main__":

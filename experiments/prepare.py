@@ -18,29 +18,35 @@ dataset. Without data flags: the built-in demo data.
 """
 from absl import app, flags
 
-from experiments import common
+from experiments import common, config, inputs
+from experiments.config import RunConfig
 
-flags.adopt_module_key_flags(common)   # --help lists the shared flags
+flags.adopt_module_key_flags(config)   # --help lists the shared flags
 
 
 def main(argv):
     del argv
-    if not common.FLAGS.tfds_data_dir:
+    cfg = RunConfig.from_flags()
+    if not cfg.tfds_data_dir:
         raise app.UsageError("--tfds_data_dir: where to write the prepared datasets")
-    demo = common.demo_data() if common.needs_demo("vocab") else None
+    run(cfg)
+
+
+def run(cfg: RunConfig):
+    demo = common.demo_data(cfg) if inputs.needs_demo(cfg, "vocab") else None
     for kind, captions in (("coref", "region"), ("relation", "region"),
                            ("relation", "mismatched")):
-        builder = common.tfds_builder(kind, demo, captions, with_sources=True)
+        builder = inputs.tfds_builder(cfg, kind, demo, captions, with_sources=True)
         if builder.is_prepared():
             common.say(f"[prepare] {builder.data_dir} is already prepared")
             continue
         common.say(f"[prepare] writing {kind} ({captions} captions) to {builder.data_dir}")
-        with common.quiet_tfds():
+        with inputs.quiet_tfds():
             builder.download_and_prepare()
         sizes = {s: v.num_examples for s, v in builder.info.splits.items()}
         common.say(f"[prepare] {builder.data_dir}: {sizes}")
-    common.say(f"prepared under {common.FLAGS.tfds_data_dir}: pass --tfds_data_dir="
-               f"{common.FLAGS.tfds_data_dir} with the same settings to any experiment")
+    common.say(f"prepared under {cfg.tfds_data_dir}: pass --tfds_data_dir="
+               f"{cfg.tfds_data_dir} with the same settings to any experiment")
 
 
 if __name__ == "__main__":

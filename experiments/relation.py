@@ -6,19 +6,24 @@ pairs each image with an unrelated caption (the mismatched-caption baseline). Wr
 """
 from absl import app, flags
 
-from experiments import common, suite
+from experiments import common, config, inputs, suite
+from experiments.config import RunConfig
 
-flags.adopt_module_key_flags(common)   # --help lists the shared flags
-flags.adopt_module_key_flags(suite)    # and the probers' (--bilinear_rank, ...)
+flags.adopt_module_key_flags(config)   # --help lists the shared flags
 
 flags.DEFINE_boolean("mismatched", True, "Also run the mismatched-caption baseline.")
 
 
 def main(argv):
     del argv
-    demo = common.demo_data() if common.needs_demo("vg_root", "vocab") else None
-    model, params = common.load_model(demo)
-    suite.run_relations(model, params, demo, "relation", flags.FLAGS.mismatched)
+    cfg = RunConfig.from_flags()
+    run(cfg, mismatched=cfg.script["mismatched"])
+
+
+def run(cfg: RunConfig, mismatched: bool = True):
+    demo = common.demo_data(cfg) if inputs.needs_demo(cfg, "vg_root", "vocab") else None
+    model, params = common.load_model(cfg, demo)
+    return suite.run_relations(cfg, model, params, demo, "relation", mismatched)
 
 
 if __name__ == "__main__":

@@ -310,7 +310,8 @@ def test_planted_object_ablation(model_type):
         assert abs(bits["outside", e] - bits["none", e]) < 1e-6
         assert bits["all", e] >= bits["object@0.50", e] - 1e-6
     # The probe through the runner gives the means of the same per-row numbers.
-    res = P.run_ablation(model, params, data, settings, [], n, progress_every=1000)
+    from experiments.ablation import run_ablation
+    res = run_ablation(model, params, data, settings, [], n, progress_every=1000)
     per = res.data["vis4lang"]["settings"]
     for name in ("none", "object@0.50", "all", "outside"):
         want = np.mean([bits[name, e] for e in range(n)])

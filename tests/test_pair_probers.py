@@ -141,23 +141,30 @@ def test_seed_reaches_the_pair_probers(monkeypatch):
 
 
 def test_suite_passes_seed_and_rank_flags_to_the_probes():
+    """--seed and --bilinear_rank reach the coreference probe: parsed into a RunConfig, passed
+    down by the suite."""
+    from absl import flags
+
     from experiments import suite
-    from experiments.common import FLAGS
+    from experiments.config import RunConfig
 
     class Model:
         class config:
             model_type = "uniter"
+            single_stream = True
+            display_name = "UNITER"
 
     class Loader:
         types = ("people", "other")
 
-    FLAGS(["test", "--seed=5", "--bilinear_rank=16"])
+    flags.FLAGS(["test", "--seed=5", "--bilinear_rank=16"])
     try:
-        (probe,) = suite.flickr_probes(Model, Loader, {"coref"})
-        assert (probe.seed, probe.bilinear_rank) == (5, 16)
-        assert probe.fingerprint()["seed"] == 5
+        cfg = RunConfig.from_flags()
     finally:
-        FLAGS.unparse_flags()
+        flags.FLAGS.unparse_flags()
+    (probe,) = suite.flickr_probes(cfg, Model, Loader, {"coref"})
+    assert (probe.seed, probe.bilinear_rank) == (5, 16)
+    assert probe.fingerprint()["seed"] == 5
 
 
 def test_random_region_pairs_are_distinct_real_regions_uniformly():

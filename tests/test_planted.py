@@ -2,26 +2,24 @@
 whose weights make the answer known (`value_jax.testing.planted`), must find that answer.
 
 Each case writes a planted checkpoint next to Flickr30k Entities data in the real formats, runs
-`python -m experiments.<analysis>` on it in a subprocess, and reads `results.json`. The runs are
-started together by the module fixture (they are independent processes) and each test waits for
-the ones it reads. Negative controls (the same pipeline without the planted head, a [CLS] pattern
+the experiment on it in-process as `python -m experiments.<analysis>` would (a `RunConfig` with
+the same flags, through the same entry point), and reads `results.json`. A run starts when the
+first test reads it. Negative controls (the same pipeline without the planted head, a [CLS] pattern
 that avoids the words) make the tests fail on a probe that reports its expectation regardless.
 """
 from __future__ import annotations
 
-import concurrent.futures
+import functools
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from value_jax import names
+from value_jax.names import LayerId
 from value_jax.testing import planted as P
 
-REPO = Path(__file__).resolve().parents[1]
 N_IMAGES = 15                        # 5 val images, 25 captions, ~120 links
 UNITER_V2T, UNITER_T2V = (2, 3), (3, 2)   # (layer, head), 1-based as the paper names heads
 LXMERT_V2T, LXMERT_T2V = (2, 3), (1, 2)   # cross layers
@@ -44,35 +42,33 @@ RUNS = {
 
 
 def _experiment(root: Path, data: P.PlantedFlickr, name: str) -> Path:
+    from experiments import suite
+    from experiments.config import RunConfig
     analysis, model, _ = RUNS[name]
     out = root / "out" / name
     vocab = data.vocab_uncased if model == "lxmert" else data.vocab_cased
-    cmd = [sys.executable, "-m", f"experiments.{analysis}", f"--model={model}",
-           f"--checkpoint={root / 'checkpoints' / name}", f"--flickr30k_root={data.flickr_root}",
-           f"--flickr30k_features={data.features}", f"--vocab={vocab}", f"--out_dir={out}",
-           "--batch_size=8", "--noresume"]
-    # Runs of one model type compile the same programs: a shared cache compiles them once.
-    env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(root / "jax_cache"),
-               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    if proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}:\n{proc.stderr[-4000:]}")
+    cfg = RunConfig(model=model, checkpoint=str(root / "checkpoints" / name),
+                    flickr30k_root=str(data.flickr_root), flickr30k_features=str(data.features),
+                    vocab=str(vocab), out_dir=str(out), batch_size=8, resume=False)
+    suite.run_one_flickr(cfg, analysis)
     return out
+
+
+class _Run:
+    """One experiment run, made when first asked for (`result()`, as a future's)."""
+
+    def __init__(self, make):
+        self.result = functools.cache(make)
 
 
 @pytest.fixture(scope="module")
 def planted(tmp_path_factory):
-    """`(data, {run name: future of its out_dir})`; every run starts at once."""
+    """`(data, {run name: its run; .result() is its out_dir})`."""
     root = tmp_path_factory.mktemp("planted")
     data = P.write_planted_flickr(root / "data", n_images=N_IMAGES)
     for name, (_, _, build) in RUNS.items():
         P.save_checkpoint(root / "checkpoints" / name, *build(data))
-    workers = max(2, min(len(RUNS), os.cpu_count() or 2))
-    pool = concurrent.futures.ThreadPoolExecutor(max_workers=workers)
-    runs = {name: pool.submit(_experiment, root, data, name) for name in RUNS}
-    yield data, runs
-    pool.shutdown(wait=True, cancel_futures=True)
+    return data, {name: _Run(functools.partial(_experiment, root, data, name)) for name in RUNS}
 
 
 def _results(planted, name: str, analysis: str | None = None) -> dict:
@@ -83,8 +79,10 @@ def _results(planted, name: str, analysis: str | None = None) -> dict:
 
 
 def _label(model: str, layer_head) -> str:
+    """The table label of a 1-based (layer, head): UNITER `layer<l>`, LXMERT cross layer l."""
     layer, head = layer_head
-    return f"{'x' if model == 'lxmert' else ''}{layer}-{head}"
+    name = LayerId("cross", layer, "v2l") if model == "lxmert" else LayerId("layer", layer)
+    return names.head_label(name.name, head - 1)
 
 
 # ---- the planted data itself ------------------------------------------------------------------

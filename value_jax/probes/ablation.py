@@ -35,26 +35,23 @@ at 0. VOLTA's `xent_1601` indexes the 1601 logits with `object_ids` directly, on
 scores the class BEFORE the detected one, and background for class 0); that is not reproduced.
 
 CTRL models' global [IMG] feature is not modelled (the original UNITER and LXMERT have none).
-Every setting is one row per example of the same pass: `run_ablation` runs each direction in one
-`run_probes` pass (one compilation per batch shape), so the sweep costs forward passes only.
+Every setting is one row per example of the same pass: `experiments.ablation.run_ablation` runs
+each direction in one `run_probes` pass (one compilation per batch shape), so the sweep costs forward passes only.
 """
 from __future__ import annotations
 
-import hashlib
 import math
-import os
 from typing import Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from value_jax.data.ablation_data import AblationData, AblationLoader, Lang4Vis, Vis4Lang, summary
+from value_jax.data.ablation_data import Lang4Vis, Vis4Lang
 from value_jax.data.flickr30k import PHRASE_TYPES
 from value_jax.models.configs import CONFIGS
 from value_jax.probes.results import Result, Table
 from value_jax.probes.base import Probe
-from value_jax.runner import run_probes
 
 LN2 = math.log(2.0)
 LANG4VIS_AVERAGES = ("masked", "reference")
@@ -332,57 +329,3 @@ def merge_results(name: str, results: Sequence[Result], extra: Optional[dict] = 
     data.update(extra or {})
     return Result(name, data, [t for r in results for t in r.tables],
                   {k: v for r in results for k, v in r.figures.items()})
-
-
-def head_classes(model) -> int:
-    return model.config.mrc_classes
-
-
-def run_ablation(model, params, data: AblationData, vis_settings: Sequence[Vis4Lang],
-                 lang_settings: Sequence[Lang4Vis], batch_size: int, *, threshold: float = 0.5,
-                 fold: bool = False, state_dir: Optional[str] = None, progress_every: int = 10,
-                 fingerprint: Optional[dict] = None, lang4vis_average: str = "masked") -> Result:
-    """Both directions over `data`: one `run_probes` pass each (settings as rows), merged into
-    one Result named `ablation`. `fold` maps the detector's classes onto a demo model's small
-    head (`ablation_data.fold_classes`). `fingerprint`: the caller's inputs (checkpoint, data
-    files, flags) that saved state must match, as in `run_probes`. `lang4vis_average`:
-    "masked" or "reference" (`Lang4VisProbe`)."""
-    model_type = model.config.model_type
-    top = max(int(e.input_ids.max()) for e in data.examples)
-    if top >= model.config.vocab_size:
-        raise ValueError(f"token id {top} >= the model's vocab_size {model.config.vocab_size}: the "
-                         "vocab file does not belong to this checkpoint (a demo checkpoint built "
-                         "for another demo vocab? delete <out_dir>/demo/checkpoints)")
-
-    def state(kind, settings):
-        # Keyed by what the accumulators depend on, so a resumed run never mixes in another's.
-        key = repr((model_type, [s for s in settings], [e.id for e in data.examples], batch_size))
-        return state_dir and os.path.join(state_dir, f"{kind}-{hashlib.sha1(key.encode()).hexdigest()[:12]}")
-
-    examples = hashlib.sha256()
-    for e in data.examples:
-        examples.update(e.id.encode() + b"\0" + np.asarray(e.input_ids).tobytes())
-    fingerprint = {**(fingerprint or {}), "ablation_examples": examples.hexdigest(),
-                   "batch_size": batch_size, "fold": fold, "threshold": threshold}
-
-    results = []
-    if vis_settings:
-        loader = AblationLoader(data, vis_settings, batch_size, model_type)
-        probe = Vis4LangProbe(vis_settings, model_type, threshold)
-        results.append(run_probes(model, params, loader, [probe], label="ablation vis4lang",
-                                  state_dir=state("vis4lang", vis_settings),
-                                  progress_every=progress_every, fingerprint=fingerprint)[probe.name])
-    if lang_settings:
-        loader = AblationLoader(data, lang_settings, batch_size, model_type,
-                                head_classes=head_classes(model), fold=fold)
-        probe = Lang4VisProbe(lang_settings, model_type, average=lang4vis_average,
-                              unmasked=loader.unmasked_counts(PHRASE_TYPES))
-        results.append(run_probes(model, params, loader, [probe], label="ablation lang4vis",
-                                  state_dir=state("lang4vis", lang_settings),
-                                  progress_every=progress_every, fingerprint=fingerprint)[probe.name])
-    notes = ["Global [IMG] features of CTRL models are not modelled (UNITER/LXMERT have none)."]
-    if fold:
-        notes.append(f"Demo model: the detector's 1600 classes are folded onto the head's "
-                     f"{head_classes(model)} outputs (class k -> k mod n).")
-    return merge_results("ablation", results, {"data": summary(data), "data_report": data.report.to_dict(),
-                                               "notes": notes})
