@@ -27,6 +27,7 @@ def examples(n, regions, rng):
     import numpy as np
 
     from value_jax.data import collate as C
+
     return [C.Example(f"{i}", np.arange(rng.integers(8, 41), dtype=np.int32) % 90 + 1, {},
                       image_id=str(i), num_regions=int(regions(rng))) for i in range(n)]
 
@@ -67,15 +68,15 @@ def main(argv):
     del argv
     import numpy as np
 
-    from value_jax.data import collate as C
+    from value_jax.data import batch_plan as BP
     from value_jax.data.bucketing import fit_buckets, padding_efficiency
 
     for name, regions in (("UNITER, 10-100 regions", lambda r: r.integers(10, 101)),
                           ("LXMERT, 36 regions", lambda r: 36)):
         exs = examples(FLAGS.captions, regions, np.random.default_rng(FLAGS.seed))
-        fixed = C.plan_batches(exs, FLAGS.batch_size)
+        fixed = BP.plan_batches(exs, FLAGS.batch_size)
         buckets = fit_buckets(exs, FLAGS.batch_size)
-        fitted = C.plan_batches(exs, FLAGS.batch_size, buckets)
+        fitted = BP.plan_batches(exs, FLAGS.batch_size, buckets)
         e_fixed, e_fit = (padding_efficiency(p, FLAGS.batch_size) for p in (fixed, fitted))
         print(f"{name}, {len(exs)} captions, batch {FLAGS.batch_size}:\n"
               f"  fixed grid   {e_fixed:.3f} useful/computed, "

@@ -100,7 +100,8 @@ def main(argv):
 
     from value_jax.data import tfds_builders as T
     from value_jax.data.demo import make_demo_data
-    from value_jax.data.loaders import CorefLoader, RelationLoader
+    from value_jax.data.loaders import CorefLoader
+    from value_jax.data.relation_loader import RelationLoader
     from value_jax.data.tokenization import read_vocab
     from value_jax.probes.coref import CorefProbe
     from value_jax.probes.fusion import FusionProbe

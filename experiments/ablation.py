@@ -27,8 +27,9 @@ from absl import app, flags
 
 from experiments import common, config, inputs
 from experiments.config import RunConfig
-from value_jax.data.ablation_data import (DEFAULT_MAX_TEXT_LEN, AblationData, AblationLoader,
-                                          Lang4Vis, Vis4Lang, prepare_ablation, summary)
+from value_jax.data.ablation_data import (DEFAULT_MAX_TEXT_LEN, AblationData, Lang4Vis, Vis4Lang,
+                                          prepare_ablation, summary)
+from value_jax.data.ablation_loader import AblationLoader
 from value_jax.data.flickr30k import PHRASE_TYPES
 from value_jax.data.tokenization import WordPieceTokenizer
 from value_jax.probes.ablation import (LANG4VIS_AVERAGES, Lang4VisProbe, Vis4LangProbe,

@@ -89,7 +89,7 @@ def coref_loader(cfg: RunConfig, demo):
 def relation_loader(cfg: RunConfig, demo, captions="region"):
     if cfg.tfds_data_dir:
         return prepared(cfg, "relation", demo, captions)
-    from value_jax.data.loaders import RelationLoader
+    from value_jax.data.relation_loader import RelationLoader
     vocab, lowercase = vocab_path(cfg, demo)
     root, feats = relation_sources(cfg, demo)
     loader = _load(cfg, RelationLoader, root, feats, vocab, lowercase, batch_size=cfg.batch_size,

@@ -11,6 +11,7 @@ import pytest
 
 import value_jax
 from value_jax.data import ablation_data as A
+from value_jax.data.ablation_loader import AblationLoader
 from value_jax.data.alignment import phrase_overlap
 from value_jax.data.demo import make_demo_data
 from value_jax.data.errors import DataReport
@@ -300,7 +301,7 @@ def test_planted_object_ablation(model_type):
     _plant_labels(model, params, data)
     settings = [A.Vis4Lang("none"), A.Vis4Lang("object", 0.5), A.Vis4Lang("all"), A.Vis4Lang("outside")]
     n = len(data.examples)
-    bits = _row_bits(model, params, A.AblationLoader(data, settings, n, model_type))
+    bits = _row_bits(model, params, AblationLoader(data, settings, n, model_type))
     logp = _by_hand(model, params, data)
     for e, ex in enumerate(data.examples):
         # `none` reproduces the unablated input's loss.
@@ -343,7 +344,7 @@ def test_dataset_mean_replaces_ablated_regions_and_masking_zeroes_them(demo):
     np.testing.assert_allclose(data.mean_feature, want, rtol=1e-6)
     assert np.abs(data.mean_feature).sum() > 0
     seen = 0
-    for batch, tg in A.AblationLoader(data, [A.Vis4Lang("all"), A.Vis4Lang("object", 0.5)], 4, "lxmert"):
+    for batch, tg in AblationLoader(data, [A.Vis4Lang("all"), A.Vis4Lang("object", 0.5)], 4, "lxmert"):
         feats, real = np.asarray(batch.region_feats), np.asarray(batch.region_mask) > 0
         assert not feats[~real].any()                       # padding stays zero
         for i in np.flatnonzero(tg["valid"]):
@@ -359,7 +360,7 @@ def test_dataset_mean_replaces_ablated_regions_and_masking_zeroes_them(demo):
             assert tg["label_mask"][i].sum() == ex.span[1] - ex.span[0]
     assert seen == 2 * len(data.examples)
     for model_type in ("uniter", "lxmert"):
-        loader = A.AblationLoader(data, [A.Lang4Vis("all")], 4, model_type, head_classes=1601, fold=True)
+        loader = AblationLoader(data, [A.Lang4Vis("all")], 4, model_type, head_classes=1601, fold=True)
         for batch, tg in loader:
             for i in np.flatnonzero(tg["valid"]):
                 ex = data.examples[tg["example_index"][i]]
@@ -390,7 +391,7 @@ def test_counts_every_left_out_phrase(demo, tmp_path):
     assert part.report["images_without_features"] == 1
     missing = len(base.examples) - len(part.examples)
     assert missing > 0 and part.report["examples_without_features"] == missing
-    loader = A.AblationLoader(base, [A.Lang4Vis("none", threshold=1.0)], 4, "lxmert", head_classes=1600)
+    loader = AblationLoader(base, [A.Lang4Vis("none", threshold=1.0)], 4, "lxmert", head_classes=1600)
     assert len(loader) == 0 and base.report["lang4vis_no_region_masked"] == len(base.examples)
 
 
@@ -464,7 +465,7 @@ def test_reference_average_adds_zero_loss_for_examples_without_a_masked_region()
 def test_unmasked_counts_are_the_examples_left_out(demo):
     data = _prepare(demo)
     settings = [A.Lang4Vis("none", 0.5), A.Lang4Vis("all", 1.0)]
-    loader = A.AblationLoader(data, settings, 4, "lxmert", head_classes=1600)
+    loader = AblationLoader(data, settings, 4, "lxmert", head_classes=1600)
     counts = loader.unmasked_counts()
     rows = {s: 0 for s in range(2)}
     for _, tg in loader:
@@ -475,7 +476,7 @@ def test_unmasked_counts_are_the_examples_left_out(demo):
     assert sum(counts["count"][1]) == len(data.examples)           # IoT > 1 masks nothing
     assert sum(counts["count"][0]) == data.report["lang4vis_no_region_masked"]
     with pytest.raises(ValueError, match="Lang4Vis"):
-        A.AblationLoader(data, [A.Vis4Lang("none")], 4, "lxmert").unmasked_counts()
+        AblationLoader(data, [A.Vis4Lang("none")], 4, "lxmert").unmasked_counts()
 
 
 def test_examples_cite_their_caption_by_file_and_1_based_line(demo):

@@ -4,6 +4,8 @@ import numpy as np
 import pytest
 
 from value_jax.data import collate as C
+
+from value_jax.data import batch_plan as BP
 from value_jax.data.loaders import ExampleLoader
 from value_jax.models import UniterConfig, build_model, init_params
 from value_jax.probes.fusion import FusionProbe
@@ -67,7 +69,7 @@ def test_a_caption_split_over_rows_counts_once(tiny):
 def test_row_targets_mark_first_rows_images_and_offsets():
     rng = np.random.default_rng(1)
     examples = [_caption(rng, "a", 8, 4, 10, 3), _caption(rng, "b", 8, 4, 2, 3)]
-    plans = C.plan_batches(examples, 8, C.Buckets(items=(4,)))
+    plans = BP.plan_batches(examples, 8, C.Buckets(items=(4,)))
     batch, t = C.collate(plans[0].examples, plans[0].shape, 8, indices=plans[0].indices)
     ids = [ex.id for ex in plans[0].examples]
     assert ids == ["a#0", "a#1", "a#2", "b"]

@@ -5,6 +5,8 @@ import numpy as np
 import pytest
 
 from value_jax.data import collate as C
+
+from value_jax.data import batch_plan as BP
 from value_jax.data.bucketing import fit_buckets, fit_sizes, padding_efficiency
 
 
@@ -35,11 +37,11 @@ def test_fitted_buckets_pad_less_than_the_fixed_grid_and_keep_every_example():
     rng = np.random.default_rng(0)
     examples = _examples(20000, lambda r: r.integers(10, 101), rng)  # UNITER's adaptive regions
     buckets = fit_buckets(examples, 32)
-    plans = C.plan_batches(examples, 32, buckets)
+    plans = BP.plan_batches(examples, 32, buckets)
     assert sorted(e.id for p in plans for e in p.examples) == sorted(e.id for e in examples)
     assert len({p.shape for p in plans}) <= 4 * 7
     fitted = padding_efficiency(plans, 32)
-    fixed = padding_efficiency(C.plan_batches(examples, 32), 32)
+    fixed = padding_efficiency(BP.plan_batches(examples, 32), 32)
     assert fitted >= 0.85 > fixed
 
 

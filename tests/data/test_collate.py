@@ -6,6 +6,8 @@ import numpy as np
 import pytest
 
 from value_jax.data import collate as C
+
+from value_jax.data import batch_plan as BP
 from value_jax.data.errors import DataReport
 
 F = 5
@@ -61,7 +63,7 @@ def test_plan_uses_smallest_bucket_and_only_declared_shapes():
     buckets = C.DEFAULT_BUCKETS
     examples = [_coref_example(rng, str(i), int(rng.integers(3, 65)), int(rng.integers(1, 101)),
                                 int(rng.integers(1, 65)), width=int(rng.integers(1, 7))) for i in range(60)]
-    plans = C.plan_batches(examples, 4, buckets)
+    plans = BP.plan_batches(examples, 4, buckets)
     width = _smallest(buckets.tokens, max(ex.num_tokens for ex in examples))
     seen = []
     for plan in plans:
@@ -143,9 +145,9 @@ def test_overflow_error_names_the_example_and_truncation_is_counted():
     big.targets["coref.rand_region"][:] = 0
     big.targets["coref.region"][[0, 2, 3]] = 5
     with pytest.raises(ValueError, match="'long-one'.*70 text ids > 64.*120 regions > 100"):
-        C.plan_batches([big], 2)
+        BP.plan_batches([big], 2)
     report = DataReport()
-    plans = C.plan_batches([big], 2, overflow="truncate", report=report)
+    plans = BP.plan_batches([big], 2, overflow="truncate", report=report)
     (plan,) = plans
     assert plan.shape[:2] == (64, 100)
     ex = plan.examples[0]
@@ -157,17 +159,17 @@ def test_overflow_error_names_the_example_and_truncation_is_counted():
     report = DataReport()
     gone = _coref_example(rng, "gone", 80, 10, 1, width=1)
     gone.targets["coref.tokens"][0, 0] = 70
-    assert C.plan_batches([gone], 2, overflow="truncate", report=report) == []
+    assert BP.plan_batches([gone], 2, overflow="truncate", report=report) == []
     assert report["examples_dropped_by_truncation"] == 1
     with pytest.raises(ValueError, match="overflow"):
-        C.plan_batches([gone], 2, overflow="ignore")
+        BP.plan_batches([gone], 2, overflow="ignore")
 
 
 def test_examples_with_too_many_items_are_split_without_loss():
     rng = np.random.default_rng(3)
     ex = _coref_example(rng, "many", 20, 36, 150, width=2)
     report = DataReport()
-    plans = C.plan_batches([ex], 8, report=report)
+    plans = BP.plan_batches([ex], 8, report=report)
     parts = sorted((p for plan in plans for p in plan.examples), key=lambda p: p.id)
     assert [p.id for p in parts] == ["many#0", "many#1", "many#2"]
     assert [p.num_items for p in parts] == [64, 64, 22]
@@ -182,7 +184,7 @@ def test_text_only_examples_get_one_masked_dummy_region():
     exs = [C.Example(f"t:{i}", [101] + [7] * i + [102],
                      {"senteval.label": i % 2, "senteval.split": i % 3, "senteval.mask": True})
            for i in range(5)]
-    plans = C.plan_batches(exs, 4)
+    plans = BP.plan_batches(exs, 4)
     assert {p.shape for p in plans} == {C.BatchShape(16, 1, 0, 0)}
     batch, t = C.collate(plans[0].examples, plans[0].shape, 4, feat_dim=F, indices=plans[0].indices)
     assert batch.region_feats.shape == (4, 1, F) and not batch.region_mask.any()
@@ -216,7 +218,7 @@ def test_jitted_step_compiles_once_per_shape():
     rng = np.random.default_rng(4)
     examples = [_coref_example(rng, str(i), int(rng.integers(3, 40)), int(rng.integers(1, 60)),
                                 int(rng.integers(1, 20))) for i in range(40)]
-    plans = C.plan_batches(examples, 4)
+    plans = BP.plan_batches(examples, 4)
     traces = []
 
     @jax.jit

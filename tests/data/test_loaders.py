@@ -17,7 +17,8 @@ from value_jax.data.errors import NoExamplesError
 from value_jax.data.features import open_region_features
 from value_jax.data.fixtures.features import write_lxmert_tsv
 from value_jax.data.flickr30k import PHRASE_TYPES, Flickr30kEntities
-from value_jax.data.loaders import CorefLoader, RelationLoader, SentEvalLoader
+from value_jax.data.loaders import CorefLoader, SentEvalLoader
+from value_jax.data.relation_loader import RelationLoader
 from value_jax.data.senteval import SPLITS
 from value_jax.data.tokenization import read_vocab
 from value_jax.data.visual_genome import read_region_descriptions, read_relationships

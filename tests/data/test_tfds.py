@@ -12,7 +12,8 @@ tfds = pytest.importorskip("tensorflow_datasets")
 from value_jax.data.demo import make_demo_data  # noqa: E402
 from value_jax.data.features import open_region_features  # noqa: E402
 from value_jax.data.flickr30k import PHRASE_TYPES  # noqa: E402
-from value_jax.data.loaders import CorefLoader, RelationLoader  # noqa: E402
+from value_jax.data.loaders import CorefLoader  # noqa: E402
+from value_jax.data.relation_loader import RelationLoader  # noqa: E402
 from value_jax.data.tfds_builders import (CorefConfig, RelationConfig, ValueCoref,  # noqa: E402
                                           ValueRelations, prepared_loader, read_examples)
 

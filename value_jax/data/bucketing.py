@@ -19,6 +19,8 @@ import numpy as np
 
 from value_jax.data import collate as C
 
+from value_jax.data import batch_plan as BP
+
 
 def fit_sizes(values: Sequence[int], k: int) -> tuple[int, ...]:
     """At most `k` ascending sizes, the largest = max(values), minimising Σ (size(v) − v) where
@@ -94,7 +96,7 @@ def fit_buckets(examples: Sequence[C.Example], batch_size: int, *,
                      tokens=tuple(sorted(set(tokens))))
 
 
-def padding_efficiency(plans: Sequence[C.BatchPlan], batch_size: int) -> float:
+def padding_efficiency(plans: Sequence[BP.BatchPlan], batch_size: int) -> float:
     """Real text tokens + regions over computed ones (every row of every batch, padded)."""
     useful = sum(len(e.input_ids) + e.num_regions for p in plans for e in p.examples)
     computed = sum(batch_size * (p.shape.text + (p.shape.regions if p.shape.regions > 1 else 0))

@@ -291,7 +291,7 @@ def make_explore_demo(root: PathLike, model_type: str, n_images: int = 12) -> Ex
         records = [reader[i] for i in reader.image_ids()]
     images = root / "images"
     draw_box_images(records, labels, images)
-    lower = model_type == "lxmert"
+    lower = config.lowercase
     return ExploreDemo(data.flickr_root, data.features,
                        data.vocab_uncased if lower else data.vocab_cased, lower, str(images),
                        ckpt, labels)

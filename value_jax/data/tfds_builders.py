@@ -7,7 +7,7 @@ they build and read back without TensorFlow.
     loader = prepared_loader(builder, "val", batch_size=8)  # the same batches CorefLoader gives
 
 One record per caption (coreference) or per image (relations), produced by the same
-`loaders.prepare_coref` / `prepare_relations` the loaders use, plus the image's region features
+`loaders.prepare_coref` / `relation_loader.prepare_relations` the loaders use, plus the image's region features
 and normalised boxes: ids, text ids, regions and the target arrays before batching. TFDS shuffles
 records at write time, so each keeps its `id` and its `index` in the loader's order;
 `read_examples` restores that order. The type / predicate names and the preparation's
@@ -30,6 +30,7 @@ from etils import epath
 
 from value_jax.data import collate as C
 from value_jax.data import loaders as L
+from value_jax.data.relation_loader import prepare_relations
 from value_jax.data.errors import DataReport
 from value_jax.data.flickr30k import PHRASE_TYPES
 from value_jax.data.tokenization import WordPieceTokenizer
@@ -221,7 +222,7 @@ Place in manual_dir (names as in the builder config; defaults shown):
 
 @dataclasses.dataclass(eq=False)
 class RelationConfig(tfds.core.BuilderConfig):
-    """`loaders.prepare_relations` arguments; paths relative to manual_dir unless absolute."""
+    """`relation_loader.prepare_relations` arguments; paths relative to manual_dir unless absolute."""
 
     vg_root: str = "visual_genome"
     features: str = "vg_features.tsv"
@@ -278,7 +279,7 @@ Place in manual_dir (names as in the builder config; defaults shown):
         cfg = self.builder_config
         report = DataReport()
         with L.open_features(features) as reader:
-            examples, predicates = L.prepare_relations(
+            examples, predicates = prepare_relations(
                 vg_root, reader, WordPieceTokenizer(vocab, cfg.lowercase), seed=cfg.seed,
                 num_predicates=cfg.num_predicates, max_pairs_per_predicate=cfg.max_pairs_per_predicate,
                 max_same_type_per_image=cfg.max_same_type_per_image, iou_threshold=cfg.iou_threshold,

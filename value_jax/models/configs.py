@@ -7,7 +7,8 @@ Every per-model fact the rest of the project needs is read from the config, neve
 `model_type` switch: `display_name`, `outputs` (the pre-training output heads the model can
 compute), `feature_dim` (detector feature size), `mrc_output` and `mrc_classes` (the masked-region
 classification head and its class count), `mrc_background` (whether class 0 is the detector's
-background), `lowercase` (vocabulary casing of the released checkpoint) and `single_stream`.
+background), `region_mask_embedding` (whether a masked region also gets a learned embedding),
+`lowercase` (vocabulary casing of the released checkpoint) and `single_stream`.
 These are class constants or properties, so `config.json` holds the sizes only.
 """
 from __future__ import annotations
@@ -38,6 +39,7 @@ class UniterConfig:
     outputs: ClassVar[tuple[str, ...]] = ("mlm", "mrc", "mrfr", "itm")
     mrc_output: ClassVar[str] = "mrc"
     mrc_background: ClassVar[bool] = True   # 1601-way: background at 0, then the VG classes
+    region_mask_embedding: ClassVar[bool] = True  # a masked region gets img mask_embedding[1]
     lowercase: ClassVar[bool] = False       # bert-base-cased
     single_stream: ClassVar[bool] = True
 
@@ -82,6 +84,7 @@ class LxmertConfig:
     outputs: ClassVar[tuple[str, ...]] = ("mlm", "obj", "attr", "feat", "itm")
     mrc_output: ClassVar[str] = "obj"
     mrc_background: ClassVar[bool] = False  # 1600-way over the VG classes, no background
+    region_mask_embedding: ClassVar[bool] = False  # a masked region is its zeroed feature only
     lowercase: ClassVar[bool] = True        # bert-base-uncased
     single_stream: ClassVar[bool] = False
 

@@ -1,7 +1,7 @@
 """Which rows of a batch are samples of the per-sample analyses (fusion, modality, image-to-text,
 head summary).
 
-`collate.plan_batches` splits an example with more items than the largest items bucket into
+`batch_plan.plan_batches` splits an example with more items than the largest items bucket into
 several rows that share its text and regions; the per-sample analyses must count such an example
 once. `row.first` (from `collate.collate`) marks the first row of each example; a loader that
 yields no such target (a hand-made list of batches) has one row per sample.
