@@ -17,6 +17,7 @@ Reported:
     and building the figure, serialised to JSON as Dash sends it; target <= 150 ms. Median over
     clicks on different examples, tokens and heads.
 """
+
 from __future__ import annotations
 
 import os
@@ -47,36 +48,60 @@ class _Pieces:
 
 def _infos(n, vocab_size, seed=0):
     import numpy as np
+
     from value_jax.data import collate as C
     from value_jax.viz.compute import ExampleInfo
+
     rng = np.random.default_rng(seed)
     infos = []
     for k in range(n):
         ids = np.concatenate([[101], rng.integers(1000, vocab_size, TEXT - 2), [102]])
         ex = C.Example(f"img{k % 200}:{k}", ids, {}, image_id=f"img{k % 200}", num_regions=REGIONS)
         x1, y1 = rng.uniform(0, W * 0.7, REGIONS), rng.uniform(0, H * 0.7, REGIONS)
-        boxes = np.stack([x1, y1, x1 + rng.uniform(16, W * 0.3, REGIONS),
-                          y1 + rng.uniform(16, H * 0.3, REGIONS)], 1).astype(np.float32)
-        infos.append(ExampleInfo(ex, " ".join(f"w{i}" for i in ids[1:-1]), "", W, H, boxes,
-                                 [f"r{i}" for i in range(REGIONS)]))
+        boxes = np.stack(
+            [
+                x1,
+                y1,
+                x1 + rng.uniform(16, W * 0.3, REGIONS),
+                y1 + rng.uniform(16, H * 0.3, REGIONS),
+            ],
+            1,
+        ).astype(np.float32)
+        infos.append(
+            ExampleInfo(
+                ex,
+                " ".join(f"w{i}" for i in ids[1:-1]),
+                "",
+                W,
+                H,
+                boxes,
+                [f"r{i}" for i in range(REGIONS)],
+            )
+        )
     return infos
 
 
 def _regions(infos):
     import numpy as np
+
     boxes = {i.example.image_id: i.boxes / np.array([W, H, W, H], np.float32) for i in infos}
 
     def fetch(image_id):
         rng = np.random.default_rng(abs(hash(image_id)) % (1 << 31))
-        return np.maximum(rng.standard_normal((REGIONS, FEAT)), 0).astype(np.float32), boxes[image_id]
+        return np.maximum(rng.standard_normal((REGIONS, FEAT)), 0).astype(np.float32), boxes[
+            image_id
+        ]
+
     return fetch
 
 
 def build(model_type, path):
     import jax
+
     from value_jax.models import LxmertConfig, UniterConfig, build_model, init_params
     from value_jax.viz import compute
     from value_jax.viz.store import StoreWriter
+
     config = UniterConfig() if model_type == "uniter" else LxmertConfig()
     model = build_model(config, outputs=())
     params = init_params(model, jax.random.PRNGKey(0))
@@ -97,20 +122,28 @@ def build(model_type, path):
 def clicks(store, model_type):
     import numpy as np
     import plotly.io as pio
+
     from value_jax.viz import figures as F
     from value_jax.viz.app import attention_outputs
+
     rng = np.random.default_rng(1)
     maps = store.map_names
     h = store.meta["num_heads"]
     kinds = {
         "word (overlay + words)": lambda ex: attention_outputs(
-            store, ex, maps[rng.integers(len(maps))], int(rng.integers(h)),
-            ("text", int(rng.integers(1, TEXT - 1)))),
-        "head cell (matrix)": lambda ex: F.matrix(store, ex, maps[rng.integers(len(maps))],
-                                                  int(rng.integers(h))),
+            store,
+            ex,
+            maps[rng.integers(len(maps))],
+            int(rng.integers(h)),
+            ("text", int(rng.integers(1, TEXT - 1))),
+        ),
+        "head cell (matrix)": lambda ex: F.matrix(
+            store, ex, maps[rng.integers(len(maps))], int(rng.integers(h))
+        ),
         "head summary (this example)": lambda ex: F.head_summary(store, ex, "t2v"),
         "mean over heads (overlay)": lambda ex: attention_outputs(
-            store, ex, maps[0], "mean", ("text", 1)),
+            store, ex, maps[0], "mean", ("text", 1)
+        ),
     }
     out = {}
     for name, fn in kinds.items():
@@ -131,12 +164,14 @@ def clicks(store, model_type):
     group = store.groups[-1]
     start = time.perf_counter()
     pio.to_json(F.hidden(store, group, 0), validate=False)
-    out[f"hidden states layer change ({len(store.hidden(group)[1])} tokens, first)"] = \
+    out[f"hidden states layer change ({len(store.hidden(group)[1])} tokens, first)"] = (
         time.perf_counter() - start
+    )
     start = time.perf_counter()
     store.nearest(group, 5)
-    out["hidden states, first token click on a layer (its unit-norm table is built)"] = \
+    out["hidden states, first token click on a layer (its unit-norm table is built)"] = (
         time.perf_counter() - start
+    )
     times = []
     for _ in range(FLAGS.clicks):
         row = int(rng.integers(len(store.hidden(group)[1])))
@@ -150,6 +185,7 @@ def clicks(store, model_type):
 
 def run(model_type, root):
     from value_jax.viz.store import Store, store_bytes
+
     path = os.path.join(root, model_type)
     _, forward_s, write_s = build(model_type, path)
     size = store_bytes(path) / FLAGS.examples
@@ -159,13 +195,18 @@ def run(model_type, root):
     start = time.perf_counter()
     store.record(FLAGS.examples // 2)
     first_s = time.perf_counter() - start
-    print(f"\n{model_type}-base, {TEXT} word pieces + {REGIONS} regions, "
-          f"{len(store.map_names)} maps")
-    print(f"  forward + record of {FLAGS.computed} examples: {forward_s:.1f} s "
-          f"(first batch compiles); writing {FLAGS.examples}: {write_s:.1f} s")
+    print(
+        f"\n{model_type}-base, {TEXT} word pieces + {REGIONS} regions, {len(store.map_names)} maps"
+    )
+    print(
+        f"  forward + record of {FLAGS.computed} examples: {forward_s:.1f} s "
+        f"(first batch compiles); writing {FLAGS.examples}: {write_s:.1f} s"
+    )
     print(f"  bytes on disk per example: {size / 1e6:.2f} MB (target <= 2.5)")
-    print(f"  open a {len(store)}-example store: {open_s * 1000:.0f} ms; first example read: "
-          f"{first_s * 1000:.1f} ms (target <= 2000 ms)")
+    print(
+        f"  open a {len(store)}-example store: {open_s * 1000:.0f} ms; first example read: "
+        f"{first_s * 1000:.1f} ms (target <= 2000 ms)"
+    )
     for name, seconds in clicks(store, model_type).items():
         print(f"  click, {name}: {seconds * 1000:.0f} ms (target <= 150)")
     sys.stdout.flush()
@@ -174,7 +215,7 @@ def run(model_type, root):
 def main(argv):
     del argv
     root = FLAGS.dir or tempfile.mkdtemp(prefix="explore-bench-")
-    for m in (["uniter", "lxmert"] if FLAGS.model == "both" else [FLAGS.model]):
+    for m in ["uniter", "lxmert"] if FLAGS.model == "both" else [FLAGS.model]:
         run(m, root)
     print(f"\nstores left in {root}")
 

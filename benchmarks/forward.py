@@ -9,6 +9,7 @@ Also measures the float32 matmul peak of this machine (numpy and jax), and print
 forward, the Flax/HF speed ratio (target >= 1.0) and Flax's fraction of the matmul peak (target
 >= 0.9). Timings are medians of alternated runs after warm-up; only ratios from one run compare.
 """
+
 from __future__ import annotations
 
 import os
@@ -28,8 +29,9 @@ FLAGS = flags.FLAGS
 
 def _configure_threads(n: int) -> None:
     # Must happen before jax / torch initialise their thread pools.
-    os.environ.setdefault("XLA_FLAGS", f"--xla_cpu_multi_thread_eigen=true "
-                          f"intra_op_parallelism_threads={n}")
+    os.environ.setdefault(
+        "XLA_FLAGS", f"--xla_cpu_multi_thread_eigen=true intra_op_parallelism_threads={n}"
+    )
     os.environ.setdefault("OMP_NUM_THREADS", str(n))
 
 
@@ -42,21 +44,28 @@ def encoder_flops(hidden, inter, layers_tokens, attn_pairs):
 
 def uniter_flops(c, b, t, r):
     n = t + r
-    f = encoder_flops(c.hidden_size, c.intermediate_size, [n] * c.num_layers, [(n, n)] * c.num_layers)
+    f = encoder_flops(
+        c.hidden_size, c.intermediate_size, [n] * c.num_layers, [(n, n)] * c.num_layers
+    )
     return b * (f + 2 * r * (c.img_dim * c.hidden_size + 7 * c.hidden_size))
 
 
 def lxmert_flops(c, b, t, r):
     h, i = c.hidden_size, c.intermediate_size
-    f = encoder_flops(h, i, [t] * c.l_layers + [r] * c.r_layers, [(t, t)] * c.l_layers + [(r, r)] * c.r_layers)
+    f = encoder_flops(
+        h, i, [t] * c.l_layers + [r] * c.r_layers, [(t, t)] * c.l_layers + [(r, r)] * c.r_layers
+    )
     # Cross layer: cross-attention both ways + self-attention both streams (4 attention blocks:
     # QKVO on each stream twice) and one FFN per stream.
-    per_x = 2 * (2 * (t + r) * 4 * h * h + (t + r) * 2 * h * i) + 2 * 2 * h * (2 * t * r + t * t + r * r)
+    per_x = 2 * (2 * (t + r) * 4 * h * h + (t + r) * 2 * h * i) + 2 * 2 * h * (
+        2 * t * r + t * t + r * r
+    )
     return b * (f + c.x_layers * per_x + 2 * r * (c.visual_feat_dim * h + 4 * h))
 
 
 def _median_time(fn, repeats):
     import time
+
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
@@ -74,8 +83,9 @@ class MatmulPeak:
         import jax
         import jax.numpy as jnp
         import numpy as np
+
         n = 2048
-        self.flop = 2 * n ** 3
+        self.flop = 2 * n**3
         self.a = np.random.default_rng(0).standard_normal((n, n), dtype=np.float32)
         self.ja = jnp.asarray(self.a)
         self.mm = jax.jit(lambda x: x @ x)
@@ -84,10 +94,13 @@ class MatmulPeak:
 
     def sample(self):
         self.numpy.append(self.flop / _median_time(lambda: self.a @ self.a, 3) / 1e9)
-        self.jax.append(self.flop / _median_time(lambda: self.mm(self.ja).block_until_ready(), 3) / 1e9)
+        self.jax.append(
+            self.flop / _median_time(lambda: self.mm(self.ja).block_until_ready(), 3) / 1e9
+        )
 
     def best(self, backend):
         import numpy as np
+
         np_peak, jax_peak = float(np.median(self.numpy)), float(np.median(self.jax))
         return (max(np_peak, jax_peak) if backend == "cpu" else jax_peak), np_peak, jax_peak
 
@@ -114,12 +127,15 @@ def main(argv):
         params = init_params(model, jax.random.PRNGKey(0))
         x1y1 = rng.uniform(0, 0.5, (b, r, 2))
         batch = value_jax.Batch.create(
-            rng.integers(1000, 20000, (b, t)), np.ones((b, t)), rng.random((b, r, feat)),
-            np.concatenate([x1y1, x1y1 + 0.3], -1))
+            rng.integers(1000, 20000, (b, t)),
+            np.ones((b, t)),
+            rng.random((b, r, feat)),
+            np.concatenate([x1y1, x1y1 + 0.3], -1),
+        )
         params = jax.device_put(params)
         batch = jax.device_put(batch)
 
-        def flax_forward():
+        def flax_forward(model=model, params=params, batch=batch):
             trace = value_jax.run(model, params, batch)
             jax.block_until_ready((trace.attention, trace.hidden))
 
@@ -135,20 +151,27 @@ def main(argv):
                 hf_times.append(_median_time(hf_forward, 1))
         ft = float(np.median(flax_times))
         peak, np_peak, jax_peak = peaks.best(backend)
-        print(f"\nfloat32 matmul peak (2048^3, sampled between runs): numpy {np_peak:.1f}, "
-              f"jax {jax_peak:.1f} GFLOP/s")
+        print(
+            f"\nfloat32 matmul peak (2048^3, sampled between runs): numpy {np_peak:.1f}, "
+            f"jax {jax_peak:.1f} GFLOP/s"
+        )
         print(f"{name}: {flop / 1e9:.0f} GFLOP per forward (batch {b} x ({t} text + {r} regions))")
-        print(f"  flax (full trace: {len(value_jax.run(model, params, batch).attention)} attention maps "
-              f"+ hidden states): {ft:.3f} s, {flop / ft / 1e9:.1f} GFLOP/s, "
-              f"{flop / ft / 1e9 / peak:.2f} of matmul peak")
+        print(
+            f"  flax (full trace: {len(value_jax.run(model, params, batch).attention)} attention maps "
+            f"+ hidden states): {ft:.3f} s, {flop / ft / 1e9:.1f} GFLOP/s, "
+            f"{flop / ft / 1e9 / peak:.2f} of matmul peak"
+        )
         if hf_forward:
             ht = float(np.median(hf_times))
-            print(f"  HF PyTorch (output_attentions=True): {ht:.3f} s, {flop / ht / 1e9:.1f} GFLOP/s")
+            print(
+                f"  HF PyTorch (output_attentions=True): {ht:.3f} s, {flop / ht / 1e9:.1f} GFLOP/s"
+            )
             print(f"  ratio flax speed / HF speed: {ht / ft:.2f}x (target >= 1.0)")
 
 
 def _hf_forward(name, cfg, batch):
     import numpy as np
+
     try:
         import torch
         import transformers
@@ -159,18 +182,43 @@ def _hf_forward(name, cfg, batch):
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     tt = lambda x: torch.from_numpy(np.array(x)).to(dev)
     if name == "uniter":
-        hf = transformers.BertModel(transformers.BertConfig(
-            vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_layers,
-            num_attention_heads=cfg.num_heads, intermediate_size=cfg.intermediate_size,
-            attn_implementation="eager")).eval().to(dev)
-        ids = np.concatenate([np.asarray(batch.input_ids), np.asarray(batch.input_ids)[:, :1].repeat(
-            batch.num_regions, 1)], 1)
-        kw = dict(input_ids=tt(ids.astype(np.int64)), output_attentions=True, output_hidden_states=True)
+        hf = (
+            transformers.BertModel(
+                transformers.BertConfig(
+                    vocab_size=cfg.vocab_size,
+                    hidden_size=cfg.hidden_size,
+                    num_hidden_layers=cfg.num_layers,
+                    num_attention_heads=cfg.num_heads,
+                    intermediate_size=cfg.intermediate_size,
+                    attn_implementation="eager",
+                )
+            )
+            .eval()
+            .to(dev)
+        )
+        ids = np.concatenate(
+            [
+                np.asarray(batch.input_ids),
+                np.asarray(batch.input_ids)[:, :1].repeat(batch.num_regions, 1),
+            ],
+            1,
+        )
+        kw = dict(
+            input_ids=tt(ids.astype(np.int64)), output_attentions=True, output_hidden_states=True
+        )
     else:
-        hf = transformers.LxmertModel(transformers.LxmertConfig(attn_implementation="eager")).eval().to(dev)
-        kw = dict(input_ids=tt(np.asarray(batch.input_ids).astype(np.int64)),
-                  visual_feats=tt(batch.region_feats), visual_pos=tt(batch.region_boxes),
-                  output_attentions=True, output_hidden_states=True)
+        hf = (
+            transformers.LxmertModel(transformers.LxmertConfig(attn_implementation="eager"))
+            .eval()
+            .to(dev)
+        )
+        kw = dict(
+            input_ids=tt(np.asarray(batch.input_ids).astype(np.int64)),
+            visual_feats=tt(batch.region_feats),
+            visual_pos=tt(batch.region_boxes),
+            output_attentions=True,
+            output_hidden_states=True,
+        )
 
     def forward():
         with torch.no_grad():
@@ -182,5 +230,7 @@ def _hf_forward(name, cfg, batch):
 
 
 if __name__ == "__main__":
-    _configure_threads(int(next((a.split("=")[1] for a in sys.argv if a.startswith("--threads=")), 2)))
+    _configure_threads(
+        int(next((a.split("=")[1] for a in sys.argv if a.startswith("--threads=")), 2))
+    )
     app.run(main)

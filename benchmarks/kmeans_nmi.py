@@ -14,17 +14,17 @@ first `--sk_samples` samples (all layers); its time for all samples is extrapola
 
     python benchmarks/kmeans_nmi.py [--samples=200 --layers=12 --sk_samples=40 ...]
 """
+
 from __future__ import annotations
 
-from contextlib import nullcontext
 import statistics
 import time
 import warnings
+from contextlib import nullcontext
 
-from absl import app, flags
 import jax
-import jax.numpy as jnp
 import numpy as np
+from absl import app, flags
 from sklearn.cluster import KMeans
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.metrics import normalized_mutual_info_score
@@ -47,34 +47,50 @@ flags.DEFINE_integer("repeats", 3, "Timed repeats of the JAX pass (median report
 flags.DEFINE_integer("sk_samples", 40, "Samples (× all layers) run with sklearn.")
 flags.DEFINE_string("n_init", "10", "scikit-learn KMeans n_init: an int or 'auto'.")
 flags.DEFINE_bool(
-    "sk_noise_floor", True, "Run sklearn a second time with other random_states, to show how "
-    "much its own mean NMI moves with the seed (doubles the sklearn time).")
+    "sk_noise_floor",
+    True,
+    "Run sklearn a second time with other random_states, to show how "
+    "much its own mean NMI moves with the seed (doubles the sklearn time).",
+)
 flags.DEFINE_integer(
-    "sk_threads", 0, "Threads for scikit-learn's OpenMP / BLAS pools; 0 = its default (all "
+    "sk_threads",
+    0,
+    "Threads for scikit-learn's OpenMP / BLAS pools; 0 = its default (all "
     "cores). On a loaded machine the default's thread barriers slow it 10-20x; 1 thread then "
-    "stays near its idle-machine time (and is no slower on an idle 2-core machine).")
+    "stays near its idle-machine time (and is no slower on an idle 2-core machine).",
+)
 flags.DEFINE_integer("seed", 0, "numpy Generator seed for the synthetic data.")
 
 
 def make_data(rng: np.random.Generator):
     """Returns x `[L, S, N, D]` float32, labels `[S, N]` (0 text, 1 region), mask `[S, N]`."""
-    s, l, t, r, d, k = (FLAGS.samples, FLAGS.layers, FLAGS.text, FLAGS.regions,
-                        FLAGS.dim, FLAGS.rank)
+    s, l, t, r, d, k = (
+        FLAGS.samples,
+        FLAGS.layers,
+        FLAGS.text,
+        FLAGS.regions,
+        FLAGS.dim,
+        FLAGS.rank,
+    )
     n = t + r
     text_len = rng.integers(int(0.6 * t), t + 1, size=s)
     mask = np.concatenate([np.arange(t)[None] < text_len[:, None], np.ones((s, r), bool)], 1)
     labels = np.concatenate([np.zeros((s, t), np.int32), np.ones((s, r), np.int32)], 1)
     modality_dir = rng.normal(size=(s, 1, d)).astype(np.float32)
-    content = rng.normal(size=(s, n, k)).astype(np.float32)            # token identity
+    content = rng.normal(size=(s, n, k)).astype(np.float32)  # token identity
     common = np.zeros(d, np.float32)
-    common[rng.choice(d, 4, replace=False)] = 20.0                      # outlier dimensions
+    common[rng.choice(d, 4, replace=False)] = 20.0  # outlier dimensions
     sep = np.linspace(FLAGS.sep_first, FLAGS.sep_last, l, dtype=np.float32)
     x = np.empty((l, s, n, d), np.float32)
     side = (labels - 0.5).astype(np.float32)[..., None]
     for layer in range(l):
         mixing = rng.normal(size=(s, k, d)).astype(np.float32) * np.sqrt(2.0 / k)
-        x[layer] = (sep[layer] * side * modality_dir + np.einsum("snk,skd->snd", content, mixing)
-                    + rng.normal(size=(s, n, d)).astype(np.float32) + common)
+        x[layer] = (
+            sep[layer] * side * modality_dir
+            + np.einsum("snk,skd->snd", content, mixing)
+            + rng.normal(size=(s, n, d)).astype(np.float32)
+            + common
+        )
     return x, labels, mask
 
 
@@ -85,18 +101,27 @@ def run_jax(x, labels, mask):
     pad = (-s) % bs
     x = np.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0)))
     labels = np.pad(labels, ((0, pad), (0, 0)))
-    mask = np.pad(mask, ((0, pad), (0, 0)))                             # empty samples, dropped
-    batches = [(jax.device_put(x[:, i:i + bs]), jax.device_put(labels[i:i + bs]),
-                jax.device_put(mask[i:i + bs])) for i in range(0, s + pad, bs)]
-    step = jax.jit(kernels.over_layers(
-        lambda xl, lab, m: kernels.kmeans2_nmi(xl, lab, m, num_iters=FLAGS.num_iters)))
+    mask = np.pad(mask, ((0, pad), (0, 0)))  # empty samples, dropped
+    batches = [
+        (
+            jax.device_put(x[:, i : i + bs]),
+            jax.device_put(labels[i : i + bs]),
+            jax.device_put(mask[i : i + bs]),
+        )
+        for i in range(0, s + pad, bs)
+    ]
+    step = jax.jit(
+        kernels.over_layers(
+            lambda xl, lab, m: kernels.kmeans2_nmi(xl, lab, m, num_iters=FLAGS.num_iters)
+        )
+    )
 
     def one_pass():
         outs = [step(*b) for b in batches]
         jax.block_until_ready(outs)
         return outs
 
-    outs = one_pass()                                                   # compile + warm-up
+    outs = one_pass()  # compile + warm-up
     times = []
     for _ in range(FLAGS.repeats):
         start = time.perf_counter()
@@ -127,9 +152,11 @@ def main(argv):
     rng = np.random.default_rng(FLAGS.seed)
     x, labels, mask = make_data(rng)
     l, s, n, d = x.shape
-    print(f"data: {s} samples x {l} layers x {n} tokens ({FLAGS.text} text slots, "
-          f"{FLAGS.regions} regions) x {d}; backend {jax.default_backend()} "
-          f"({jax.devices()[0].device_kind})")
+    print(
+        f"data: {s} samples x {l} layers x {n} tokens ({FLAGS.text} text slots, "
+        f"{FLAGS.regions} regions) x {d}; backend {jax.default_backend()} "
+        f"({jax.devices()[0].device_kind})"
+    )
 
     nmi_jax, times = run_jax(x, labels, mask)
     t_jax = statistics.median(times)
@@ -137,36 +164,50 @@ def main(argv):
     nmi_sk, t_sk_subset = run_sklearn(x, labels, mask, k)
     t_sk = t_sk_subset * s / k
 
-    print(f"\nJAX kmeans2_nmi (jit, batch {FLAGS.batch_size}, num_iters {FLAGS.num_iters}): "
-          f"{t_jax:.3f} s for all {s * l} problems (median of {len(times)}: "
-          + ", ".join(f"{t:.3f}" for t in times) + ")")
-    print(f"sklearn KMeans(n_init={FLAGS.n_init}) + NMI: {t_sk_subset:.2f} s for {k * l} "
-          f"problems ({k} samples x {l} layers)" + (
-              f", extrapolated to {t_sk:.1f} s for all {s * l}" if k < s else ""))
-    print(f"per problem: JAX {t_jax / (s * l) * 1e3:.3f} ms, sklearn {t_sk / (s * l) * 1e3:.2f} ms "
-          f"({'default threads' if not FLAGS.sk_threads else f'{FLAGS.sk_threads} thread(s)'})")
+    print(
+        f"\nJAX kmeans2_nmi (jit, batch {FLAGS.batch_size}, num_iters {FLAGS.num_iters}): "
+        f"{t_jax:.3f} s for all {s * l} problems (median of {len(times)}: "
+        + ", ".join(f"{t:.3f}" for t in times)
+        + ")"
+    )
+    print(
+        f"sklearn KMeans(n_init={FLAGS.n_init}) + NMI: {t_sk_subset:.2f} s for {k * l} "
+        f"problems ({k} samples x {l} layers)"
+        + (f", extrapolated to {t_sk:.1f} s for all {s * l}" if k < s else "")
+    )
+    print(
+        f"per problem: JAX {t_jax / (s * l) * 1e3:.3f} ms, sklearn {t_sk / (s * l) * 1e3:.2f} ms "
+        f"({'default threads' if not FLAGS.sk_threads else f'{FLAGS.sk_threads} thread(s)'})"
+    )
     print(f"speed-up: {t_sk / t_jax:.0f}x")
 
     sub = nmi_jax[:, :k]
-    print(f"\nmean NMI on the {k * l} problems both ran: JAX {sub.mean():.4f}, sklearn "
-          f"{nmi_sk.mean():.4f}, difference {sub.mean() - nmi_sk.mean():+.4f}; "
-          f"|per-problem difference| > 0.01 on {np.mean(np.abs(sub - nmi_sk) > 0.01):.1%}")
+    print(
+        f"\nmean NMI on the {k * l} problems both ran: JAX {sub.mean():.4f}, sklearn "
+        f"{nmi_sk.mean():.4f}, difference {sub.mean() - nmi_sk.mean():+.4f}; "
+        f"|per-problem difference| > 0.01 on {np.mean(np.abs(sub - nmi_sk) > 0.01):.1%}"
+    )
     nmi_sk2 = None
     if FLAGS.sk_noise_floor:
         nmi_sk2, _ = run_sklearn(x, labels, mask, k, seed_offset=10_000)
-        print(f"sklearn against itself, other random_states: mean NMI {nmi_sk2.mean():.4f}, "
-              f"difference {nmi_sk2.mean() - nmi_sk.mean():+.4f}; |per-problem difference| "
-              f"> 0.01 on {np.mean(np.abs(nmi_sk2 - nmi_sk) > 0.01):.1%}")
+        print(
+            f"sklearn against itself, other random_states: mean NMI {nmi_sk2.mean():.4f}, "
+            f"difference {nmi_sk2.mean() - nmi_sk.mean():+.4f}; |per-problem difference| "
+            f"> 0.01 on {np.mean(np.abs(nmi_sk2 - nmi_sk) > 0.01):.1%}"
+        )
     print(f"mean NMI over all {s} samples (JAX): {nmi_jax.mean():.4f}")
 
     header = "layer (1-based)  JAX (all)  JAX (subset)  sklearn (subset)  JAX-sklearn"
     print("\n" + header + ("  sklearn(other seeds)-sklearn" if nmi_sk2 is not None else ""))
     for layer in range(l):
-        row = (f"{layer + 1:>15}  {nmi_jax[layer].mean():>9.4f}  {sub[layer].mean():>12.4f}  "
-               f"{nmi_sk[layer].mean():>16.4f}  {sub[layer].mean() - nmi_sk[layer].mean():>+11.4f}")
+        row = (
+            f"{layer + 1:>15}  {nmi_jax[layer].mean():>9.4f}  {sub[layer].mean():>12.4f}  "
+            f"{nmi_sk[layer].mean():>16.4f}  {sub[layer].mean() - nmi_sk[layer].mean():>+11.4f}"
+        )
         if nmi_sk2 is not None:
             row += f"  {nmi_sk2[layer].mean() - nmi_sk[layer].mean():>+28.4f}"
         print(row)
+
 
 if __name__ == "__main__":
     app.run(main)

@@ -12,6 +12,7 @@ Then a tiny UNITER runs the fusion, modality and head-summary probes over
 --compile_examples of them through the runner, counting the XLA backend compilations.
 Targets: efficiency ≥ 0.85 (fitted); compilations ≤ the number of distinct batch shapes.
 """
+
 from __future__ import annotations
 
 from absl import app, flags
@@ -28,8 +29,16 @@ def examples(n, regions, rng):
 
     from value_jax.data import collate as C
 
-    return [C.Example(f"{i}", np.arange(rng.integers(8, 41), dtype=np.int32) % 90 + 1, {},
-                      image_id=str(i), num_regions=int(regions(rng))) for i in range(n)]
+    return [
+        C.Example(
+            f"{i}",
+            np.arange(rng.integers(8, 41), dtype=np.int32) % 90 + 1,
+            {},
+            image_id=str(i),
+            num_regions=int(regions(rng)),
+        )
+        for i in range(n)
+    ]
 
 
 def count_compilations(exs, batch_size):
@@ -56,11 +65,20 @@ def count_compilations(exs, batch_size):
     loader = ExampleLoader(exs, batch_size, buckets="fit", regions=regions)
     compiles = []
     jax.monitoring.register_event_duration_secs_listener(
-        lambda event, duration, **kw: compiles.append(event)
-        if event == "/jax/core/compile/backend_compile_duration" else None)
+        lambda event, duration, **kw: (
+            compiles.append(event)
+            if event == "/jax/core/compile/backend_compile_duration"
+            else None
+        )
+    )
     before = len(compiles)
-    run_probes(model, params, loader, [FusionProbe(), ModalityProbe(), HeadSummaryProbe()],
-               progress_every=10**6)
+    run_probes(
+        model,
+        params,
+        loader,
+        [FusionProbe(), ModalityProbe(), HeadSummaryProbe()],
+        progress_every=10**6,
+    )
     return len(loader.shapes), len(compiles) - before
 
 
@@ -71,23 +89,30 @@ def main(argv):
     from value_jax.data import batch_plan as BP
     from value_jax.data.bucketing import fit_buckets, padding_efficiency
 
-    for name, regions in (("UNITER, 10-100 regions", lambda r: r.integers(10, 101)),
-                          ("LXMERT, 36 regions", lambda r: 36)):
+    for name, regions in (
+        ("UNITER, 10-100 regions", lambda r: r.integers(10, 101)),
+        ("LXMERT, 36 regions", lambda r: 36),
+    ):
         exs = examples(FLAGS.captions, regions, np.random.default_rng(FLAGS.seed))
         fixed = BP.plan_batches(exs, FLAGS.batch_size)
         buckets = fit_buckets(exs, FLAGS.batch_size)
         fitted = BP.plan_batches(exs, FLAGS.batch_size, buckets)
         e_fixed, e_fit = (padding_efficiency(p, FLAGS.batch_size) for p in (fixed, fitted))
-        print(f"{name}, {len(exs)} captions, batch {FLAGS.batch_size}:\n"
-              f"  fixed grid   {e_fixed:.3f} useful/computed, "
-              f"{len({p.shape for p in fixed})} shapes\n"
-              f"  fitted       {e_fit:.3f} useful/computed, {len({p.shape for p in fitted})} "
-              f"shapes (text {buckets.text}, regions {buckets.regions})  "
-              f"target >= 0.85: {'met' if e_fit >= 0.85 else 'MISSED'}", flush=True)
+        print(
+            f"{name}, {len(exs)} captions, batch {FLAGS.batch_size}:\n"
+            f"  fixed grid   {e_fixed:.3f} useful/computed, "
+            f"{len({p.shape for p in fixed})} shapes\n"
+            f"  fitted       {e_fit:.3f} useful/computed, {len({p.shape for p in fitted})} "
+            f"shapes (text {buckets.text}, regions {buckets.regions})  "
+            f"target >= 0.85: {'met' if e_fit >= 0.85 else 'MISSED'}",
+            flush=True,
+        )
     exs = examples(FLAGS.compile_examples, lambda r: r.integers(10, 101), np.random.default_rng(1))
     shapes, compiles = count_compilations(exs, FLAGS.batch_size)
-    print(f"runner over {len(exs)} examples: {shapes} batch shapes, {compiles} XLA compilations "
-          f"(target <= shapes: {'met' if compiles <= shapes else 'MISSED'})")
+    print(
+        f"runner over {len(exs)} examples: {shapes} batch shapes, {compiles} XLA compilations "
+        f"(target <= shapes: {'met' if compiles <= shapes else 'MISSED'})"
+    )
 
 
 if __name__ == "__main__":

@@ -13,13 +13,14 @@ out), once with compilation and once compiled.
   python benchmarks/probers.py --sk_every=1         # sklearn on all 12 layers (~6 min, 2 cores)
   python benchmarks/probers.py --optimizer=adam --pairs=4000 --features=768
 """
+
 from __future__ import annotations
 
 import time
 
-from absl import app, flags
 import jax
 import numpy as np
+from absl import app, flags
 from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
 
@@ -36,9 +37,13 @@ flags.DEFINE_float("learning_rate", 0.1, "Adam learning rate (unused by lbfgs)."
 flags.DEFINE_integer("max_epochs", 300, "JAX max epochs (full-batch steps).")
 flags.DEFINE_integer("patience", 20, "JAX early-stopping patience (epochs).")
 flags.DEFINE_integer("sk_max_iter", 1000, "scikit-learn lbfgs max_iter.")
-flags.DEFINE_integer("sk_every", 2, "Fit scikit-learn on every k-th layer and scale its time "
-                     "up to all layers (1 = all; 2 keeps the default run under ~5 minutes on "
-                     "2 cores).")
+flags.DEFINE_integer(
+    "sk_every",
+    2,
+    "Fit scikit-learn on every k-th layer and scale its time "
+    "up to all layers (1 = all; 2 keeps the default run under ~5 minutes on "
+    "2 cores).",
+)
 flags.DEFINE_integer("seed", 0, "Seed for data, split and probes.")
 
 
@@ -67,16 +72,27 @@ def main(argv):
     del argv
     x, y = make_data(FLAGS.layers, FLAGS.pairs, FLAGS.features, FLAGS.classes, FLAGS.seed)
     train, dev, test = probing.split_indices(FLAGS.pairs, FLAGS.seed)
-    print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}); "
-          f"data: {FLAGS.layers} layers x {FLAGS.pairs} pairs x {FLAGS.features} features, "
-          f"{FLAGS.classes} classes; split {len(train)}/{len(dev)}/{len(test)}")
+    print(
+        f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}); "
+        f"data: {FLAGS.layers} layers x {FLAGS.pairs} pairs x {FLAGS.features} features, "
+        f"{FLAGS.classes} classes; split {len(train)}/{len(dev)}/{len(test)}"
+    )
 
     def run_jax():
         start = time.perf_counter()
         probe = classifiers.fit_linear(
-            x[:, train], y[train], x[:, dev], y[dev], FLAGS.classes, jax.random.PRNGKey(FLAGS.seed),
-            l2=FLAGS.l2, learning_rate=FLAGS.learning_rate, max_epochs=FLAGS.max_epochs,
-            patience=FLAGS.patience, optimizer=FLAGS.optimizer)
+            x[:, train],
+            y[train],
+            x[:, dev],
+            y[dev],
+            FLAGS.classes,
+            jax.random.PRNGKey(FLAGS.seed),
+            l2=FLAGS.l2,
+            learning_rate=FLAGS.learning_rate,
+            max_epochs=FLAGS.max_epochs,
+            patience=FLAGS.patience,
+            optimizer=FLAGS.optimizer,
+        )
         acc = np.asarray(classifiers.evaluate(probe, x[:, test], y[test]))
         return time.perf_counter() - start, probe, acc
 
@@ -94,11 +110,16 @@ def main(argv):
         sk_iters.append(int(model.n_iter_[0]))
     sk_time = (time.perf_counter() - start) * FLAGS.layers / len(sk_layers)
 
-    print(f"jax ({FLAGS.optimizer}, vmapped, {FLAGS.layers} probes): {jax_time:.2f} s "
-          f"(first call with compilation {jax_first:.2f} s); epochs run "
-          f"{np.asarray(probe.record.epochs_run).tolist()}")
-    scaled = "" if FLAGS.sk_every == 1 else (
-        f", scaled up from layers {[layer + 1 for layer in sk_layers]}")
+    print(
+        f"jax ({FLAGS.optimizer}, vmapped, {FLAGS.layers} probes): {jax_time:.2f} s "
+        f"(first call with compilation {jax_first:.2f} s); epochs run "
+        f"{np.asarray(probe.record.epochs_run).tolist()}"
+    )
+    scaled = (
+        ""
+        if FLAGS.sk_every == 1
+        else (f", scaled up from layers {[layer + 1 for layer in sk_layers]}")
+    )
     print(f"scikit-learn (lbfgs, sequential): {sk_time:.2f} s{scaled}; iterations {sk_iters}")
     print(f"speed-up: {sk_time / jax_time:.1f}x (vs first call {sk_time / jax_first:.1f}x)")
     print("layer  jax_test_acc  sklearn_test_acc  diff_points")

@@ -13,6 +13,7 @@ Target: peak RSS(10·N) / peak RSS(N) ≤ 1.1 with the budget.
   python benchmarks/scale_memory.py                     # N = 60 images (about 100 val captions)
   python benchmarks/scale_memory.py --images=20 --layers=2
 """
+
 from __future__ import annotations
 
 import json
@@ -50,24 +51,46 @@ def child(spec: dict) -> None:
             return {k: int(len(v)) for k, v in stats.items() if k in self.collect_keys}
 
     demo = make_demo_data(spec["root"], n_images=spec["images"], feat_dim=2048)
-    cfg = UniterConfig(vocab_size=len(read_vocab(demo.vocab_cased)), num_layers=spec["layers"],
-                       max_position_embeddings=128)
+    cfg = UniterConfig(
+        vocab_size=len(read_vocab(demo.vocab_cased)),
+        num_layers=spec["layers"],
+        max_position_embeddings=128,
+    )
     model = build_model(cfg)
     params = init_params(model, jax.random.PRNGKey(0))
-    loader = CorefLoader(demo.flickr_root, demo.flickr_features_tsv, demo.vocab_cased, False,
-                         batch_size=spec["batch_size"])
+    loader = CorefLoader(
+        demo.flickr_root,
+        demo.flickr_features_tsv,
+        demo.vocab_cased,
+        False,
+        batch_size=spec["batch_size"],
+    )
     spill = os.path.join(spec["root"], "spill") if spec["budget_mb"] is not None else None
-    out = run_probes(model, params, loader, [PassOnly(types=loader.types)], progress_every=10**6,
-                     spill_dir=spill, collect_budget_mb=spec["budget_mb"])
+    out = run_probes(
+        model,
+        params,
+        loader,
+        [PassOnly(types=loader.types)],
+        progress_every=10**6,
+        spill_dir=spill,
+        collect_budget_mb=spec["budget_mb"],
+    )
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(json.dumps({"peak_mb": peak, "items": out["coref"]["linked"],
-                      "captions": len(loader.examples)}))
+    print(
+        json.dumps(
+            {"peak_mb": peak, "items": out["coref"]["linked"], "captions": len(loader.examples)}
+        )
+    )
     del np
 
 
 def measure(spec: dict) -> dict:
-    proc = subprocess.run([sys.executable, __file__, f"--child={json.dumps(spec)}"],
-                          capture_output=True, text=True, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    proc = subprocess.run(
+        [sys.executable, __file__, f"--child={json.dumps(spec)}"],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, JAX_PLATFORMS="cpu"),
+    )
     if proc.returncode:
         raise SystemExit(proc.stderr[-3000:])
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -82,17 +105,28 @@ def main(argv):
     rows = {}
     for budget in (None, FLAGS.budget_mb):
         for name, images in sizes.items():
-            spec = {"root": os.path.join(root, name), "images": images, "layers": FLAGS.layers,
-                    "budget_mb": budget, "batch_size": FLAGS.batch_size}
+            spec = {
+                "root": os.path.join(root, name),
+                "images": images,
+                "layers": FLAGS.layers,
+                "budget_mb": budget,
+                "batch_size": FLAGS.batch_size,
+            }
             rows[(budget, name)] = r = measure(spec)
-            print(f"budget {budget if budget is not None else 'none':>5} MB  {name:>4}: "
-                  f"{r['captions']} captions, {r['items']} collected items, "
-                  f"peak RSS {r['peak_mb']:.0f} MiB", flush=True)
+            print(
+                f"budget {budget if budget is not None else 'none':>5} MB  {name:>4}: "
+                f"{r['captions']} captions, {r['items']} collected items, "
+                f"peak RSS {r['peak_mb']:.0f} MiB",
+                flush=True,
+            )
     for budget in (None, FLAGS.budget_mb):
         ratio = rows[(budget, f"{FLAGS.scale}N")]["peak_mb"] / rows[(budget, "N")]["peak_mb"]
         label = "no budget" if budget is None else f"budget {budget:g} MB"
-        verdict = "" if budget is None else ("  (target <= 1.1: met)" if ratio <= 1.1
-                                             else "  (target <= 1.1: MISSED)")
+        verdict = (
+            ""
+            if budget is None
+            else ("  (target <= 1.1: met)" if ratio <= 1.1 else "  (target <= 1.1: MISSED)")
+        )
         print(f"{label}: peak RSS {FLAGS.scale}N / N = {ratio:.2f}{verdict}")
 
 

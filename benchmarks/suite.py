@@ -13,6 +13,7 @@ Three timings per batch, on the same data and base-size random weights:
            normalized_mutual_info_score for fusion), repeated for each analysis.
 Targets: suite / bare ≤ 1.15, HF / suite ≥ 3. Medians over --batches after a warm-up.
 """
+
 from __future__ import annotations
 
 import os
@@ -36,22 +37,30 @@ def make_inputs(cfg, seed):
     import numpy as np
 
     import value_jax
+
     rng = np.random.default_rng(seed)
     b, t, r, p = FLAGS.batch, FLAGS.text, FLAGS.regions, FLAGS.links
     feat = cfg.feature_dim
     x1y1 = rng.uniform(0, 0.5, (b, r, 2))
-    batch = value_jax.Batch.create(rng.integers(1000, 20000, (b, t)), np.ones((b, t)),
-                                   rng.random((b, r, feat)), np.concatenate([x1y1, x1y1 + 0.3], -1))
+    batch = value_jax.Batch.create(
+        rng.integers(1000, 20000, (b, t)),
+        np.ones((b, t)),
+        rng.random((b, r, feat)),
+        np.concatenate([x1y1, x1y1 + 0.3], -1),
+    )
     starts = rng.integers(1, t - 4, (b, p))
     tokens = starts[..., None] + np.arange(3)
     targets = {
         "coref.region": rng.integers(0, r, (b, p)).astype(np.int32),
-        "coref.tokens": tokens.astype(np.int32), "coref.token_mask": np.ones((b, p, 3), bool),
+        "coref.tokens": tokens.astype(np.int32),
+        "coref.token_mask": np.ones((b, p, 3), bool),
         "coref.type": rng.integers(0, 8, (b, p)).astype(np.int32),
-        "coref.linked": np.ones((b, p), bool), "coref.mask": np.ones((b, p), bool),
+        "coref.linked": np.ones((b, p), bool),
+        "coref.mask": np.ones((b, p), bool),
         "coref.rand_region": rng.integers(0, r, (b, p)).astype(np.int32),
         "coref.rand_tokens": np.roll(tokens, 1, axis=1).astype(np.int32),
-        "coref.rand_token_mask": np.ones((b, p, 3), bool)}
+        "coref.rand_token_mask": np.ones((b, p, 3), bool),
+    }
     return batch, targets
 
 
@@ -60,6 +69,7 @@ def probes(model_type):
     from value_jax.probes.fusion import FusionProbe
     from value_jax.probes.head_summary import HeadSummaryProbe
     from value_jax.probes.modality import ImageToTextProbe, ModalityProbe
+
     ps = [FusionProbe(), CorefProbe(collect_features=False), HeadSummaryProbe()]
     if model_type == "uniter":
         ps += [ModalityProbe(), ImageToTextProbe()]
@@ -71,6 +81,7 @@ def numpy_pipeline(model_type, hf_forward, batch, targets):
     import numpy as np
     from sklearn.cluster import KMeans
     from sklearn.metrics import normalized_mutual_info_score
+
     t = FLAGS.text
     tm = np.asarray(batch.text_mask)
     words = tm.copy()
@@ -123,18 +134,35 @@ def hf_model(model_type, batch):
     import numpy as np
     import torch
     import transformers
+
     torch.set_num_threads(FLAGS.threads)
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     tt = lambda x: torch.from_numpy(np.array(x)).to(dev)
     if model_type == "uniter":
-        hf = transformers.BertModel(transformers.BertConfig(attn_implementation="eager")).eval().to(dev)
-        ids = np.concatenate([np.asarray(batch.input_ids),
-                              np.asarray(batch.input_ids)[:, :1].repeat(batch.num_regions, 1)], 1)
+        hf = (
+            transformers.BertModel(transformers.BertConfig(attn_implementation="eager"))
+            .eval()
+            .to(dev)
+        )
+        ids = np.concatenate(
+            [
+                np.asarray(batch.input_ids),
+                np.asarray(batch.input_ids)[:, :1].repeat(batch.num_regions, 1),
+            ],
+            1,
+        )
         kw = dict(input_ids=tt(ids.astype(np.int64)))
     else:
-        hf = transformers.LxmertModel(transformers.LxmertConfig(attn_implementation="eager")).eval().to(dev)
-        kw = dict(input_ids=tt(np.asarray(batch.input_ids).astype(np.int64)),
-                  visual_feats=tt(batch.region_feats), visual_pos=tt(batch.region_boxes))
+        hf = (
+            transformers.LxmertModel(transformers.LxmertConfig(attn_implementation="eager"))
+            .eval()
+            .to(dev)
+        )
+        kw = dict(
+            input_ids=tt(np.asarray(batch.input_ids).astype(np.int64)),
+            visual_feats=tt(batch.region_feats),
+            visual_pos=tt(batch.region_boxes),
+        )
     t = batch.text_len
 
     def forward():
@@ -155,8 +183,11 @@ def hf_model(model_type, batch):
         # HF returns neither vision→language nor the cross self-attention: the numpy pipeline
         # gets language→vision transposed-shaped stand-ins, which makes it do the same work.
         v2t = [np.swapaxes(a, 2, 3) for a in cross]
-        return {"attention": {"t2t": lang, "v2v": visn, "t2v": cross, "v2t": v2t},
-                "paired_states": list(zip(l_states, v_states)), "regions": x}
+        return {
+            "attention": {"t2t": lang, "v2v": visn, "t2v": cross, "v2t": v2t},
+            "paired_states": list(zip(l_states, v_states)),
+            "regions": x,
+        }
 
     return forward
 
@@ -187,7 +218,11 @@ def main(argv):
     run_bare(), run_suite()
     hf_forward = hf_model(cfg.model_type, batch) if FLAGS.hf else None
     np_batch, np_targets = jax.device_get((batch, targets))
-    run_hf = (lambda: numpy_pipeline(cfg.model_type, hf_forward, np_batch, np_targets)) if hf_forward else None
+    run_hf = (
+        (lambda: numpy_pipeline(cfg.model_type, hf_forward, np_batch, np_targets))
+        if hf_forward
+        else None
+    )
     times = {"bare": [], "suite": [], "hf": []}
     for _ in range(FLAGS.batches):  # alternate, so drift hits all alike
         times["bare"].append(_time(run_bare))
@@ -196,18 +231,26 @@ def main(argv):
             times["hf"].append(_time(run_hf))
     med = {k: float(np.median(v)) for k, v in times.items() if v}
     n_analyses = len(probes(cfg.model_type))
-    print(f"backend {jax.default_backend()}; {cfg.model_type}-base, batch {FLAGS.batch} x "
-          f"({FLAGS.text} text + {FLAGS.regions} regions), {n_analyses} analyses")
+    print(
+        f"backend {jax.default_backend()}; {cfg.model_type}-base, batch {FLAGS.batch} x "
+        f"({FLAGS.text} text + {FLAGS.regions} regions), {n_analyses} analyses"
+    )
     print(f"  bare jitted forward:                {med['bare']:.3f} s")
-    print(f"  suite (forward + all probes, 1 jit): {med['suite']:.3f} s   "
-          f"ratio suite/bare = {med['suite'] / med['bare']:.3f} (target <= 1.15)")
+    print(
+        f"  suite (forward + all probes, 1 jit): {med['suite']:.3f} s   "
+        f"ratio suite/bare = {med['suite'] / med['bare']:.3f} (target <= 1.15)"
+    )
     if "hf" in med:
-        print(f"  HF PyTorch + numpy, one pass per analysis: {med['hf']:.3f} s   "
-              f"speed-up = {med['hf'] / med['suite']:.2f}x (target >= 3)")
+        print(
+            f"  HF PyTorch + numpy, one pass per analysis: {med['hf']:.3f} s   "
+            f"speed-up = {med['hf'] / med['suite']:.2f}x (target >= 3)"
+        )
 
 
 if __name__ == "__main__":
     n = next((a.split("=")[1] for a in sys.argv if a.startswith("--threads=")), "2")
-    os.environ.setdefault("XLA_FLAGS", f"--xla_cpu_multi_thread_eigen=true intra_op_parallelism_threads={n}")
+    os.environ.setdefault(
+        "XLA_FLAGS", f"--xla_cpu_multi_thread_eigen=true intra_op_parallelism_threads={n}"
+    )
     os.environ.setdefault("OMP_NUM_THREADS", n)
     app.run(main)

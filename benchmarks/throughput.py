@@ -19,6 +19,7 @@ Examples/s per stage, then the projection for 158,915 captions (31,783 images) a
 --full_vg_images Visual Genome images: each stage's time scaled linearly in examples (the
 probers in collected items), summed. Targets: < 6 h on the 2-core CPU, < 15 min on one GPU.
 """
+
 from __future__ import annotations
 
 import math
@@ -34,9 +35,14 @@ flags.DEFINE_integer("captions", 1000, "Val captions of the generated Flickr30k 
 flags.DEFINE_integer("vg_images", 100, "Generated Visual Genome images.")
 flags.DEFINE_integer("layers", 0, "Encoder layers (0: the base model's).")
 flags.DEFINE_integer("batch_size", 32, "Examples per batch.")
-flags.DEFINE_integer("full_captions", 158915, "Captions of the full run (all of Flickr30k Entities).")
-flags.DEFINE_integer("full_vg_images", 108077, "VG images of the full run (every image; an upper "
-                     "bound, VALUE's sampling keeps fewer).")
+flags.DEFINE_integer(
+    "full_captions", 158915, "Captions of the full run (all of Flickr30k Entities)."
+)
+flags.DEFINE_integer(
+    "full_vg_images",
+    108077,
+    "VG images of the full run (every image; an upper bound, VALUE's sampling keeps fewer).",
+)
 flags.DEFINE_string("dir", None, "Where to generate the data (default: a new temp dir).")
 
 
@@ -44,12 +50,24 @@ def _model(vocab_size):
     import jax
 
     from value_jax.models import LxmertConfig, UniterConfig, build_model, init_params
+
     if FLAGS.model == "uniter":
-        cfg = UniterConfig(vocab_size=vocab_size, **({"num_layers": FLAGS.layers} if FLAGS.layers else {}))
+        cfg = UniterConfig(
+            vocab_size=vocab_size, **({"num_layers": FLAGS.layers} if FLAGS.layers else {})
+        )
     else:
-        cfg = LxmertConfig(vocab_size=vocab_size, **(
-            {"l_layers": FLAGS.layers, "r_layers": max(1, FLAGS.layers // 2),
-             "x_layers": max(1, FLAGS.layers // 2)} if FLAGS.layers else {}))
+        cfg = LxmertConfig(
+            vocab_size=vocab_size,
+            **(
+                {
+                    "l_layers": FLAGS.layers,
+                    "r_layers": max(1, FLAGS.layers // 2),
+                    "x_layers": max(1, FLAGS.layers // 2),
+                }
+                if FLAGS.layers
+                else {}
+            ),
+        )
     model = build_model(cfg)
     return model, init_params(model, jax.random.PRNGKey(0))
 
@@ -67,13 +85,14 @@ def _pass(model, params, batches, probes):
     from value_jax.runner import _shard, data_mesh, make_step
     from value_jax.state import Accumulator
     from value_jax.trace import Layout
+
     layout = Layout.from_config(model.config)
     for p in probes:
         p.bind(layout)
     mesh = data_mesh()
     step = make_step(model, probes)
     seen = set()
-    for batch, targets in batches:                     # compile every shape once, untimed
+    for batch, targets in batches:  # compile every shape once, untimed
         key = (batch.input_ids.shape, batch.region_feats.shape)
         if key not in seen:
             seen.add(key)
@@ -81,7 +100,9 @@ def _pass(model, params, batches, probes):
     accs = {p.name: Accumulator(p.collect_keys) for p in probes}
     start = time.perf_counter()
     for batch, targets in batches:
-        for name, s in jax.device_get(step(params, _shard(batch, mesh), _shard(targets, mesh))).items():
+        for name, s in jax.device_get(
+            step(params, _shard(batch, mesh), _shard(targets, mesh))
+        ).items():
             accs[name].update(s)
     forward = time.perf_counter() - start
     finalize, items = {}, 0
@@ -112,26 +133,38 @@ def main(argv):
     root = FLAGS.dir or tempfile.mkdtemp(prefix="throughput-")
     images = 3 * math.ceil(FLAGS.captions / 5)
     start = time.perf_counter()
-    demo = make_demo_data(os.path.join(root, "data"), n_images=images, feat_dim=2048,
-                          n_vg_images=FLAGS.vg_images)
-    print(f"data: {images} Flickr30k-shaped images, {FLAGS.vg_images} VG images under {root} "
-          f"({time.perf_counter() - start:.0f} s to generate)", flush=True)
+    demo = make_demo_data(
+        os.path.join(root, "data"), n_images=images, feat_dim=2048, n_vg_images=FLAGS.vg_images
+    )
+    print(
+        f"data: {images} Flickr30k-shaped images, {FLAGS.vg_images} VG images under {root} "
+        f"({time.perf_counter() - start:.0f} s to generate)",
+        flush=True,
+    )
     uncased = FLAGS.model == "lxmert"
     vocab = demo.vocab_uncased if uncased else demo.vocab_cased
     model, params = _model(len(read_vocab(vocab)))
-    print(f"model: {FLAGS.model}, {jax.devices()[0].device_kind}, batch {FLAGS.batch_size}",
-          flush=True)
+    print(
+        f"model: {FLAGS.model}, {jax.devices()[0].device_kind}, batch {FLAGS.batch_size}",
+        flush=True,
+    )
 
     rows = {}
     # ---- Flickr30k pass -------------------------------------------------------------------
     start = time.perf_counter()
-    loader = CorefLoader(demo.flickr_root, demo.flickr_features_tsv, vocab, uncased,
-                         batch_size=FLAGS.batch_size)
+    loader = CorefLoader(
+        demo.flickr_root, demo.flickr_features_tsv, vocab, uncased, batch_size=FLAGS.batch_size
+    )
     batches, collate = _collate_all(loader)
     raw_read = time.perf_counter() - start
     n = len(loader.examples)
-    config = T.CorefConfig(name="bench", flickr_root=demo.flickr_root,
-                           features=demo.flickr_features_tsv, vocab=vocab, lowercase=uncased)
+    config = T.CorefConfig(
+        name="bench",
+        flickr_root=demo.flickr_root,
+        features=demo.flickr_features_tsv,
+        vocab=vocab,
+        lowercase=uncased,
+    )
     builder = T.ValueCoref(config=config, data_dir=os.path.join(root, "tfds"))
     start = time.perf_counter()
     builder.download_and_prepare()
@@ -144,33 +177,52 @@ def main(argv):
     if FLAGS.model == "uniter":
         probes += [ModalityProbe(), ImageToTextProbe()]
     forward, finalize, items = _pass(model, params, batches, probes)
-    rows["flickr"] = dict(examples=n, read=raw_read, prepared_read=prepared_read,
-                          prepare=prepare, forward=forward, probers=sum(finalize.values()),
-                          items=items)
-    print(f"Flickr30k pass, {n} captions ({items} collected coreference items):\n"
-          f"  read+collate, raw files      {n / raw_read:8.1f} captions/s  ({raw_read:.1f} s, "
-          f"of which collate {collate:.1f} s)\n"
-          f"  read+collate, prepared TFDS  {n / prepared_read:8.1f} captions/s  "
-          f"({prepared_read:.1f} s; preparing once took {prepare:.1f} s)\n"
-          f"  forward+probes               {n / forward:8.1f} captions/s  ({forward:.1f} s)\n"
-          f"  probers (finalize)           {sum(finalize.values()):8.1f} s  "
-          + ", ".join(f"{k} {v:.1f} s" for k, v in finalize.items()), flush=True)
+    rows["flickr"] = dict(
+        examples=n,
+        read=raw_read,
+        prepared_read=prepared_read,
+        prepare=prepare,
+        forward=forward,
+        probers=sum(finalize.values()),
+        items=items,
+    )
+    print(
+        f"Flickr30k pass, {n} captions ({items} collected coreference items):\n"
+        f"  read+collate, raw files      {n / raw_read:8.1f} captions/s  ({raw_read:.1f} s, "
+        f"of which collate {collate:.1f} s)\n"
+        f"  read+collate, prepared TFDS  {n / prepared_read:8.1f} captions/s  "
+        f"({prepared_read:.1f} s; preparing once took {prepare:.1f} s)\n"
+        f"  forward+probes               {n / forward:8.1f} captions/s  ({forward:.1f} s)\n"
+        f"  probers (finalize)           {sum(finalize.values()):8.1f} s  "
+        + ", ".join(f"{k} {v:.1f} s" for k, v in finalize.items()),
+        flush=True,
+    )
 
     # ---- Visual Genome pass ---------------------------------------------------------------
     start = time.perf_counter()
-    vg = RelationLoader(demo.vg_root, demo.vg_features_tsv, vocab, uncased,
-                        batch_size=FLAGS.batch_size)
+    vg = RelationLoader(
+        demo.vg_root, demo.vg_features_tsv, vocab, uncased, batch_size=FLAGS.batch_size
+    )
     vg_batches, _ = _collate_all(vg)
     vg_read = time.perf_counter() - start
-    forward_vg, finalize_vg, items_vg = _pass(model, params, vg_batches,
-                                              [RelationProbe(vg.predicates)])
+    forward_vg, finalize_vg, items_vg = _pass(
+        model, params, vg_batches, [RelationProbe(vg.predicates)]
+    )
     m = len(vg.examples)
-    rows["vg"] = dict(examples=m, read=vg_read, forward=forward_vg,
-                      probers=sum(finalize_vg.values()), items=items_vg)
-    print(f"Visual Genome pass, {m} images ({items_vg} pairs):\n"
-          f"  read+collate   {m / vg_read:8.1f} images/s\n"
-          f"  forward+probes {m / forward_vg:8.1f} images/s\n"
-          f"  probers        {sum(finalize_vg.values()):8.1f} s", flush=True)
+    rows["vg"] = dict(
+        examples=m,
+        read=vg_read,
+        forward=forward_vg,
+        probers=sum(finalize_vg.values()),
+        items=items_vg,
+    )
+    print(
+        f"Visual Genome pass, {m} images ({items_vg} pairs):\n"
+        f"  read+collate   {m / vg_read:8.1f} images/s\n"
+        f"  forward+probes {m / forward_vg:8.1f} images/s\n"
+        f"  probers        {sum(finalize_vg.values()):8.1f} s",
+        flush=True,
+    )
 
     # ---- projection -----------------------------------------------------------------------
     f, v = rows["flickr"], rows["vg"]
@@ -184,8 +236,10 @@ def main(argv):
         "VG probers": v["probers"] * scale_v,
     }
     total = sum(stages.values())
-    print(f"\nProjected full run ({FLAGS.full_captions} captions + {FLAGS.full_vg_images} VG "
-          f"images) on this machine: {total / 3600:.2f} h")
+    print(
+        f"\nProjected full run ({FLAGS.full_captions} captions + {FLAGS.full_vg_images} VG "
+        f"images) on this machine: {total / 3600:.2f} h"
+    )
     for name, secs in sorted(stages.items(), key=lambda kv: -kv[1]):
         print(f"  {name:36s} {secs / 3600:6.2f} h  ({100 * secs / total:4.1f} %)")
     raw_total = total - stages["Flickr30k read+collate (prepared)"] + f["read"] * scale_f

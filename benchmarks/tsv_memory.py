@@ -12,6 +12,7 @@ load_obj_tsv would instead hold every decoded array (printed for scale).
   python benchmarks/tsv_memory.py
   python benchmarks/tsv_memory.py --images=500 --feat_dim=256   # quick
 """
+
 from __future__ import annotations
 
 import os
@@ -22,8 +23,8 @@ import sys
 import tempfile
 import time
 
-from absl import app, flags
 import numpy as np
+from absl import app, flags
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("images", 2000, "Images (TSV lines).")
@@ -52,8 +53,9 @@ def peak_rss_mb() -> float:
 def write(path: str) -> None:
     from value_jax.data.fixtures.features import iter_random_records, write_lxmert_tsv
 
-    records = iter_random_records(FLAGS.images, FLAGS.boxes, FLAGS.seed, feat_dim=FLAGS.feat_dim,
-                                  with_cls_prob=False)
+    records = iter_random_records(
+        FLAGS.images, FLAGS.boxes, FLAGS.seed, feat_dim=FLAGS.feat_dim, with_cls_prob=False
+    )
     write_lxmert_tsv(path, records)
 
 
@@ -69,12 +71,23 @@ def main(argv):
     path = os.path.join(tmp, "features.tsv")
     try:
         t0 = time.perf_counter()
-        subprocess.run([sys.executable, os.path.abspath(__file__), f"--write_only={path}",
-                        f"--images={FLAGS.images}", f"--boxes={FLAGS.boxes}",
-                        f"--feat_dim={FLAGS.feat_dim}", f"--seed={FLAGS.seed}"], check=True)
+        subprocess.run(
+            [
+                sys.executable,
+                os.path.abspath(__file__),
+                f"--write_only={path}",
+                f"--images={FLAGS.images}",
+                f"--boxes={FLAGS.boxes}",
+                f"--feat_dim={FLAGS.feat_dim}",
+                f"--seed={FLAGS.seed}",
+            ],
+            check=True,
+        )
         size_mb = os.path.getsize(path) / 2**20
-        print(f"wrote {FLAGS.images} images x {FLAGS.boxes} boxes x {FLAGS.feat_dim} f32: "
-              f"{size_mb:.0f} MiB in {time.perf_counter() - t0:.1f} s ({path})")
+        print(
+            f"wrote {FLAGS.images} images x {FLAGS.boxes} boxes x {FLAGS.feat_dim} f32: "
+            f"{size_mb:.0f} MiB in {time.perf_counter() - t0:.1f} s ({path})"
+        )
 
         rss_start = rss_mb()
         t0 = time.perf_counter()
@@ -82,8 +95,10 @@ def main(argv):
         t_index = time.perf_counter() - t0
         rss_index = rss_mb()
         print(f"RSS at start          {rss_start:8.1f} MiB")
-        print(f"RSS after indexing    {rss_index:8.1f} MiB   (index {reader.index_status} in "
-              f"{t_index:.2f} s, {size_mb / t_index:.0f} MiB/s)")
+        print(
+            f"RSS after indexing    {rss_index:8.1f} MiB   (index {reader.index_status} in "
+            f"{t_index:.2f} s, {size_mb / t_index:.0f} MiB/s)"
+        )
 
         order = np.random.default_rng(FLAGS.seed).permutation(reader.image_ids())
         samples = []
@@ -97,12 +112,16 @@ def main(argv):
         t_read = time.perf_counter() - t0
         reader.close()
         growth = max(samples) - rss_index
-        print(f"RSS max while reading {max(samples):8.1f} MiB   (samples: "
-              f"{' '.join(f'{s:.0f}' for s in samples[:6])} ... {samples[-1]:.0f})")
+        print(
+            f"RSS max while reading {max(samples):8.1f} MiB   (samples: "
+            f"{' '.join(f'{s:.0f}' for s in samples[:6])} ... {samples[-1]:.0f})"
+        )
         print(f"peak RSS (ru_maxrss)  {peak_rss_mb():8.1f} MiB")
-        print(f"read {len(order)} images in random order in {t_read:.2f} s: "
-              f"{len(order) / t_read:.0f} images/s, {size_mb / t_read:.0f} MiB/s of TSV "
-              f"(checksum {checksum:.3f})")
+        print(
+            f"read {len(order)} images in random order in {t_read:.2f} s: "
+            f"{len(order) / t_read:.0f} images/s, {size_mb / t_read:.0f} MiB/s of TSV "
+            f"(checksum {checksum:.3f})"
+        )
 
         t0 = time.perf_counter()
         with LxmertTsvReader(path) as again:
@@ -112,8 +131,10 @@ def main(argv):
         held = FLAGS.images * FLAGS.boxes * (FLAGS.feat_dim * 4 + 4 * 4 + 2 * 8 + 2 * 4) / 2**20
         print(f"load_obj_tsv would hold ~{held:.0f} MiB of decoded arrays (file {size_mb:.0f} MiB)")
         verdict = "PASS" if growth < FLAGS.max_growth_mb else "FAIL"
-        print(f"{verdict}: RSS growth while reading {growth:+.1f} MiB "
-              f"(limit {FLAGS.max_growth_mb:.0f} MiB; file {size_mb:.0f} MiB)")
+        print(
+            f"{verdict}: RSS growth while reading {growth:+.1f} MiB "
+            f"(limit {FLAGS.max_growth_mb:.0f} MiB; file {size_mb:.0f} MiB)"
+        )
     finally:
         if not FLAGS.keep:
             for leftover in (path, path + ".idx.json"):

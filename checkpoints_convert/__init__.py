@@ -8,13 +8,32 @@ Formats: `uniter` (original `UniterForPretraining` `.pt`), `lxmert` (original
 bare `LxmertModel`), `bert` (HF/Google BERT into UNITER's text path; text-only, region
 embedding zero-filled). Key tables: `checkpoints_convert.tables`.
 """
-from checkpoints_convert.convert import (ConversionError, ConversionResult, Report,
-                                         convert_checkpoint, convert_file, convert_state_dict,
-                                         infer_config, read_state_dict)
+
+from checkpoints_convert.convert import (
+    ConversionError,
+    ConversionResult,
+    Report,
+    convert_checkpoint,
+    convert_file,
+    convert_state_dict,
+    infer_config,
+    read_state_dict,
+)
 from checkpoints_convert.files import CheckpointFileError
 from checkpoints_convert.tables import FORMATS, LAYOUTS, Rule, Transform
 
-__all__ = ["CheckpointFileError", "ConversionError", "ConversionResult", "Report", "FORMATS",
-           "LAYOUTS", "Rule", "Transform", "convert_checkpoint", "convert_file",
-           "convert_state_dict", "infer_config", "read_state_dict"]
-
+__all__ = [
+    "CheckpointFileError",
+    "ConversionError",
+    "ConversionResult",
+    "Report",
+    "FORMATS",
+    "LAYOUTS",
+    "Rule",
+    "Transform",
+    "convert_checkpoint",
+    "convert_file",
+    "convert_state_dict",
+    "infer_config",
+    "read_state_dict",
+]

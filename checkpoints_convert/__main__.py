@@ -7,6 +7,7 @@ truncated or corrupt file, a folder, an unwritable parent, an `--out` that is no
 directory) is one line on stderr, found before any conversion work, and exit 1. SIGINT/SIGTERM
 remove the temporary folder and exit 130/143.
 """
+
 from __future__ import annotations
 
 import os
@@ -25,13 +26,21 @@ flags.DEFINE_string("src", None, "PyTorch checkpoint (.pt/.pth/.bin or .safetens
 flags.DEFINE_enum("format", None, list(FORMATS), "Source layout.")
 flags.DEFINE_string("out", None, "Output directory (written atomically).")
 flags.DEFINE_integer(
-    "num_heads", None, "Attention heads; the tensors cannot tell (default: model_config, "
-    "else hidden_size // 64).")
+    "num_heads",
+    None,
+    "Attention heads; the tensors cannot tell (default: model_config, else hidden_size // 64).",
+)
 flags.DEFINE_string(
-    "model_config", None, "UNITER/HF-style config JSON (num_attention_heads, l_layers, ...), "
-    "checked against the tensors.")
-flags.DEFINE_bool("overwrite", False, "Replace an existing --out checkpoint "
-                  "directory (never a folder holding anything else).")
+    "model_config",
+    None,
+    "UNITER/HF-style config JSON (num_attention_heads, l_layers, ...), "
+    "checked against the tensors.",
+)
+flags.DEFINE_bool(
+    "overwrite",
+    False,
+    "Replace an existing --out checkpoint directory (never a folder holding anything else).",
+)
 
 
 def main(argv):
@@ -40,12 +49,15 @@ def main(argv):
     for name in ("src", "format", "out"):
         if FLAGS[name].value is None:
             raise app.UsageError(f"--{name} is required")
-    logging.set_verbosity(logging.WARNING)  # orbax logs every write step at INFO; the report says it all
+    logging.set_verbosity(
+        logging.WARNING
+    )  # orbax logs every write step at INFO; the report says it all
     try:
         for stale in prepare_out(FLAGS.out, FLAGS.overwrite):
             print(f"removed {stale}, left by an interrupted conversion", file=sys.stderr)
-        result = convert_checkpoint(FLAGS.src, FLAGS.format, FLAGS.out, FLAGS.num_heads,
-                                    FLAGS.model_config, FLAGS.overwrite)
+        result = convert_checkpoint(
+            FLAGS.src, FLAGS.format, FLAGS.out, FLAGS.num_heads, FLAGS.model_config, FLAGS.overwrite
+        )
     except ConversionError as e:
         print(e.report.format(), file=sys.stderr)
         print(f"\nREFUSED: nothing written at {FLAGS.out}", file=sys.stderr)
@@ -58,11 +70,16 @@ def main(argv):
         print(f"interrupted by {name}: nothing written at {FLAGS.out}", file=sys.stderr)
         sys.exit(128 + getattr(signal, name, signal.SIGINT))
     print(result.report.format())
-    print(f"\nwrote {os.path.abspath(FLAGS.out)} ({result.config.model_type}, outputs: "
-          f"{', '.join(result.outputs) or 'none'})")
+    print(
+        f"\nwrote {os.path.abspath(FLAGS.out)} ({result.config.model_type}, outputs: "
+        f"{', '.join(result.outputs) or 'none'})"
+    )
     if result.report.text_only:
-        print(f"note: --format={FLAGS.format} converts the text path only; the region "
-              "embedding is zeros, so use this model on text alone.", file=sys.stderr)
+        print(
+            f"note: --format={FLAGS.format} converts the text path only; the region "
+            "embedding is zeros, so use this model on text alone.",
+            file=sys.stderr,
+        )
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ Nothing is ever randomly initialised.
 The report and the conversion steps that fill it stay in one module (about 410 lines): each step
 writes one section of the report.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -25,11 +26,9 @@ import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 
 from checkpoints_convert.files import prepare_out, read_state_dict, to_numpy
-from checkpoints_convert.tables import (CONFIG_FROM_JSON, CONFIG_FROM_SHAPES, Layout,
-                                        select_layout)
+from checkpoints_convert.tables import CONFIG_FROM_JSON, CONFIG_FROM_SHAPES, Layout, select_layout
 from value_jax.models import build_model, param_shapes
-from value_jax.models.configs import CONFIGS, LxmertConfig, UniterConfig
-
+from value_jax.models.configs import CONFIGS
 
 
 class ConversionError(Exception):
@@ -48,83 +47,117 @@ class Report:
     layout: str
     source: str | None = None
     text_only: bool = False
-    config_notes: list = dataclasses.field(default_factory=list)      # "field=value (why)"
+    config_notes: list = dataclasses.field(default_factory=list)  # "field=value (why)"
     config_conflicts: list = dataclasses.field(default_factory=list)
-    matched: list = dataclasses.field(default_factory=list)           # (source key, flax path)
-    renamed: list = dataclasses.field(default_factory=list)           # (source key, canonical)
-    missing: list = dataclasses.field(default_factory=list)           # (flax path, torch key)
-    unexpected: list = dataclasses.field(default_factory=list)        # (source key, reason)
-    mismatched: list = dataclasses.field(default_factory=list)        # (key, path, want, found)
-    non_float: list = dataclasses.field(default_factory=list)         # (key, dtype)
-    non_finite: list = dataclasses.field(default_factory=list)        # (key, nan, inf, size)
-    unused: list = dataclasses.field(default_factory=list)            # (source key, reason)
-    tied: list = dataclasses.field(default_factory=list)              # (dup, kept, status, ok)
+    matched: list = dataclasses.field(default_factory=list)  # (source key, flax path)
+    renamed: list = dataclasses.field(default_factory=list)  # (source key, canonical)
+    missing: list = dataclasses.field(default_factory=list)  # (flax path, torch key)
+    unexpected: list = dataclasses.field(default_factory=list)  # (source key, reason)
+    mismatched: list = dataclasses.field(default_factory=list)  # (key, path, want, found)
+    non_float: list = dataclasses.field(default_factory=list)  # (key, dtype)
+    non_finite: list = dataclasses.field(default_factory=list)  # (key, nan, inf, size)
+    unused: list = dataclasses.field(default_factory=list)  # (source key, reason)
+    tied: list = dataclasses.field(default_factory=list)  # (dup, kept, status, ok)
     outputs_present: list = dataclasses.field(default_factory=list)
     outputs_absent: list = dataclasses.field(default_factory=list)
-    partial_outputs: list = dataclasses.field(default_factory=list)     # (head, has, lacks)
-    zero_filled: list = dataclasses.field(default_factory=list)       # flax paths
+    partial_outputs: list = dataclasses.field(default_factory=list)  # (head, has, lacks)
+    zero_filled: list = dataclasses.field(default_factory=list)  # flax paths
 
     @property
     def errors(self) -> int:
-        return (len(self.config_conflicts) + len(self.missing) + len(self.unexpected)
-                + len(self.mismatched) + len(self.non_float) + len(self.non_finite)
-                + len(self.partial_outputs)
-                + sum(1 for *_, ok in self.tied if not ok))
+        return (
+            len(self.config_conflicts)
+            + len(self.missing)
+            + len(self.unexpected)
+            + len(self.mismatched)
+            + len(self.non_float)
+            + len(self.non_finite)
+            + len(self.partial_outputs)
+            + sum(1 for *_, ok in self.tied if not ok)
+        )
 
     @property
     def ok(self) -> bool:
         return self.errors == 0
 
     def format(self) -> str:
-        lines = [f"checkpoint conversion: format={self.fmt} layout={self.layout}"
-                 + (f" source={self.source}" if self.source else "")]
+        lines = [
+            f"checkpoint conversion: format={self.fmt} layout={self.layout}"
+            + (f" source={self.source}" if self.source else "")
+        ]
         if self.text_only:
-            lines.append(f"text only: {self.fmt} has no region embedding, so UNITER's "
-                         "img_embeddings are filled with zeros and the model reads text alone.")
+            lines.append(
+                f"text only: {self.fmt} has no region embedding, so UNITER's "
+                "img_embeddings are filled with zeros and the model reads text alone."
+            )
         lines.append("config:")
         lines += [f"  {n}" for n in self.config_notes]
         lines.append(f"matched: {len(self.matched)} tensors")
         if not self.matched and self.unexpected:
-            lines.append(f"hint: not one tensor was filled; is {self.fmt} the right format? "
-                         f"(first unexpected keys: {[k for k, _ in self.unexpected[:3]]})")
+            lines.append(
+                f"hint: not one tensor was filled; is {self.fmt} the right format? "
+                f"(first unexpected keys: {[k for k, _ in self.unexpected[:3]]})"
+            )
         if self.renamed:
-            lines.append(f"renamed: {len(self.renamed)} source keys read under their canonical "
-                         f"name (prefix / old LayerNorm names), e.g. {self.renamed[0][0]} -> "
-                         f"{self.renamed[0][1]}")
-        lines.append(f"outputs present: {', '.join(self.outputs_present) or 'none'}; "
-                     f"absent: {', '.join(self.outputs_absent) or 'none'}")
+            lines.append(
+                f"renamed: {len(self.renamed)} source keys read under their canonical "
+                f"name (prefix / old LayerNorm names), e.g. {self.renamed[0][0]} -> "
+                f"{self.renamed[0][1]}"
+            )
+        lines.append(
+            f"outputs present: {', '.join(self.outputs_present) or 'none'}; "
+            f"absent: {', '.join(self.outputs_absent) or 'none'}"
+        )
 
         def section(title, rows, fmt_row):
             lines.append(f"{title} ({len(rows)}):" if rows else f"{title}: none")
             lines.extend("  " + fmt_row(r) for r in rows)
 
-        section("tied pairs checked", self.tied,
-                lambda r: f"{r[0]} == {r[1]}: {r[2]}")
+        section("tied pairs checked", self.tied, lambda r: f"{r[0]} == {r[1]}: {r[2]}")
         section("unused", self.unused, lambda r: f"{r[0]}: {r[1]}")
         if self.zero_filled:
             section("zero-filled (no source tensor)", self.zero_filled, str)
         section("CONFIG CONFLICTS", self.config_conflicts, str)
         section("MISSING", self.missing, lambda r: f"{r[0]}  <- {r[1]}")
         section("UNEXPECTED", self.unexpected, lambda r: f"{r[0]}: {r[1]}")
-        section("MISMATCHED", self.mismatched,
-                lambda r: f"{r[0]} -> {r[1]}: expected {list(r[2])}, found {list(r[3])}")
-        section("NOT FLOATING POINT", self.non_float,
-                lambda r: f"{r[0]}: {r[1]}, where a float weight belongs")
-        section("NOT FINITE", self.non_finite,
-                lambda r: f"{r[0]}: {r[1] + r[2]} of {r[3]} values ({r[1]} NaN, {r[2]} Inf)")
-        section("PARTIAL OUTPUT HEADS", self.partial_outputs,
-                lambda r: f"{r[0]}: has {r[1]}; lacks {r[2]}")
+        section(
+            "MISMATCHED",
+            self.mismatched,
+            lambda r: f"{r[0]} -> {r[1]}: expected {list(r[2])}, found {list(r[3])}",
+        )
+        section(
+            "NOT FLOATING POINT",
+            self.non_float,
+            lambda r: f"{r[0]}: {r[1]}, where a float weight belongs",
+        )
+        section(
+            "NOT FINITE",
+            self.non_finite,
+            lambda r: f"{r[0]}: {r[1] + r[2]} of {r[3]} values ({r[1]} NaN, {r[2]} Inf)",
+        )
+        section(
+            "PARTIAL OUTPUT HEADS",
+            self.partial_outputs,
+            lambda r: f"{r[0]}: has {r[1]}; lacks {r[2]}",
+        )
         lines.append("result: OK" if self.ok else f"result: REFUSED ({self.errors} problems)")
         return "\n".join(lines)
 
     def summary(self) -> dict[str, Any]:
         """A JSON-ready record for the converted checkpoint's metadata."""
-        return {"format": self.fmt, "layout": self.layout, "source": self.source,
-                "text_only": self.text_only, "matched": len(self.matched),
-                "outputs_present": self.outputs_present, "outputs_absent": self.outputs_absent,
-                "tied_checked": [f"{d} == {k}: {s}" for d, k, s, _ in self.tied],
-                "unused": [k for k, _ in self.unused], "zero_filled": self.zero_filled,
-                "config": self.config_notes}
+        return {
+            "format": self.fmt,
+            "layout": self.layout,
+            "source": self.source,
+            "text_only": self.text_only,
+            "matched": len(self.matched),
+            "outputs_present": self.outputs_present,
+            "outputs_absent": self.outputs_absent,
+            "tied_checked": [f"{d} == {k}: {s}" for d, k, s, _ in self.tied],
+            "unused": [k for k, _ in self.unused],
+            "zero_filled": self.zero_filled,
+            "config": self.config_notes,
+        }
 
 
 @dataclasses.dataclass
@@ -138,7 +171,6 @@ class ConversionResult:
 # ---- config ------------------------------------------------------------------------------------
 
 
-
 def _load_model_config(model_config) -> dict:
     if model_config is None:
         return {}
@@ -148,8 +180,13 @@ def _load_model_config(model_config) -> dict:
         return json.load(f)
 
 
-def _infer(shapes: dict[str, tuple], model_type: str, num_heads=None, model_config=None,
-           text_only: bool = False):
+def _infer(
+    shapes: dict[str, tuple],
+    model_type: str,
+    num_heads=None,
+    model_config=None,
+    text_only: bool = False,
+):
     """`(config, notes, conflicts)` from canonical key -> shape."""
     cls = CONFIGS[model_type]
     defaults = cls()
@@ -174,8 +211,10 @@ def _infer(shapes: dict[str, tuple], model_type: str, num_heads=None, model_conf
     mc = _load_model_config(model_config)
     for json_key, field in CONFIG_FROM_JSON[model_type].items():
         if json_key in mc and mc[json_key] != values[field]:
-            conflicts.append(f"model_config {json_key}={mc[json_key]} but the checkpoint gives "
-                             f"{field}={values[field]}")
+            conflicts.append(
+                f"model_config {json_key}={mc[json_key]} but the checkpoint gives "
+                f"{field}={values[field]}"
+            )
     if mc.get("hidden_act", "gelu") != "gelu":
         conflicts.append(f"model_config hidden_act={mc['hidden_act']!r}: these models use erf GELU")
     eps = mc.get("layer_norm_eps", 1e-12)
@@ -187,7 +226,9 @@ def _infer(shapes: dict[str, tuple], model_type: str, num_heads=None, model_conf
         conflicts.append(f"model_config num_attention_heads={json_heads!r} is not an integer")
         json_heads = None
     if num_heads is not None and json_heads is not None and int(json_heads) != int(num_heads):
-        conflicts.append(f"--num_heads={num_heads} but model_config num_attention_heads={json_heads}")
+        conflicts.append(
+            f"--num_heads={num_heads} but model_config num_attention_heads={json_heads}"
+        )
     if num_heads is not None:
         values["num_heads"] = int(num_heads)
         notes.append(f"num_heads={num_heads} (given)")
@@ -196,11 +237,15 @@ def _infer(shapes: dict[str, tuple], model_type: str, num_heads=None, model_conf
         notes.append(f"num_heads={json_heads} (model_config num_attention_heads)")
     else:
         values["num_heads"] = max(1, values["hidden_size"] // 64)
-        notes.append(f"num_heads={values['num_heads']} (GUESSED as hidden_size // 64; the "
-                     "checkpoint cannot tell: pass --num_heads or --model_config to be sure)")
+        notes.append(
+            f"num_heads={values['num_heads']} (GUESSED as hidden_size // 64; the "
+            "checkpoint cannot tell: pass --num_heads or --model_config to be sure)"
+        )
     if values["hidden_size"] % values["num_heads"]:
-        conflicts.append(f"hidden_size={values['hidden_size']} is not divisible by "
-                         f"num_heads={values['num_heads']}")
+        conflicts.append(
+            f"hidden_size={values['hidden_size']} is not divisible by "
+            f"num_heads={values['num_heads']}"
+        )
     return cls(**values), notes, conflicts
 
 
@@ -214,14 +259,16 @@ def infer_config(state_dict, fmt: str, num_heads=None, model_config=None):
         c = layout.canonical(k)
         if c is not None:
             shapes[c] = tuple(v.shape)
-    config, _, conflicts = _infer(shapes, layout.model_type, num_heads, model_config,
-                                  layout.text_only)
+    config, _, conflicts = _infer(
+        shapes, layout.model_type, num_heads, model_config, layout.text_only
+    )
     if conflicts:
         raise ValueError("; ".join(conflicts))
     return config
 
 
 # ---- conversion --------------------------------------------------------------------------------
+
 
 def _canonicalise(state_dict, layout: Layout, report: Report) -> dict[str, tuple[str, Any]]:
     """canonical key -> (source key, value); keys without a required prefix are unexpected."""
@@ -286,16 +333,22 @@ def _fill(candidates, canon, expected, layout: Layout, config, outputs, has, rep
         key, value = canon[c]
         if path not in expected:
             if rule.required:
-                report.unexpected.append((key, f"-> {path}, which the {config.model_type} "
-                                               "config has no place for (layer beyond the config?)"))
+                report.unexpected.append(
+                    (
+                        key,
+                        f"-> {path}, which the {config.model_type} "
+                        "config has no place for (layer beyond the config?)",
+                    )
+                )
             else:
                 orphans.setdefault(rule.outputs, []).append(key)
             continue
         arr = rule.transform.apply(to_numpy(value, key))
         usable = arr.shape == tuple(expected[path])
         if not usable:
-            report.mismatched.append((key, path, rule.transform.source_shape(expected[path]),
-                                      tuple(value.shape)))
+            report.mismatched.append(
+                (key, path, rule.transform.source_shape(expected[path]), tuple(value.shape))
+            )
         if not np.issubdtype(arr.dtype, np.floating):  # never cast an int8/bool weight silently
             report.non_float.append((key, str(arr.dtype)))
             usable = False
@@ -321,12 +374,14 @@ def _fill(candidates, canon, expected, layout: Layout, config, outputs, has, rep
         torch_key = layout.source_spelling(rule.match_flax(path)) if rule else "(no rule fills it)"
         report.missing.append((path, torch_key))
         # Every expected leaf belongs to the encoder or to a head found present.
-        for h in (rule.outputs if rule else ()):
+        for h in rule.outputs if rule else ():
             if h in lacks:
                 lacks[h].append(torch_key)
     report.partial_outputs = [(h, has[h], miss) for h, miss in lacks.items() if miss]
     for group, keys in orphans.items():
-        report.partial_outputs.append(("/".join(group), keys, [f"the decoder of one of {list(group)}"]))
+        report.partial_outputs.append(
+            ("/".join(group), keys, [f"the decoder of one of {list(group)}"])
+        )
     return filled
 
 
@@ -352,8 +407,9 @@ def _check_tied(canon, layout: Layout, outputs, report: Report) -> None:
         report.tied.append((dup_key, kept_key, status, ok))
 
 
-def convert_state_dict(state_dict, fmt: str, config=None, num_heads=None, model_config=None,
-                       source: str | None = None) -> ConversionResult:
+def convert_state_dict(
+    state_dict, fmt: str, config=None, num_heads=None, model_config=None, source: str | None = None
+) -> ConversionResult:
     """Maps a `fmt` state dict (torch tensors or numpy arrays) onto the Flax params tree.
 
     Raises `ConversionError` (message = the full report) on any missing encoder leaf, unexpected
@@ -366,11 +422,13 @@ def convert_state_dict(state_dict, fmt: str, config=None, num_heads=None, model_
     shapes = {c: tuple(v.shape) for c, (_, v) in canon.items()}
     if config is None:
         config, report.config_notes, report.config_conflicts = _infer(
-            shapes, layout.model_type, num_heads, model_config, layout.text_only)
+            shapes, layout.model_type, num_heads, model_config, layout.text_only
+        )
     else:
         if config.model_type != layout.model_type:
-            raise ValueError(f"format {fmt} converts to {layout.model_type}, "
-                             f"got a {config.model_type} config")
+            raise ValueError(
+                f"format {fmt} converts to {layout.model_type}, got a {config.model_type} config"
+            )
         if num_heads is not None:
             config = dataclasses.replace(config, num_heads=int(num_heads))
         report.config_notes = [f"{k}={v} (given)" for k, v in dataclasses.asdict(config).items()]
@@ -379,8 +437,10 @@ def convert_state_dict(state_dict, fmt: str, config=None, num_heads=None, model_
 
     candidates = _classify(canon, layout, report)
     outputs, has = _outputs_present(candidates, canon, layout, report)
-    expected = {"/".join(k): v.shape
-                for k, v in flatten_dict(param_shapes(build_model(config, outputs))).items()}
+    expected = {
+        "/".join(k): v.shape
+        for k, v in flatten_dict(param_shapes(build_model(config, outputs))).items()
+    }
     filled = _fill(candidates, canon, expected, layout, config, outputs, has, report)
     _check_tied(canon, layout, outputs, report)
 
@@ -394,12 +454,18 @@ def convert_state_dict(state_dict, fmt: str, config=None, num_heads=None, model_
 
 def convert_file(src: str, fmt: str, num_heads=None, model_config=None) -> ConversionResult:
     """`convert_state_dict(read_state_dict(src), fmt, ...)` with the source named in the report."""
-    return convert_state_dict(read_state_dict(src), fmt, num_heads=num_heads,
-                              model_config=model_config, source=os.path.abspath(src))
+    return convert_state_dict(
+        read_state_dict(src),
+        fmt,
+        num_heads=num_heads,
+        model_config=model_config,
+        source=os.path.abspath(src),
+    )
 
 
-def convert_checkpoint(src: str, fmt: str, out: str, num_heads=None, model_config=None,
-                       overwrite: bool = False) -> ConversionResult:
+def convert_checkpoint(
+    src: str, fmt: str, out: str, num_heads=None, model_config=None, overwrite: bool = False
+) -> ConversionResult:
     """Converts `src` and writes `out` (config.json + orbax params) atomically.
 
     Before reading `src`: `FileExistsError` when `out` exists and `overwrite` is False, or when
@@ -412,7 +478,11 @@ def convert_checkpoint(src: str, fmt: str, out: str, num_heads=None, model_confi
 
     prepare_out(out, overwrite)
     result = convert_file(src, fmt, num_heads=num_heads, model_config=model_config)
-    extra = {"source": os.path.abspath(src), "format": fmt, "text_only": result.report.text_only,
-             "report": result.report.summary()}
+    extra = {
+        "source": os.path.abspath(src),
+        "format": fmt,
+        "text_only": result.report.text_only,
+        "report": result.report.summary(),
+    }
     save(out, result.config, result.params, result.outputs, extra=extra, overwrite=overwrite)
     return result

@@ -9,6 +9,7 @@ Values follow a BERT init (weights and embeddings ~ N(0, 0.02), LayerNorm weight
 that biases and LayerNorm offsets are small non-zero numbers too, so a bias mapped to the wrong
 leaf changes the output.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -79,8 +80,9 @@ class _Spec:
 
 def _uniter(c, outputs, spec: _Spec, prefix: str):
     u = f"{prefix}uniter"
-    spec.text_embeddings(f"{u}.embeddings", c.vocab_size, c.hidden_size,
-                         c.max_position_embeddings, c.type_vocab_size)
+    spec.text_embeddings(
+        f"{u}.embeddings", c.vocab_size, c.hidden_size, c.max_position_embeddings, c.type_vocab_size
+    )
     img = f"{u}.img_embeddings"
     spec.linear(f"{img}.img_linear", c.hidden_size, c.img_dim)
     spec.layer_norm(f"{img}.img_layer_norm", c.hidden_size)
@@ -92,8 +94,12 @@ def _uniter(c, outputs, spec: _Spec, prefix: str):
         spec.bert_layer(f"{u}.encoder.layer.{i}", c.hidden_size, c.intermediate_size)
     spec.linear(f"{u}.pooler.dense", c.hidden_size, c.hidden_size)
     if "mlm" in outputs:
-        spec.mlm(f"{prefix}cls.predictions", f"{u}.embeddings.word_embeddings.weight",
-                 c.vocab_size, c.hidden_size)
+        spec.mlm(
+            f"{prefix}cls.predictions",
+            f"{u}.embeddings.word_embeddings.weight",
+            c.vocab_size,
+            c.hidden_size,
+        )
     if "mrfr" in outputs:
         spec.tie(f"{prefix}feat_regress.weight", f"{img}.img_linear.weight")
         spec.param(f"{prefix}feat_regress.bias", (c.img_dim,), "b")
@@ -111,8 +117,9 @@ def _lxmert(c, outputs, spec: _Spec, base: str, head_prefix: str, answer_labels:
     """`base` = `module.bert` (original), `lxmert` (HF) or `` (bare `LxmertModel`)."""
     b = f"{base}." if base else ""
     h, inner = c.hidden_size, c.intermediate_size
-    spec.text_embeddings(f"{b}embeddings", c.vocab_size, h, c.max_position_embeddings,
-                         c.type_vocab_size)
+    spec.text_embeddings(
+        f"{b}embeddings", c.vocab_size, h, c.max_position_embeddings, c.type_vocab_size
+    )
     v = f"{b}encoder.visn_fc"
     spec.linear(f"{v}.visn_fc", h, c.visual_feat_dim)
     spec.layer_norm(f"{v}.visn_layer_norm", h)
@@ -131,8 +138,12 @@ def _lxmert(c, outputs, spec: _Spec, base: str, head_prefix: str, answer_labels:
         spec.bert_layer(f"{b}encoder.r_layers.{i}", h, inner)
     spec.linear(f"{b}pooler.dense", h, h)
     if "mlm" in outputs:
-        spec.mlm(f"{head_prefix}cls.predictions", f"{b}embeddings.word_embeddings.weight",
-                 c.vocab_size, h)
+        spec.mlm(
+            f"{head_prefix}cls.predictions",
+            f"{b}embeddings.word_embeddings.weight",
+            c.vocab_size,
+            h,
+        )
     if "itm" in outputs:
         spec.linear(f"{head_prefix}cls.seq_relationship", 2, h)
     visual = [k for k in ("obj", "attr", "feat") if k in outputs]
@@ -152,24 +163,35 @@ def _lxmert(c, outputs, spec: _Spec, base: str, head_prefix: str, answer_labels:
 
 def _bert(c, outputs, spec: _Spec, bare: bool, nsp: bool):
     b = "" if bare else "bert."
-    spec.text_embeddings(f"{b}embeddings", c.vocab_size, c.hidden_size,
-                         c.max_position_embeddings, c.type_vocab_size)
+    spec.text_embeddings(
+        f"{b}embeddings", c.vocab_size, c.hidden_size, c.max_position_embeddings, c.type_vocab_size
+    )
     for i in range(c.num_layers):
         spec.bert_layer(f"{b}encoder.layer.{i}", c.hidden_size, c.intermediate_size)
     spec.linear(f"{b}pooler.dense", c.hidden_size, c.hidden_size)
     if "mlm" in outputs:
-        spec.mlm("cls.predictions", f"{b}embeddings.word_embeddings.weight", c.vocab_size,
-                 c.hidden_size, decoder_bias=True)
+        spec.mlm(
+            "cls.predictions",
+            f"{b}embeddings.word_embeddings.weight",
+            c.vocab_size,
+            c.hidden_size,
+            decoder_bias=True,
+        )
     if nsp:
         spec.linear("cls.seq_relationship", 2, c.hidden_size)
 
 
-def _spec(fmt, config, outputs, answer_labels, old_layer_norm_names, module_prefix, bare,
-          nsp) -> _Spec:
+def _spec(
+    fmt, config, outputs, answer_labels, old_layer_norm_names, module_prefix, bare, nsp
+) -> _Spec:
     spec = _Spec(old_layer_norm_names)
     if fmt == "uniter":
-        _uniter(config, UNITER_OUTPUTS if outputs is None else outputs, spec,
-                "module." if module_prefix else "")
+        _uniter(
+            config,
+            UNITER_OUTPUTS if outputs is None else outputs,
+            spec,
+            "module." if module_prefix else "",
+        )
     elif fmt in ("lxmert", "hf_lxmert"):
         outputs = LXMERT_OUTPUTS if outputs is None else outputs
         if fmt == "lxmert":
@@ -179,29 +201,54 @@ def _spec(fmt, config, outputs, answer_labels, old_layer_norm_names, module_pref
         else:
             _lxmert(config, outputs, spec, "lxmert", "", answer_labels)
     elif fmt == "bert":
-        _bert(config, () if bare else (("mlm",) if outputs is None else outputs), spec, bare,
-              nsp and not bare)
+        _bert(
+            config,
+            () if bare else (("mlm",) if outputs is None else outputs),
+            spec,
+            bare,
+            nsp and not bare,
+        )
     else:
         raise ValueError(f"unknown format {fmt!r}; expected one of {list(FAKE_FORMATS)}")
     return spec
 
 
-def state_dict_shapes(fmt: str, config, outputs=None, *, answer_labels: int = 0,
-                      old_layer_norm_names: bool = False, module_prefix: bool = False,
-                      bare: bool = False, nsp: bool = True) -> dict[str, tuple]:
+def state_dict_shapes(
+    fmt: str,
+    config,
+    outputs=None,
+    *,
+    answer_labels: int = 0,
+    old_layer_norm_names: bool = False,
+    module_prefix: bool = False,
+    bare: bool = False,
+    nsp: bool = True,
+) -> dict[str, tuple]:
     """The keys and torch shapes `make_state_dict` would produce, without allocating anything
     (cheap at full size)."""
-    spec = _spec(fmt, config, outputs, answer_labels, old_layer_norm_names, module_prefix, bare, nsp)
+    spec = _spec(
+        fmt, config, outputs, answer_labels, old_layer_norm_names, module_prefix, bare, nsp
+    )
     shapes = {}
     for key, shape, kind in spec.entries:
         shapes[key] = shapes[kind[1:]] if kind.startswith("=") else shape
     return shapes
 
 
-def make_state_dict(fmt: str, config, seed: int = 0, outputs=None, *, answer_labels: int = 0,
-                    old_layer_norm_names: bool = False, dtype=torch.float32,
-                    module_prefix: bool = False, bare: bool = False, nsp: bool = True,
-                    attention_score_std: float | None = None) -> dict[str, torch.Tensor]:
+def make_state_dict(
+    fmt: str,
+    config,
+    seed: int = 0,
+    outputs=None,
+    *,
+    answer_labels: int = 0,
+    old_layer_norm_names: bool = False,
+    dtype=torch.float32,
+    module_prefix: bool = False,
+    bare: bool = False,
+    nsp: bool = True,
+    attention_score_std: float | None = None,
+) -> dict[str, torch.Tensor]:
     """A fake state dict of `fmt` for `config` (UniterConfig for uniter/bert, else LxmertConfig).
 
     outputs: pre-training outputs to include (default all the format has; bert: `("mlm",)`).
@@ -216,16 +263,22 @@ def make_state_dict(fmt: str, config, seed: int = 0, outputs=None, *, answer_lab
       sizes; s ~ 1-2 gives peaked, demo-worthy maps). Default: the BERT init for them too.
     Tied keys hold the *same* tensor as their source, as `model.state_dict()` does.
     """
-    spec = _spec(fmt, config, outputs, answer_labels, old_layer_norm_names, module_prefix, bare, nsp)
+    spec = _spec(
+        fmt, config, outputs, answer_labels, old_layer_norm_names, module_prefix, bare, nsp
+    )
     # Logit = q.k / sqrt(d_head) with q, k ~ N(0, hidden * std^2) per unit: std (hidden std^2).
-    qk_std = 0.02 if attention_score_std is None else (attention_score_std / config.hidden_size) ** 0.5
+    qk_std = (
+        0.02 if attention_score_std is None else (attention_score_std / config.hidden_size) ** 0.5
+    )
     gen = torch.Generator().manual_seed(seed)
     out: dict[str, torch.Tensor] = {}
     for key, shape, kind in spec.entries:
         if kind.startswith("="):
             out[key] = out[kind[1:]]
             continue
-        x = torch.randn(shape, generator=gen, dtype=torch.float32) * (qk_std if kind == "qk" else 0.02)
+        x = torch.randn(shape, generator=gen, dtype=torch.float32) * (
+            qk_std if kind == "qk" else 0.02
+        )
         if kind == "ln":
             x = x + 1.0
         elif kind == "zero_row0":  # UNITER zeroes row 0 of mask_embedding before every use
@@ -237,8 +290,9 @@ def make_state_dict(fmt: str, config, seed: int = 0, outputs=None, *, answer_lab
     return out
 
 
-def write_fake_checkpoint(path: str, fmt: str, config, seed: int = 0, *, wrap: str | None = None,
-                          **kw) -> str:
+def write_fake_checkpoint(
+    path: str, fmt: str, config, seed: int = 0, *, wrap: str | None = None, **kw
+) -> str:
     """Writes `make_state_dict(fmt, config, seed, **kw)` to `path` and returns `path`.
 
     `.safetensors` paths are written with safetensors (tied tensors as separate copies, since it
@@ -250,6 +304,7 @@ def write_fake_checkpoint(path: str, fmt: str, config, seed: int = 0, *, wrap: s
         if wrap:
             raise ValueError("safetensors files hold a flat dict; wrap applies to torch.save only")
         from safetensors.torch import save_file
+
         save_file({k: v.clone().contiguous() for k, v in sd.items()}, path)
     else:
         torch.save({wrap: sd} if wrap else sd, path)

@@ -10,6 +10,7 @@ Each rule carries both templates, `uniter.encoder.layer.{i}.output.dense.weight`
 `uniter/encoder/layer_{i}/output/dense/kernel`, so the report can name the torch key that would
 have filled any Flax leaf left empty.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -38,7 +39,7 @@ _PLACEHOLDER = re.compile(r"\{(\w+)\}")
 def _template_regex(template: str) -> re.Pattern:
     parts, pos = [], 0
     for m in _PLACEHOLDER.finditer(template):
-        parts.append(re.escape(template[pos:m.start()]))
+        parts.append(re.escape(template[pos : m.start()]))
         parts.append(rf"(?P<{m.group(1)}>\d+)")
         pos = m.end()
     parts.append(re.escape(template[pos:]))
@@ -118,7 +119,7 @@ class Layout:
         """The canonical spelling of a source key; None if it lacks a required prefix."""
         for src, dst in self.prefixes:
             if key.startswith(src):
-                key = dst + key[len(src):]
+                key = dst + key[len(src) :]
                 break
         else:
             if self.prefixes_required:
@@ -133,7 +134,7 @@ class Layout:
         """Inverse of `canonical` for display: how this layout would spell the key."""
         for src, dst in self.prefixes:
             if dst and canonical.startswith(dst):  # an optional bare `module.` stays implicit
-                return src + canonical[len(dst):]
+                return src + canonical[len(dst) :]
         return canonical
 
     def rule_for(self, canonical: str):
@@ -156,6 +157,7 @@ class Layout:
 
 
 # ---- building blocks (torch prefix, Flax prefix) -------------------------------------------
+
 
 def _dense(t: str, f: str, outputs=(ENCODER,), bias: bool = True) -> Iterator[Rule]:
     yield Rule(f"{t}.weight", f"{f}/kernel", Transform.TRANSPOSE, outputs)
@@ -204,10 +206,13 @@ def _prediction_transform(t: str, f: str, outputs) -> Iterator[Rule]:
 
 def _mlm(outputs=("mlm",)) -> Iterator[Rule]:
     yield Rule("cls.predictions.bias", "cls/predictions/bias", Transform.IDENTITY, outputs)
-    yield from _prediction_transform("cls.predictions.transform", "cls/predictions/transform", outputs)
+    yield from _prediction_transform(
+        "cls.predictions.transform", "cls/predictions/transform", outputs
+    )
 
 
 # ---- UNITER (canonical = `UniterForPretraining.state_dict()`) --------------------------------
+
 
 def _uniter_encoder() -> Iterator[Rule]:
     yield from _text_embeddings("uniter.embeddings", "uniter/embeddings")
@@ -244,6 +249,7 @@ _BUFFERS = Unused(r".*\.(position_ids|token_type_ids)", "non-learned index buffe
 
 # ---- LXMERT (canonical = HF `LxmertForPreTraining.state_dict()`) -----------------------------
 
+
 def _lxmert_encoder() -> Iterator[Rule]:
     yield from _text_embeddings("lxmert.embeddings", "lxmert/embeddings")
     vt, vf = "lxmert.encoder.visn_fc", "lxmert/encoder/visn_fc"
@@ -257,19 +263,27 @@ def _lxmert_encoder() -> Iterator[Rule]:
     yield from _attention(f"{xt}.visual_attention", f"{xf}/visual_attention", "att")
     yield from _attention(f"{xt}.lang_self_att", f"{xf}/lang_self_att", "self")
     yield from _attention(f"{xt}.visn_self_att", f"{xf}/visn_self_att", "self")
-    yield from _ffn(f"{xt}.lang_inter", f"{xf}/lang_inter", f"{xt}.lang_output", f"{xf}/lang_output")
-    yield from _ffn(f"{xt}.visn_inter", f"{xf}/visn_inter", f"{xt}.visn_output", f"{xf}/visn_output")
+    yield from _ffn(
+        f"{xt}.lang_inter", f"{xf}/lang_inter", f"{xt}.lang_output", f"{xf}/lang_output"
+    )
+    yield from _ffn(
+        f"{xt}.visn_inter", f"{xf}/visn_inter", f"{xt}.visn_output", f"{xf}/visn_output"
+    )
     yield from _dense("lxmert.pooler.dense", "lxmert/pooler/dense")
 
 
 def _lxmert_heads() -> Iterator[Rule]:
     yield from _mlm()
     yield from _dense("cls.seq_relationship", "cls/seq_relationship", ("itm",))
-    yield from _prediction_transform("obj_predict_head.transform", "obj_predict_head/transform",
-                                     ("obj", "attr", "feat"))
+    yield from _prediction_transform(
+        "obj_predict_head.transform", "obj_predict_head/transform", ("obj", "attr", "feat")
+    )
     for head in ("obj", "attr", "feat"):
-        yield from _dense(f"obj_predict_head.decoder_dict.{head}",
-                          f"obj_predict_head/decoder_dict_{head}", (head,))
+        yield from _dense(
+            f"obj_predict_head.decoder_dict.{head}",
+            f"obj_predict_head/decoder_dict_{head}",
+            (head,),
+        )
 
 
 LXMERT_RULES = tuple(_lxmert_encoder()) + tuple(_lxmert_heads())
@@ -281,45 +295,100 @@ _ANSWER_HEAD = Unused(r"answer_head\..*", "VQA answer head (not modelled; no ana
 # ---- BERT into UNITER's text path ------------------------------------------------------------
 
 # BERT has no region embedding: UNITER's `img_embeddings` are zeros and the result is text-only.
-BERT_RULES = tuple(r for r in UNITER_RULES
-                   if r.outputs in ((ENCODER,), ("mlm",)) and not r.torch.startswith("uniter.img_"))
+BERT_RULES = tuple(
+    r
+    for r in UNITER_RULES
+    if r.outputs in ((ENCODER,), ("mlm",)) and not r.torch.startswith("uniter.img_")
+)
 BERT_TIED = UNITER_TIED[:1] + (
     Tied("cls.predictions.decoder.bias", "cls.predictions.bias", ("mlm",)),
 )
-_NSP = Unused(r"cls\.seq_relationship\..*",
-              "BERT next-sentence head (UNITER's ITM head `itm_output` is a different layer)")
-_BARE = (("embeddings.", "uniter.embeddings."), ("encoder.", "uniter.encoder."),
-         ("pooler.", "uniter.pooler."))
+_NSP = Unused(
+    r"cls\.seq_relationship\..*",
+    "BERT next-sentence head (UNITER's ITM head `itm_output` is a different layer)",
+)
+_BARE = (
+    ("embeddings.", "uniter.embeddings."),
+    ("encoder.", "uniter.encoder."),
+    ("pooler.", "uniter.pooler."),
+)
 
 LAYOUTS: dict[str, tuple[Layout, ...]] = {
     "uniter": (
-        Layout("UniterForPretraining", "uniter", UNITER_RULES, UNITER_TIED, (_BUFFERS,),
-               prefixes=(("module.", ""),), renames=_OLD_LAYER_NORM),
+        Layout(
+            "UniterForPretraining",
+            "uniter",
+            UNITER_RULES,
+            UNITER_TIED,
+            (_BUFFERS,),
+            prefixes=(("module.", ""),),
+            renames=_OLD_LAYER_NORM,
+        ),
     ),
     "lxmert": (
-        Layout("LXRTPretraining (DataParallel `module.`)", "lxmert", LXMERT_RULES, LXMERT_TIED,
-               (_ANSWER_HEAD, _BUFFERS),
-               prefixes=(("module.bert.", "lxmert."), ("module.cls.", "cls."),
-                         ("module.obj_predict_head.", "obj_predict_head."),
-                         ("module.answer_head.", "answer_head.")),
-               prefixes_required=True, renames=_OLD_LAYER_NORM),
+        Layout(
+            "LXRTPretraining (DataParallel `module.`)",
+            "lxmert",
+            LXMERT_RULES,
+            LXMERT_TIED,
+            (_ANSWER_HEAD, _BUFFERS),
+            prefixes=(
+                ("module.bert.", "lxmert."),
+                ("module.cls.", "cls."),
+                ("module.obj_predict_head.", "obj_predict_head."),
+                ("module.answer_head.", "answer_head."),
+            ),
+            prefixes_required=True,
+            renames=_OLD_LAYER_NORM,
+        ),
     ),
     "hf_lxmert": (
-        Layout("LxmertForPreTraining", "lxmert", LXMERT_RULES, LXMERT_TIED,
-               (_ANSWER_HEAD, _BUFFERS), detect="lxmert."),
-        Layout("LxmertModel", "lxmert", tuple(r for r in LXMERT_RULES if r.required), (),
-               (_BUFFERS,),
-               prefixes=(("embeddings.", "lxmert.embeddings."), ("encoder.", "lxmert.encoder."),
-                         ("pooler.", "lxmert.pooler.")),
-               prefixes_required=True, detect="embeddings."),
+        Layout(
+            "LxmertForPreTraining",
+            "lxmert",
+            LXMERT_RULES,
+            LXMERT_TIED,
+            (_ANSWER_HEAD, _BUFFERS),
+            detect="lxmert.",
+        ),
+        Layout(
+            "LxmertModel",
+            "lxmert",
+            tuple(r for r in LXMERT_RULES if r.required),
+            (),
+            (_BUFFERS,),
+            prefixes=(
+                ("embeddings.", "lxmert.embeddings."),
+                ("encoder.", "lxmert.encoder."),
+                ("pooler.", "lxmert.pooler."),
+            ),
+            prefixes_required=True,
+            detect="embeddings.",
+        ),
     ),
     "bert": (
-        Layout("BertForPreTraining / BertModel (`bert.`)", "uniter", BERT_RULES, BERT_TIED,
-               (_NSP, _BUFFERS), prefixes=(("bert.", "uniter."),), renames=_OLD_LAYER_NORM,
-               detect="bert.", zero_fill=("uniter/img_embeddings/",)),
-        Layout("BertModel (bare)", "uniter", BERT_RULES, BERT_TIED, (_NSP, _BUFFERS),
-               prefixes=_BARE, renames=_OLD_LAYER_NORM, detect="embeddings.",
-               zero_fill=("uniter/img_embeddings/",)),
+        Layout(
+            "BertForPreTraining / BertModel (`bert.`)",
+            "uniter",
+            BERT_RULES,
+            BERT_TIED,
+            (_NSP, _BUFFERS),
+            prefixes=(("bert.", "uniter."),),
+            renames=_OLD_LAYER_NORM,
+            detect="bert.",
+            zero_fill=("uniter/img_embeddings/",),
+        ),
+        Layout(
+            "BertModel (bare)",
+            "uniter",
+            BERT_RULES,
+            BERT_TIED,
+            (_NSP, _BUFFERS),
+            prefixes=_BARE,
+            renames=_OLD_LAYER_NORM,
+            detect="embeddings.",
+            zero_fill=("uniter/img_embeddings/",),
+        ),
     ),
 }
 FORMATS = tuple(LAYOUTS)
@@ -328,17 +397,28 @@ FORMATS = tuple(LAYOUTS)
 
 # model_config JSON key -> our config field (UNITER / HF BERT / HF LXMERT spellings).
 CONFIG_FROM_JSON = {
-    "uniter": {"vocab_size": "vocab_size", "hidden_size": "hidden_size",
-               "num_hidden_layers": "num_layers", "intermediate_size": "intermediate_size",
-               "max_position_embeddings": "max_position_embeddings",
-               "type_vocab_size": "type_vocab_size"},
-    "lxmert": {"vocab_size": "vocab_size", "hidden_size": "hidden_size",
-               "intermediate_size": "intermediate_size",
-               "max_position_embeddings": "max_position_embeddings",
-               "type_vocab_size": "type_vocab_size", "l_layers": "l_layers",
-               "r_layers": "r_layers", "x_layers": "x_layers",
-               "visual_feat_dim": "visual_feat_dim", "visual_pos_dim": "visual_pos_dim",
-               "num_object_labels": "num_object_labels", "num_attr_labels": "num_attr_labels"},
+    "uniter": {
+        "vocab_size": "vocab_size",
+        "hidden_size": "hidden_size",
+        "num_hidden_layers": "num_layers",
+        "intermediate_size": "intermediate_size",
+        "max_position_embeddings": "max_position_embeddings",
+        "type_vocab_size": "type_vocab_size",
+    },
+    "lxmert": {
+        "vocab_size": "vocab_size",
+        "hidden_size": "hidden_size",
+        "intermediate_size": "intermediate_size",
+        "max_position_embeddings": "max_position_embeddings",
+        "type_vocab_size": "type_vocab_size",
+        "l_layers": "l_layers",
+        "r_layers": "r_layers",
+        "x_layers": "x_layers",
+        "visual_feat_dim": "visual_feat_dim",
+        "visual_pos_dim": "visual_pos_dim",
+        "num_object_labels": "num_object_labels",
+        "num_attr_labels": "num_attr_labels",
+    },
 }
 
 # field -> (canonical key, axis) whose shape gives it; axis None: count the `{i}` layers.

@@ -4,12 +4,13 @@ One pass over Flickr30k Entities runs fusion, modality, image-to-text, coreferen
 summary together (each sample through the model once); then Visual Genome relations (+ the
 mismatched-caption baseline) and the SentEval probes. Without data flags: the built-in demo.
 """
+
 from absl import app, flags
 
 from experiments import common, config, inputs, suite
 from experiments.config import RunConfig
 
-flags.adopt_module_key_flags(config)   # --help lists the shared flags
+flags.adopt_module_key_flags(config)  # --help lists the shared flags
 
 FLICKR = ("fusion", "modality", "coref", "head_summary")
 

@@ -9,6 +9,7 @@
    ablation for each model, writing tables and figures under --out_dir.
 The weights are random, so the numbers show the machinery, not findings.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -19,7 +20,7 @@ from absl import app, flags
 from experiments import ablation, common, config, inputs, suite
 from experiments.config import RunConfig
 
-flags.adopt_module_key_flags(config)   # --help lists the shared flags
+flags.adopt_module_key_flags(config)  # --help lists the shared flags
 flags.adopt_module_key_flags(ablation)  # and the ablation's
 
 MODELS = ("uniter", "lxmert")
@@ -33,12 +34,15 @@ def attention_summary(model, params, loader) -> str:
     the real keys of that block (words t1..tm or regions), over the first batch."""
     import value_jax
     from value_jax import kernels
+
     batch, _ = next(iter(loader))
     trace = value_jax.run(model, params, batch)
-    lines = [f"{model.config.model_type}: {len(trace.attention)} attention maps captured "
-             f"(batch {batch.batch_size}, text slot {batch.text_len}, {batch.num_regions} regions); "
-             "mean mass per query on the block's keys:",
-             f"  {'block':<6}{'layer':<20}{'[B, H, Q, K]':<22}{'mass':>8}"]
+    lines = [
+        f"{model.config.model_type}: {len(trace.attention)} attention maps captured "
+        f"(batch {batch.batch_size}, text slot {batch.text_len}, {batch.num_regions} regions); "
+        "mean mass per query on the block's keys:",
+        f"  {'block':<6}{'layer':<20}{'[B, H, Q, K]':<22}{'mass':>8}",
+    ]
     masks = {"t": trace.word_mask, "v": trace.region_mask > 0}
     for direction in ("t2t", "t2v", "v2t", "v2v"):
         blocks, names = trace.blocks(direction)
@@ -62,8 +66,14 @@ def run(cfg: RunConfig):
         model, params = common.load_model(run_cfg, demo)
         print(attention_summary(model, params, inputs.coref_loader(run_cfg, demo)))
         if cfg.script.get("analyses", True):
-            suite.run_flickr(run_cfg, model, params, demo,
-                             {"fusion", "modality", "coref", "head_summary"}, "demo.flickr30k")
+            suite.run_flickr(
+                run_cfg,
+                model,
+                params,
+                demo,
+                {"fusion", "modality", "coref", "head_summary"},
+                "demo.flickr30k",
+            )
             suite.run_relations(run_cfg, model, params, demo, "demo.visual_genome")
             suite.run_linguistic(run_cfg, model, params, demo, "demo.senteval")
         if cfg.script.get("ablation", True):

@@ -4,12 +4,13 @@ SentEval probing tasks per layer on text-only input (`--senteval_dir`, `--sentev
 built-in demo). For the BERT-base baseline, convert BERT with `--format=bert` and pass it as
 `--checkpoint` with `--model=uniter`. Writes to <out_dir>/linguistic/<task>/<model>/.
 """
+
 from absl import app, flags
 
 from experiments import common, config, inputs, suite
 from experiments.config import RunConfig
 
-flags.adopt_module_key_flags(config)   # --help lists the shared flags
+flags.adopt_module_key_flags(config)  # --help lists the shared flags
 
 
 def main(argv):

@@ -16,12 +16,13 @@ A dataset's name holds a hash of every setting that shapes it (split, seed, IoU 
 region source, --max_images, casing) and of the vocabulary, so other settings make another
 dataset. Without data flags: the built-in demo data.
 """
+
 from absl import app, flags
 
 from experiments import common, config, inputs
 from experiments.config import RunConfig
 
-flags.adopt_module_key_flags(config)   # --help lists the shared flags
+flags.adopt_module_key_flags(config)  # --help lists the shared flags
 
 
 def main(argv):
@@ -34,8 +35,7 @@ def main(argv):
 
 def run(cfg: RunConfig):
     demo = common.demo_data(cfg) if inputs.needs_demo(cfg, "vocab") else None
-    for kind, captions in (("coref", "region"), ("relation", "region"),
-                           ("relation", "mismatched")):
+    for kind, captions in (("coref", "region"), ("relation", "region"), ("relation", "mismatched")):
         builder = inputs.tfds_builder(cfg, kind, demo, captions, with_sources=True)
         if builder.is_prepared():
             common.say(f"[prepare] {builder.data_dir} is already prepared")
@@ -45,8 +45,10 @@ def run(cfg: RunConfig):
             builder.download_and_prepare()
         sizes = {s: v.num_examples for s, v in builder.info.splits.items()}
         common.say(f"[prepare] {builder.data_dir}: {sizes}")
-    common.say(f"prepared under {cfg.tfds_data_dir}: pass --tfds_data_dir="
-               f"{cfg.tfds_data_dir} with the same settings to any experiment")
+    common.say(
+        f"prepared under {cfg.tfds_data_dir}: pass --tfds_data_dir="
+        f"{cfg.tfds_data_dir} with the same settings to any experiment"
+    )
 
 
 if __name__ == "__main__":

@@ -4,12 +4,13 @@ Runs on Visual Genome (`--vg_root`, `--vg_features`) or the built-in demo data; 
 pairs each image with an unrelated caption (the mismatched-caption baseline). Writes to
 <out_dir>/relation/<model>/ and <out_dir>/relation_mismatched/<model>/.
 """
+
 from absl import app, flags
 
 from experiments import common, config, inputs, suite
 from experiments.config import RunConfig
 
-flags.adopt_module_key_flags(config)   # --help lists the shared flags
+flags.adopt_module_key_flags(config)  # --help lists the shared flags
 
 flags.DEFINE_boolean("mismatched", True, "Also run the mismatched-caption baseline.")
 

@@ -1,4 +1,5 @@
 """The probe sets of each analysis, shared by the single-analysis scripts and `all`."""
+
 from __future__ import annotations
 
 from experiments import common, inputs
@@ -20,11 +21,14 @@ def flickr_probes(cfg: RunConfig, model, loader, analyses):
         if model.config.single_stream:
             probes += [ModalityProbe(), ImageToTextProbe()]
         else:
-            common.say("modality importance and image-to-text heads are single-stream analyses "
-                       f"(VALUE §3.2-3.3.1): skipped for {model.config.display_name}")
+            common.say(
+                "modality importance and image-to-text heads are single-stream analyses "
+                f"(VALUE §3.2-3.3.1): skipped for {model.config.display_name}"
+            )
     if "coref" in analyses:
-        probes.append(CorefProbe(types=loader.types, seed=cfg.seed,
-                                 bilinear_rank=cfg.bilinear_rank))
+        probes.append(
+            CorefProbe(types=loader.types, seed=cfg.seed, bilinear_rank=cfg.bilinear_rank)
+        )
     if "head_summary" in analyses:
         probes.append(HeadSummaryProbe())
     return probes
@@ -33,9 +37,11 @@ def flickr_probes(cfg: RunConfig, model, loader, analyses):
 def flickr_main(analysis: str):
     """The absl `main` of a script that runs one Flickr30k analysis (`--model`, `--checkpoint`,
     data flags; the built-in demo without them). Outputs go to <out_dir>/<analysis>/<model>/."""
+
     def main(argv):
         del argv
         run_one_flickr(RunConfig.from_flags(), analysis)
+
     return main
 
 
@@ -63,8 +69,9 @@ def run_relations(cfg: RunConfig, model, params, demo, state_name, mismatched=Tr
         if captions == "mismatched" and not mismatched:
             continue
         loader = inputs.relation_loader(cfg, demo, captions)
-        probe = RelationProbe(loader.predicates, name=name, seed=cfg.seed,
-                              bilinear_rank=cfg.bilinear_rank)
+        probe = RelationProbe(
+            loader.predicates, name=name, seed=cfg.seed, bilinear_rank=cfg.bilinear_rank
+        )
         results.update(common.run(cfg, model, params, loader, [probe], f"{state_name}.{name}"))
         common.write(cfg, results[name])
     return results

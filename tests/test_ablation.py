@@ -1,4 +1,5 @@
 """Cross-modal input ablation (Frank et al. 2021): data, losses, planted models, entry point."""
+
 import math
 import os
 import subprocess
@@ -39,18 +40,26 @@ def test_kl_and_xe_match_numpy_and_torch():
     rng = np.random.default_rng(0)
     logits = rng.normal(size=(5, 1601)).astype(np.float32) * 3
     probs = rng.dirichlet(np.ones(1601) * 0.05, 5).astype(np.float32)
-    probs[:, :700] = 0.0                        # 0 log 0 = 0, as F.kl_div (xlogy) does
+    probs[:, :700] = 0.0  # 0 log 0 = 0, as F.kl_div (xlogy) does
     probs /= probs.sum(1, keepdims=True)
     logq = _log_softmax(logits.astype(np.float64))
     nz = probs > 0
     want_kl = np.where(nz, probs * (np.log(np.where(nz, probs, 1.0)) - logq), 0.0).sum(1)
-    np.testing.assert_allclose(np.asarray(P.kl_divergence(probs, logits)), want_kl, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        np.asarray(P.kl_divergence(probs, logits)), want_kl, rtol=1e-5, atol=1e-5
+    )
     torch = pytest.importorskip("torch")
     F = torch.nn.functional
-    ref = F.kl_div(F.log_softmax(torch.tensor(logits), -1), torch.tensor(probs), reduction="none").sum(-1)
-    np.testing.assert_allclose(np.asarray(P.kl_divergence(probs, logits)), ref.numpy(), rtol=1e-5, atol=1e-5)
+    ref = F.kl_div(
+        F.log_softmax(torch.tensor(logits), -1), torch.tensor(probs), reduction="none"
+    ).sum(-1)
+    np.testing.assert_allclose(
+        np.asarray(P.kl_divergence(probs, logits)), ref.numpy(), rtol=1e-5, atol=1e-5
+    )
     idx = np.array([0, 5, 1600, 42, 7])
-    np.testing.assert_allclose(np.asarray(P.cross_entropy(logits, idx)), -logq[np.arange(5), idx], rtol=1e-5)
+    np.testing.assert_allclose(
+        np.asarray(P.cross_entropy(logits, idx)), -logq[np.arange(5), idx], rtol=1e-5
+    )
 
 
 def test_masked_lm_bits_is_mean_nats_over_masked_tokens_divided_by_ln2():
@@ -58,18 +67,27 @@ def test_masked_lm_bits_is_mean_nats_over_masked_tokens_divided_by_ln2():
     logits = rng.normal(size=(3, 6, 11)).astype(np.float32)
     labels = rng.integers(0, 11, (3, 6))
     mask = np.array([[0, 1, 1, 0, 0, 0], [0, 0, 0, 1, 0, 0], [0, 0, 0, 0, 0, 0]], bool)
-    nll = -np.take_along_axis(_log_softmax(logits.astype(np.float64)), labels[..., None], -1)[..., 0]
+    nll = -np.take_along_axis(_log_softmax(logits.astype(np.float64)), labels[..., None], -1)[
+        ..., 0
+    ]
     want = np.array([nll[0, 1:3].mean(), nll[1, 3], 0.0]) / math.log(2)
     np.testing.assert_allclose(np.asarray(P.masked_lm_bits(logits, labels, mask)), want, rtol=1e-5)
-    assert want[0] > nll[0, 1:3].mean()         # bits are larger than nats
+    assert want[0] > nll[0, 1:3].mean()  # bits are larger than nats
 
 
 def _lang4vis_targets(obj, conf, probs, region):
     b = len(obj)
-    return {"setting": np.zeros(b, np.int32), "type": np.zeros(b, np.int32), "valid": np.ones(b, bool),
-            "label_match": np.zeros(b, bool), "target_region": np.asarray(region, np.int32),
-            "target_object": np.asarray(obj, np.int32), "target_conf": np.asarray(conf, np.float32),
-            "target_probs": probs, "has_probs": np.ones(b, bool)}
+    return {
+        "setting": np.zeros(b, np.int32),
+        "type": np.zeros(b, np.int32),
+        "valid": np.ones(b, bool),
+        "label_match": np.zeros(b, bool),
+        "target_region": np.asarray(region, np.int32),
+        "target_object": np.asarray(obj, np.int32),
+        "target_conf": np.asarray(conf, np.float32),
+        "target_probs": probs,
+        "has_probs": np.ones(b, bool),
+    }
 
 
 def test_mrc_xe_uses_object_id_plus_one_not_the_reference_off_by_one():
@@ -79,8 +97,8 @@ def test_mrc_xe_uses_object_id_plus_one_not_the_reference_off_by_one():
     obj = np.array([0, 41, 1599])
     logits = np.full((3, 2, 1601), -5.0, np.float32)
     for i, k in enumerate(obj):
-        logits[i, 1, k + 1] = 8.0               # the detected class
-        logits[i, 1, k] = -9.0                  # what the off-by-one index would read
+        logits[i, 1, k + 1] = 8.0  # the detected class
+        logits[i, 1, k] = -9.0  # what the off-by-one index would read
     probs = np.zeros((3, 1601), np.float32)
     probs[np.arange(3), obj + 1] = 1.0
     probe = P.Lang4VisProbe([A.Lang4Vis("none")], "uniter")
@@ -93,7 +111,9 @@ def test_mrc_xe_uses_object_id_plus_one_not_the_reference_off_by_one():
     got = res.data["mrc_xe_nats"]["none"]["mean"]
     assert got == pytest.approx(right, abs=1e-6)
     assert off_by_one - got > 10.0
-    assert res.data["mrc_kl_nats"]["none"]["mean"] == pytest.approx(right, abs=1e-6)  # one-hot p: KL = XE
+    assert res.data["mrc_kl_nats"]["none"]["mean"] == pytest.approx(
+        right, abs=1e-6
+    )  # one-hot p: KL = XE
     assert res.data["top1_matches_detector"]["none"] == 1.0
     assert P.Lang4VisProbe([A.Lang4Vis()], "uniter").outputs == ("mrc",)
 
@@ -101,17 +121,27 @@ def test_mrc_xe_uses_object_id_plus_one_not_the_reference_off_by_one():
 def test_lxmert_mrc_xe_is_confidence_weighted_on_the_1600_way_head():
     rng = np.random.default_rng(3)
     logits = rng.normal(size=(4, 3, 1600)).astype(np.float32)
-    obj, conf, region = np.array([0, 7, 1599, 300]), np.array([0.9, 0.2, 0.5, 1.0]), np.array([2, 0, 1, 2])
+    obj, conf, region = (
+        np.array([0, 7, 1599, 300]),
+        np.array([0.9, 0.2, 0.5, 1.0]),
+        np.array([2, 0, 1, 2]),
+    )
     probe = P.Lang4VisProbe([A.Lang4Vis("none")], "lxmert")
     assert probe.outputs == ("obj",)
-    stats = jax.device_get(probe.step(types.SimpleNamespace(outputs={"obj": logits}),
-                                      _lang4vis_targets(obj, conf, np.zeros((4, 1), np.float32), region)))
+    stats = jax.device_get(
+        probe.step(
+            types.SimpleNamespace(outputs={"obj": logits}),
+            _lang4vis_targets(obj, conf, np.zeros((4, 1), np.float32), region),
+        )
+    )
     res = probe.finalize({k: np.asarray(v, np.float64) for k, v in stats.items()}, {})
     ce = -_log_softmax(logits[np.arange(4), region].astype(np.float64))[np.arange(4), obj]
     assert res.data["mrc_xe_nats"]["none"]["mean"] == pytest.approx((conf * ce).mean(), rel=1e-5)
     assert res.data["mrc_xe_unweighted_nats"]["none"]["mean"] == pytest.approx(ce.mean(), rel=1e-5)
     assert res.data["mrc_kl_nats"] is None
-    row = next(line for line in res.to_markdown().splitlines() if line.startswith("| LXMERT | none"))
+    row = next(
+        line for line in res.to_markdown().splitlines() if line.startswith("| LXMERT | none")
+    )
     assert row.split(" | ")[2] == "—", row
 
 
@@ -166,12 +196,14 @@ def _query_key(hidden, heads, strength):
 
 def _random_params(model, rng):
     """Random weights filled in numpy from the shapes (compiling `model.init` costs seconds)."""
+
     def fill(path, leaf):
         name = path[-1].key
         if name in ("scale", "bias"):
             return np.full(leaf.shape, float(name == "scale"), np.float32)
         scale = 1.0 / math.sqrt(leaf.shape[0] if name == "kernel" else 32)
         return (rng.normal(size=leaf.shape) * scale).astype(np.float32)
+
     return jax.tree_util.tree_map_with_path(fill, param_shapes(model))
 
 
@@ -192,22 +224,34 @@ def planted(model_type):
     """
     rng = np.random.default_rng(7)
     if model_type == "uniter":
-        cfg = UniterConfig.tiny(num_layers=1, hidden_size=32, num_heads=4, img_dim=FEAT, vocab_size=60)
+        cfg = UniterConfig.tiny(
+            num_layers=1, hidden_size=32, num_heads=4, img_dim=FEAT, vocab_size=60
+        )
     else:
-        cfg = LxmertConfig.tiny(l_layers=1, r_layers=0, x_layers=1, hidden_size=32, num_heads=4,
-                                visual_feat_dim=FEAT, vocab_size=60)
+        cfg = LxmertConfig.tiny(
+            l_layers=1,
+            r_layers=0,
+            x_layers=1,
+            hidden_size=32,
+            num_heads=4,
+            visual_feat_dim=FEAT,
+            vocab_size=60,
+        )
     model = build_model(cfg)
     params = _random_params(model, rng)
     d = cfg.hidden_size
     if model_type == "uniter":
         img = params["uniter"]["img_embeddings"]
-        img["img_linear"] = {"kernel": _mirror_kernel(rng, FEAT, d), "bias": np.zeros(d, np.float32)}
+        img["img_linear"] = {
+            "kernel": _mirror_kernel(rng, FEAT, d),
+            "bias": np.zeros(d, np.float32),
+        }
         img["img_layer_norm"] = _ln_on(np.arange(16), d)
         img["pos_linear"] = _sign_layer(7, d)
         img["pos_layer_norm"] = _ln_on([16, 17], d)
         img["LayerNorm"] = _ln_on(np.arange(d), d)
         params["uniter"]["embeddings"]["token_type_embeddings"]["embedding"][1] = 0.0
-        for key in ("scale", "bias"):                # text keys carry nothing in dim 16
+        for key in ("scale", "bias"):  # text keys carry nothing in dim 16
             params["uniter"]["embeddings"]["LayerNorm"][key][[16, 17]] = 0.0
         att = params["uniter"]["encoder"]["layer_0"]["attention"]["self"]
         att["query"], att["key"] = _query_key(d, cfg.num_heads, 100.0)
@@ -233,18 +277,30 @@ def _planted_data(n_images=4, seed=0):
         gold = np.array([[5 + i, 10, 40, 60 + i]], np.float64)
         aligned = gold + rng.uniform(-2, 2, (3, 4))
         x1 = rng.uniform(60, 70, 5)
-        others = np.stack([x1, rng.uniform(0, 40, 5), x1 + rng.uniform(10, 28, 5), rng.uniform(50, 99, 5)], 1)
+        others = np.stack(
+            [x1, rng.uniform(0, 40, 5), x1 + rng.uniform(10, 28, 5), rng.uniform(50, 99, 5)], 1
+        )
         boxes = np.concatenate([aligned, others])[rng.permutation(8)]
         feats = rng.normal(size=(8, FEAT)).astype(np.float32) * 2
         probs = rng.dirichlet(np.ones(1601), 8).astype(np.float32)
         obj = probs[:, 1:].argmax(1)
-        regions = A.ImageRegions(str(i), feats, boxes, (boxes / 100).astype(np.float32), probs, obj,
-                                 probs[np.arange(8), obj + 1])
+        regions = A.ImageRegions(
+            str(i),
+            feats,
+            boxes,
+            (boxes / 100).astype(np.float32),
+            probs,
+            obj,
+            probs[np.arange(8), obj + 1],
+        )
         ids = np.array([CLS, 10 + i, 11, 20, 21, 12, SEP], np.int32)
         iot = phrase_overlap([gold], boxes, "iot", True)[0].astype(np.float32)
         iou = phrase_overlap([gold], boxes, "iou", True)[0].astype(np.float32)
-        examples.append(A.AblationExample(f"{i}:0:0", str(i), 0, 0, "p p", "people", ids, (3, 5),
-                                          regions, iot, iou, "p"))
+        examples.append(
+            A.AblationExample(
+                f"{i}:0:0", str(i), 0, 0, "p p", "people", ids, (3, 5), regions, iot, iou, "p"
+            )
+        )
     mean = np.mean([e.regions.features.mean(0) for e in examples], 0).astype(np.float32)
     return A.AblationData(examples, mean, MASK, PAD, DataReport())
 
@@ -256,7 +312,9 @@ def _row_bits(model, params, loader):
         trace = value_jax.run(model, params, batch, outputs=("mlm",))
         bits = np.asarray(P.masked_lm_bits(trace.outputs["mlm"], tg["labels"], tg["label_mask"]))
         for i in np.flatnonzero(tg["valid"]):
-            out[loader.settings[tg["setting"][i]].name, int(tg["example_index"][i])] = float(bits[i])
+            out[loader.settings[tg["setting"][i]].name, int(tg["example_index"][i])] = float(
+                bits[i]
+            )
     return out
 
 
@@ -270,8 +328,12 @@ def _by_hand(model, params, data, left_feature=None):
     for i, ex in enumerate(data.examples):
         k, m = len(ex.input_ids), ex.regions.num_regions
         ids[i, :k], text_mask[i, :k] = ex.input_ids, 1
-        ids[i, ex.span[0]:ex.span[1]] = MASK
-        feats[i, :m], boxes[i, :m], region_mask[i, :m] = ex.regions.features, ex.regions.normalized_boxes, 1
+        ids[i, ex.span[0] : ex.span[1]] = MASK
+        feats[i, :m], boxes[i, :m], region_mask[i, :m] = (
+            ex.regions.features,
+            ex.regions.normalized_boxes,
+            1,
+        )
         if left_feature is not None:
             feats[i, :m][ex.regions.normalized_boxes[:, 0] < 0.5] = left_feature
     batch = value_jax.Batch.create(ids, text_mask, feats, boxes, region_mask)
@@ -299,19 +361,25 @@ def test_planted_object_ablation(model_type):
     model, params = planted(model_type)
     data = _planted_data()
     _plant_labels(model, params, data)
-    settings = [A.Vis4Lang("none"), A.Vis4Lang("object", 0.5), A.Vis4Lang("all"), A.Vis4Lang("outside")]
+    settings = [
+        A.Vis4Lang("none"),
+        A.Vis4Lang("object", 0.5),
+        A.Vis4Lang("all"),
+        A.Vis4Lang("outside"),
+    ]
     n = len(data.examples)
     bits = _row_bits(model, params, AblationLoader(data, settings, n, model_type))
     logp = _by_hand(model, params, data)
     for e, ex in enumerate(data.examples):
         # `none` reproduces the unablated input's loss.
-        nll = -logp[e, np.arange(*ex.span), ex.input_ids[ex.span[0]:ex.span[1]]]
+        nll = -logp[e, np.arange(*ex.span), ex.input_ids[ex.span[0] : ex.span[1]]]
         assert bits["none", e] == pytest.approx(nll.mean() / math.log(2), abs=1e-6)
         assert bits["object@0.50", e] > bits["none", e] + 0.05, (e, bits)
         assert abs(bits["outside", e] - bits["none", e]) < 1e-6
         assert bits["all", e] >= bits["object@0.50", e] - 1e-6
     # The probe through the runner gives the means of the same per-row numbers.
     from experiments.ablation import run_ablation
+
     res = run_ablation(model, params, data, settings, [], n, progress_every=1000)
     per = res.data["vis4lang"]["settings"]
     for name in ("none", "object@0.50", "all", "outside"):
@@ -344,36 +412,46 @@ def test_dataset_mean_replaces_ablated_regions_and_masking_zeroes_them(demo):
     np.testing.assert_allclose(data.mean_feature, want, rtol=1e-6)
     assert np.abs(data.mean_feature).sum() > 0
     seen = 0
-    for batch, tg in AblationLoader(data, [A.Vis4Lang("all"), A.Vis4Lang("object", 0.5)], 4, "lxmert"):
+    for batch, tg in AblationLoader(
+        data, [A.Vis4Lang("all"), A.Vis4Lang("object", 0.5)], 4, "lxmert"
+    ):
         feats, real = np.asarray(batch.region_feats), np.asarray(batch.region_mask) > 0
-        assert not feats[~real].any()                       # padding stays zero
+        assert not feats[~real].any()  # padding stays zero
         for i in np.flatnonzero(tg["valid"]):
             seen += 1
             ex = data.examples[tg["example_index"][i]]
-            row = feats[i, :ex.regions.num_regions]
+            row = feats[i, : ex.regions.num_regions]
             ablated = np.ones(len(row), bool) if tg["setting"][i] == 0 else ex.iot > 0.5
-            np.testing.assert_array_equal(row[ablated], np.tile(data.mean_feature, (ablated.sum(), 1)))
+            np.testing.assert_array_equal(
+                row[ablated], np.tile(data.mean_feature, (ablated.sum(), 1))
+            )
             np.testing.assert_array_equal(row[~ablated], ex.regions.features[~ablated])
             assert tg["num_ablated"][i] == ablated.sum()
-            assert (np.asarray(batch.input_ids)[i, ex.span[0]:ex.span[1]] == data.mask_id).all()
-            assert (tg["labels"][i, ex.span[0]:ex.span[1]] == ex.input_ids[ex.span[0]:ex.span[1]]).all()
+            assert (np.asarray(batch.input_ids)[i, ex.span[0] : ex.span[1]] == data.mask_id).all()
+            assert (
+                tg["labels"][i, ex.span[0] : ex.span[1]] == ex.input_ids[ex.span[0] : ex.span[1]]
+            ).all()
             assert tg["label_mask"][i].sum() == ex.span[1] - ex.span[0]
     assert seen == 2 * len(data.examples)
     for model_type in ("uniter", "lxmert"):
-        loader = AblationLoader(data, [A.Lang4Vis("all")], 4, model_type, head_classes=1601, fold=True)
+        loader = AblationLoader(
+            data, [A.Lang4Vis("all")], 4, model_type, head_classes=1601, fold=True
+        )
         for batch, tg in loader:
             for i in np.flatnonzero(tg["valid"]):
                 ex = data.examples[tg["example_index"][i]]
                 masked = ex.iot > 0.5
-                assert not np.asarray(batch.region_feats)[i, :len(masked)][masked].any()
-                flagged = np.asarray(batch.region_masked)[i, :len(masked)] > 0
+                assert not np.asarray(batch.region_feats)[i, : len(masked)][masked].any()
+                flagged = np.asarray(batch.region_masked)[i, : len(masked)] > 0
                 assert (flagged == (masked & (model_type == "uniter"))).all()
-                ids = np.asarray(batch.input_ids)[i, :len(ex.input_ids)]
+                ids = np.asarray(batch.input_ids)[i, : len(ex.input_ids)]
                 assert ids[0] == ex.input_ids[0] and ids[-1] == ex.input_ids[-1]
                 assert (ids[1:-1] == data.mask_id).all()
                 k = tg["target_region"][i]
                 assert masked[k] and ex.iou[k] == ex.iou[masked].max()
-                assert tg["target_object"][i] == ex.regions.object_ids[k] % (1601 - (model_type == "uniter"))
+                assert tg["target_object"][i] == ex.regions.object_ids[k] % (
+                    1601 - (model_type == "uniter")
+                )
 
 
 def test_counts_every_left_out_phrase(demo, tmp_path):
@@ -382,7 +460,7 @@ def test_counts_every_left_out_phrase(demo, tmp_path):
     assert short.report["phrases_truncated"] > 0
     assert len(short.examples) + short.report["phrases_truncated"] == len(base.examples)
     assert base.report["notvisual_phrases"] > 0 and base.report["phrases_without_box"] > 0
-    assert "phrases_truncated" in base.report.to_dict()          # listed even at zero
+    assert "phrases_truncated" in base.report.to_dict()  # listed even at zero
     dropped = base.examples[0].image_id
     with open_region_features(demo.flickr_features_tsv) as reader:
         keep = [i for i in reader.image_ids() if i != dropped]
@@ -391,7 +469,9 @@ def test_counts_every_left_out_phrase(demo, tmp_path):
     assert part.report["images_without_features"] == 1
     missing = len(base.examples) - len(part.examples)
     assert missing > 0 and part.report["examples_without_features"] == missing
-    loader = AblationLoader(base, [A.Lang4Vis("none", threshold=1.0)], 4, "lxmert", head_classes=1600)
+    loader = AblationLoader(
+        base, [A.Lang4Vis("none", threshold=1.0)], 4, "lxmert", head_classes=1600
+    )
     assert len(loader) == 0 and base.report["lang4vis_no_region_masked"] == len(base.examples)
 
 
@@ -446,8 +526,9 @@ def test_reference_average_adds_zero_loss_for_examples_without_a_masked_region()
     obj, kinds = [3, 8, 100], [0, 0, 1]
     unmasked = {"count": [[2, 0] + [0] * 6], "label_match": [0]}
     masked = _lang4vis_result(P.Lang4VisProbe([A.Lang4Vis("none")], "uniter"), obj, kinds)
-    ref_probe = P.Lang4VisProbe([A.Lang4Vis("none")], "uniter", average="reference",
-                                unmasked=unmasked)
+    ref_probe = P.Lang4VisProbe(
+        [A.Lang4Vis("none")], "uniter", average="reference", unmasked=unmasked
+    )
     ref = _lang4vis_result(ref_probe, obj, kinds)
     for key in ("mrc_kl_nats", "mrc_xe_nats"):
         m, r = masked.data[key]["none"], ref.data[key]["none"]
@@ -473,7 +554,7 @@ def test_unmasked_counts_are_the_examples_left_out(demo):
             rows[int(s)] += 1
     for s in range(2):
         assert sum(counts["count"][s]) + rows[s] == len(data.examples)
-    assert sum(counts["count"][1]) == len(data.examples)           # IoT > 1 masks nothing
+    assert sum(counts["count"][1]) == len(data.examples)  # IoT > 1 masks nothing
     assert sum(counts["count"][0]) == data.report["lang4vis_no_region_masked"]
     with pytest.raises(ValueError, match="Lang4Vis"):
         AblationLoader(data, [A.Vis4Lang("none")], 4, "lxmert").unmasked_counts()
@@ -483,7 +564,7 @@ def test_examples_cite_their_caption_by_file_and_1_based_line(demo):
     import ast
     from pathlib import Path
 
-    def line_of(place):                      # "<image id>.txt:<1-based line>" -> that line
+    def line_of(place):  # "<image id>.txt:<1-based line>" -> that line
         name, line = place.split(":")
         return (Path(demo.flickr_root) / "Sentences" / name).read_text().splitlines()[int(line) - 1]
 
@@ -506,20 +587,45 @@ def test_examples_cite_their_caption_by_file_and_1_based_line(demo):
 def test_experiment_writes_every_file(tmp_path):
     out = tmp_path / "out"
     env = dict(os.environ, JAX_PLATFORMS="cpu")
-    proc = subprocess.run([sys.executable, "-m", "experiments.ablation", "--model=uniter",
-                           f"--out_dir={out}", "--sweep=0.3,0.7", "--batch_size=8",
-                           "--lang4vis_average=reference"],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "experiments.ablation",
+            "--model=uniter",
+            f"--out_dir={out}",
+            "--sweep=0.3,0.7",
+            "--batch_size=8",
+            "--lang4vis_average=reference",
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "built-in demo" in proc.stderr
     res = out / "ablation" / "uniter"
-    for name in ("results.json", "table.md", "flags.json", "ablation_iot_sweep.png",
-                 "ablation_iot_sweep.svg"):
+    for name in (
+        "results.json",
+        "table.md",
+        "flags.json",
+        "ablation_iot_sweep.png",
+        "ablation_iot_sweep.svg",
+    ):
         assert (res / name).is_file() and (res / name).stat().st_size > 0, name
     assert not (out / "_state" / "ablation" / "uniter").exists()
     import json
+
     data = json.loads((res / "results.json").read_text())
-    assert set(data["vis4lang"]["settings"]) == {"none", "all", "object@0.30", "object@0.50", "object@0.70"}
+    assert set(data["vis4lang"]["settings"]) == {
+        "none",
+        "all",
+        "object@0.30",
+        "object@0.50",
+        "object@0.70",
+    }
     assert set(data["lang4vis"]["mrc_kl_nats"]) == {"none", "phrase", "all"}
     assert data["lang4vis"]["average"] == "reference"
     assert json.loads((res / "flags.json").read_text())["lang4vis_average"] == "reference"

@@ -1,5 +1,6 @@
 """Planted-structure tests of the probers: value_jax.probes.classifiers (Eq. 3 / 4 fits) and
 value_jax.probes.probing (splits, control tasks, train_prober)."""
+
 import json
 
 import jax
@@ -27,8 +28,10 @@ def _linear_accuracy_twin(probe, x, y):
     y = np.broadcast_to(y, x.shape[:2])
     acc = []
     for p in range(x.shape[0]):
-        hits = [np.argmax(((x[p, i] - mean[p]) / std[p]) @ w[p] + b[p]) == y[p, i]
-                for i in range(x.shape[1])]
+        hits = [
+            np.argmax(((x[p, i] - mean[p]) / std[p]) @ w[p] + b[p]) == y[p, i]
+            for i in range(x.shape[1])
+        ]
         acc.append(np.mean(hits))
     return np.array(acc)
 
@@ -42,8 +45,10 @@ def _bilinear_accuracy_twin(probe, e_i, e_j, y):
         for n in range(e_i.shape[1]):
             a = (e_i[p, n] - np.asarray(probe.mean_i[p])) / np.asarray(probe.std_i[p])
             c = (e_j[p, n] - np.asarray(probe.mean_j[p])) / np.asarray(probe.std_j[p])
-            scores = [wt["w_cls"][p][:, k] @ ((a @ wt["w_i"][p]) * (c @ wt["w_j"][p]))
-                      + wt["b"][p][k] for k in range(wt["b"].shape[1])]
+            scores = [
+                wt["w_cls"][p][:, k] @ ((a @ wt["w_i"][p]) * (c @ wt["w_j"][p])) + wt["b"][p][k]
+                for k in range(wt["b"].shape[1])
+            ]
             hits.append(np.argmax(scores) == y[p, n])
         acc.append(np.mean(hits))
     return np.array(acc)
@@ -66,13 +71,13 @@ def test_planted_separable_probe_among_noise():
 
 
 def test_attention_pair_features_is_eq3_layout():
-    a_ij = np.arange(24.0).reshape(2, 4, 3)            # [items, layers, heads]
+    a_ij = np.arange(24.0).reshape(2, 4, 3)  # [items, layers, heads]
     a_ji = -np.arange(24.0).reshape(2, 4, 3) - 100
     feats = np.asarray(C.attention_pair_features(a_ij, a_ji))
     assert feats.shape == (2, 24)
-    for layer in range(4):                              # layer-major: [α_ij H | α_ji H] per layer
-        np.testing.assert_array_equal(feats[:, 6 * layer:6 * layer + 3], a_ij[:, layer])
-        np.testing.assert_array_equal(feats[:, 6 * layer + 3:6 * layer + 6], a_ji[:, layer])
+    for layer in range(4):  # layer-major: [α_ij H | α_ji H] per layer
+        np.testing.assert_array_equal(feats[:, 6 * layer : 6 * layer + 3], a_ij[:, layer])
+        np.testing.assert_array_equal(feats[:, 6 * layer + 3 : 6 * layer + 6], a_ji[:, layer])
     # eq3_weights reads the same layout back: weights equal to the features give α itself.
     w_ij, w_ji = C.eq3_weights(feats[None, 0, :, None], num_layers=4)
     np.testing.assert_array_equal(np.asarray(w_ij)[0, ..., 0], a_ij[0])
@@ -90,13 +95,13 @@ def test_planted_eq3_prober_weights_name_the_planted_head():
     n, layers, heads = 3000, 3, 4
     a_ij, a_ji = rng.random((2, n, layers, heads)).astype(np.float32) * 0.1
     y = rng.integers(0, 2, n)
-    a_ji[:, 2, 1] += 0.5 * y                            # layer 3, head 2, direction j→i
+    a_ji[:, 2, 1] += 0.5 * y  # layer 3, head 2, direction j→i
     x = np.asarray(C.attention_pair_features(a_ij, a_ji))[None]
     tr, dv, te = _split(n)
     probe = C.fit_linear(x[:, tr], y[tr], x[:, dv], y[dv], 2, KEY)
     assert float(np.asarray(C.evaluate(probe, x[:, te], y[te]))[0]) > 0.95
     w, _ = probe.input_space_weights()
-    w_ij, w_ji = (np.asarray(v)[0] for v in C.eq3_weights(w, layers))   # [L, H, C]
+    w_ij, w_ji = (np.asarray(v)[0] for v in C.eq3_weights(w, layers))  # [L, H, C]
     margin_ij, margin_ji = (np.abs(v[..., 1] - v[..., 0]) for v in (w_ij, w_ji))
     assert np.unravel_index(np.argmax(margin_ji), margin_ji.shape) == (2, 1)
     assert margin_ji[2, 1] > 5 * max(margin_ij.max(), np.sort(margin_ji, axis=None)[-2])
@@ -112,16 +117,29 @@ def test_bilinear_recovers_planted_rule_and_shuffled_stays_at_chance():
     labels = np.stack([y, y_shuffled])  # probe 0: planted rule; probe 1: shuffled labels
     e_i2, e_j2 = np.stack([e_i, e_i]), np.stack([e_j, e_j])
     tr, dv, te = _split(n)
-    probe = C.fit_bilinear(e_i2[:, tr], e_j2[:, tr], labels[:, tr], e_i2[:, dv], e_j2[:, dv],
-                           labels[:, dv], 2, KEY, learning_rate=3e-3, max_epochs=40,
-                           patience=8, batch_size=128)
+    probe = C.fit_bilinear(
+        e_i2[:, tr],
+        e_j2[:, tr],
+        labels[:, tr],
+        e_i2[:, dv],
+        e_j2[:, dv],
+        labels[:, dv],
+        2,
+        KEY,
+        learning_rate=3e-3,
+        max_epochs=40,
+        patience=8,
+        batch_size=128,
+    )
     acc = np.asarray(C.evaluate_bilinear(probe, e_i2[:, te], e_j2[:, te], labels[:, te]))
     assert acc[0] >= 0.85, acc
     assert abs(acc[1] - 0.5) < 0.07, acc
     twin = _bilinear_accuracy_twin(probe, e_i2[:, te[:200]], e_j2[:, te[:200]], labels[:, te[:200]])
     np.testing.assert_allclose(
         C.evaluate_bilinear(probe, e_i2[:, te[:200]], e_j2[:, te[:200]], labels[:, te[:200]]),
-        twin, atol=1e-6)
+        twin,
+        atol=1e-6,
+    )
     # The rule is invisible to a linear prober on [e_i, e_j]: it is the product that carries it.
     pairs = np.concatenate([e_i, e_j], axis=1)[None]
     linear = C.fit_linear(pairs[:, tr], y[tr], pairs[:, dv], y[dv], 2, KEY, optimizer="adam")
@@ -136,15 +154,17 @@ def test_early_stopping_restores_best_dev_params():
 
     def sample(n, flip):
         s = rng.integers(0, 2, n) * 2 - 1
-        x = np.concatenate([(-s if flip else s)[:, None] * 3.0, 0.3 * s[:, None]
-                            * np.ones((1, 20))], axis=1) + rng.normal(size=(n, 21))
+        x = np.concatenate(
+            [(-s if flip else s)[:, None] * 3.0, 0.3 * s[:, None] * np.ones((1, 20))], axis=1
+        ) + rng.normal(size=(n, 21))
         return x[None].astype(np.float32), (s > 0).astype(np.int32)
 
     x_tr, y_tr = sample(2000, flip=False)
     x_dv, y_dv = sample(1000, flip=True)
     max_epochs, patience = 300, 15
-    probe = C.fit_linear(x_tr, y_tr, x_dv, y_dv, 2, KEY, optimizer="adam",
-                         max_epochs=max_epochs, patience=patience)
+    probe = C.fit_linear(
+        x_tr, y_tr, x_dv, y_dv, 2, KEY, optimizer="adam", max_epochs=max_epochs, patience=patience
+    )
     rec = jax.tree.map(np.asarray, probe.record)
     history = rec.dev_acc_history[0]
     seen = history[~np.isnan(history)]
@@ -160,18 +180,29 @@ def test_early_stopping_restores_best_dev_params():
 def test_vmapped_probes_equal_probes_trained_alone(optimizer):
     rng = np.random.default_rng(3)
     x = rng.normal(size=(3, N, F)).astype(np.float32)
-    y = np.stack([np.argmax(x[p] @ rng.normal(size=(F, K)) + 2 * rng.normal(size=(N, K)), axis=1)
-                  for p in range(3)])  # a different noisy task per probe
+    y = np.stack(
+        [
+            np.argmax(x[p] @ rng.normal(size=(F, K)) + 2 * rng.normal(size=(N, K)), axis=1)
+            for p in range(3)
+        ]
+    )  # a different noisy task per probe
     tr, dv, te = _split(N)
     together = C.fit_linear(x[:, tr], y[:, tr], x[:, dv], y[:, dv], K, KEY, optimizer=optimizer)
     acc = np.asarray(C.evaluate(together, x[:, te], y[:, te]))
     for p in range(3):
-        alone = C.fit_linear(x[p:p + 1, tr], y[p:p + 1, tr], x[p:p + 1, dv], y[p:p + 1, dv], K,
-                             KEY, optimizer=optimizer)
+        alone = C.fit_linear(
+            x[p : p + 1, tr],
+            y[p : p + 1, tr],
+            x[p : p + 1, dv],
+            y[p : p + 1, dv],
+            K,
+            KEY,
+            optimizer=optimizer,
+        )
         assert int(alone.record.best_epoch[0]) == int(together.record.best_epoch[p])
         np.testing.assert_allclose(alone.weights["w"][0], together.weights["w"][p], atol=1e-4)
         np.testing.assert_allclose(alone.weights["b"][0], together.weights["b"][p], atol=1e-4)
-        assert float(C.evaluate(alone, x[p:p + 1, te], y[p, te])[0]) == pytest.approx(acc[p])
+        assert float(C.evaluate(alone, x[p : p + 1, te], y[p, te])[0]) == pytest.approx(acc[p])
 
 
 def test_control_labels_one_label_per_type_and_marginals():
@@ -183,10 +214,12 @@ def test_control_labels_one_label_per_type_and_marginals():
     for t in np.unique(types):
         assert np.unique(control[types == t]).size == 1
     per_type = np.array([control[types == t][0] for t in np.unique(types)])
-    np.testing.assert_allclose(np.bincount(per_type, minlength=4) / per_type.size,
-                               [0.55, 0.25, 0.15, 0.05], atol=0.07)
-    np.testing.assert_array_equal(control, probing.control_labels(types, labels, 4,
-                                                            np.random.default_rng(7)))
+    np.testing.assert_allclose(
+        np.bincount(per_type, minlength=4) / per_type.size, [0.55, 0.25, 0.15, 0.05], atol=0.07
+    )
+    np.testing.assert_array_equal(
+        control, probing.control_labels(types, labels, 4, np.random.default_rng(7))
+    )
     assert np.any(control != probing.control_labels(types, labels, 4, np.random.default_rng(8)))
     np.testing.assert_allclose(probing.selectivity([0.9, 0.5], [0.6, 0.5]), [0.3, 0.0])
     with pytest.raises(ValueError, match="num_classes|\\[0, 4\\)"):
@@ -229,12 +262,12 @@ def test_linear_prober_matches_sklearn(optimizer, tolerance):
     x = ((rng.normal(size=(K, F)) * 0.3)[y] + noise) * np.exp(rng.normal(size=F))
     tr, dv, te = _split(N)
     l2 = 1e-2
-    probe = C.fit_linear(x[None, tr], y[tr], x[None, dv], y[dv], K, KEY, l2=l2,
-                         optimizer=optimizer)
+    probe = C.fit_linear(x[None, tr], y[tr], x[None, dv], y[dv], K, KEY, l2=l2, optimizer=optimizer)
     ours = float(C.evaluate(probe, x[None, te], y[te])[0])
     scaler = StandardScaler().fit(x[tr])
-    ref = LogisticRegression(C=1 / (l2 * len(tr)), max_iter=1000).fit(scaler.transform(x[tr]),
-                                                                       y[tr])
+    ref = LogisticRegression(C=1 / (l2 * len(tr)), max_iter=1000).fit(
+        scaler.transform(x[tr]), y[tr]
+    )
     theirs = ref.score(scaler.transform(x[te]), y[te])
     assert 0.5 < theirs < 0.95  # moderately hard
     assert abs(ours - theirs) <= tolerance, (ours, theirs)
@@ -248,17 +281,23 @@ def test_run_probe_end_to_end_with_control_task():
     labels = (signal > 0).astype(np.int32)
     one_hot = np.eye(num_types)[types]
     # Layer 0 sees the signal (and the types); layer 1 sees only the types.
-    feats = np.stack([np.concatenate([signal[:, None], one_hot], 1),
-                      np.concatenate([rng.normal(size=(n, 1)), one_hot], 1)])
+    feats = np.stack(
+        [
+            np.concatenate([signal[:, None], one_hot], 1),
+            np.concatenate([rng.normal(size=(n, 1)), one_hot], 1),
+        ]
+    )
     images = rng.integers(0, 300, n)
-    result = probing.train_prober(feats, labels, seed=3, groups=images, control_type_ids=types,
-                         names=["layer 1", "layer 12"])
+    result = probing.train_prober(
+        feats, labels, seed=3, groups=images, control_type_ids=types, names=["layer 1", "layer 12"]
+    )
     assert result.names == ["layer 1", "layer 12"]
     assert result.num_train + result.num_dev + result.num_test == n
     assert result.test_acc[0] > 0.9 and abs(result.test_acc[1] - 0.5) < 0.12
     assert min(result.control_test_acc) > 0.85  # types memorised from the one-hot features
-    np.testing.assert_allclose(result.selectivity,
-                               np.subtract(result.test_acc, result.control_test_acc))
+    np.testing.assert_allclose(
+        result.selectivity, np.subtract(result.test_acc, result.control_test_acc)
+    )
     assert json.loads(json.dumps(result.to_dict()))["names"] == ["layer 1", "layer 12"]
     pairs = probing.train_prober((feats[0, :, :4], feats[0, :, 4:8]), labels, seed=3, max_epochs=2)
     assert len(pairs.test_acc) == 1 and pairs.control_test_acc is None

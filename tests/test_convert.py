@@ -1,6 +1,7 @@
 """checkpoints_convert: round trips per format, HF PyTorch parity through the converter, the CLI,
 and every refusal. Tiny configs; the Flax names are checked against an independent twin of the
 naming rule (`a.b.3.c.weight` <-> `a/b_3/c/kernel`), not against the tables themselves."""
+
 import json
 import os
 import subprocess
@@ -14,37 +15,48 @@ import transformers
 from absl import flags
 from absl.testing import flagsaver
 from flax.traverse_util import flatten_dict
+from torch_refs import perturb, random_inputs
 
 import value_jax
-from checkpoints_convert import (ConversionError, LAYOUTS, convert_checkpoint, convert_state_dict,
-                                 infer_config, read_state_dict)
+from checkpoints_convert import (
+    LAYOUTS,
+    ConversionError,
+    convert_checkpoint,
+    convert_state_dict,
+    infer_config,
+    read_state_dict,
+)
 from checkpoints_convert.fake import make_state_dict, state_dict_shapes, write_fake_checkpoint
 from value_jax.checkpoint import load, read_config
 from value_jax.models import LxmertConfig, UniterConfig, build_model, param_shapes
-from torch_refs import perturb, random_inputs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 U, L = UniterConfig.tiny(), LxmertConfig.tiny()
 TIED = {"cls.predictions.decoder.weight", "cls.predictions.decoder.bias", "feat_regress.weight"}
-UNUSED = {"uniter": (), "lxmert": ("answer_head.",), "hf_lxmert": ("answer_head.",),
-          "bert": ("cls.seq_relationship.",)}
+UNUSED = {
+    "uniter": (),
+    "lxmert": ("answer_head.",),
+    "hf_lxmert": ("answer_head.",),
+    "bert": ("cls.seq_relationship.",),
+}
 
 
 # ---- the independent naming twin -------------------------------------------------------------
 
+
 def _canonical(fmt, key, bare=False):
     if fmt == "uniter":
-        return key[len("module."):] if key.startswith("module.") else key
+        return key[len("module.") :] if key.startswith("module.") else key
     if fmt == "lxmert":
         assert key.startswith("module.")
-        key = key[len("module."):]
-        return "lxmert." + key[len("bert."):] if key.startswith("bert.") else key
+        key = key[len("module.") :]
+        return "lxmert." + key[len("bert.") :] if key.startswith("bert.") else key
     if fmt == "hf_lxmert":
         return "lxmert." + key if bare else key
     if fmt == "bert":
         if bare:
             return "uniter." + key
-        return "uniter." + key[len("bert."):] if key.startswith("bert.") else key
+        return "uniter." + key[len("bert.") :] if key.startswith("bert.") else key
 
 
 def _twin_path(canonical, ndim):
@@ -89,8 +101,11 @@ def _assert_leaf_by_leaf(fmt, sd, params, bare=False, text_only=False):
 
 ROUND_TRIPS = {
     "uniter": ("uniter", U, {}),
-    "uniter-fp16-gamma-module": ("uniter", U, dict(dtype=torch.float16, old_layer_norm_names=True,
-                                                   module_prefix=True)),
+    "uniter-fp16-gamma-module": (
+        "uniter",
+        U,
+        dict(dtype=torch.float16, old_layer_norm_names=True, module_prefix=True),
+    ),
     "lxmert-answer_head": ("lxmert", L, dict(answer_labels=5)),
     "hf_lxmert": ("hf_lxmert", L, {}),
     "hf_lxmert-bare": ("hf_lxmert", L, dict(bare=True)),
@@ -119,15 +134,26 @@ def test_round_trip_every_leaf_equals_its_source(name):
         assert result.outputs == ()
     if fmt == "bert" and not bare:
         assert result.outputs == ("mlm",)
-        assert {k for k, _ in result.report.unused} == {"cls.seq_relationship.weight",
-                                                        "cls.seq_relationship.bias"}
+        assert {k for k, _ in result.report.unused} == {
+            "cls.seq_relationship.weight",
+            "cls.seq_relationship.bias",
+        }
     # The Flax tree is exactly the model's, and it runs.
-    want = jax.tree_util.tree_map(lambda s: s.shape, param_shapes(build_model(result.config, result.outputs)))
+    want = jax.tree_util.tree_map(
+        lambda s: s.shape, param_shapes(build_model(result.config, result.outputs))
+    )
     assert jax.tree_util.tree_map(np.shape, result.params) == want
 
 
-@pytest.mark.parametrize("fmt,cfg", [("uniter", UniterConfig()), ("lxmert", LxmertConfig()),
-                                     ("hf_lxmert", LxmertConfig()), ("bert", UniterConfig(vocab_size=30522))])
+@pytest.mark.parametrize(
+    "fmt,cfg",
+    [
+        ("uniter", UniterConfig()),
+        ("lxmert", LxmertConfig()),
+        ("hf_lxmert", LxmertConfig()),
+        ("bert", UniterConfig(vocab_size=30522)),
+    ],
+)
 def test_tables_cover_the_full_size_models(fmt, cfg):
     """At base size, without allocating: every Flax leaf has a source key of the right shape."""
     shapes = state_dict_shapes(fmt, cfg, answer_labels=9500 if "lxmert" in fmt else 0)
@@ -150,6 +176,7 @@ class _Shape:
 
 # ---- HF parity through the converter ---------------------------------------------------------
 
+
 def _close(ours, theirs, what, diffs):
     ours, theirs = np.asarray(ours), theirs.detach().numpy()
     assert ours.shape == theirs.shape, what
@@ -159,11 +186,21 @@ def _close(ours, theirs, what, diffs):
 
 def _hf_lxmert_config(**kw):
     return transformers.LxmertConfig(
-        vocab_size=L.vocab_size, hidden_size=L.hidden_size, num_attention_heads=L.num_heads,
-        intermediate_size=L.intermediate_size, max_position_embeddings=L.max_position_embeddings,
-        l_layers=L.l_layers, r_layers=L.r_layers, x_layers=L.x_layers,
-        visual_feat_dim=L.visual_feat_dim, num_object_labels=L.num_object_labels,
-        num_attr_labels=L.num_attr_labels, hidden_act="gelu", attn_implementation="eager", **kw)
+        vocab_size=L.vocab_size,
+        hidden_size=L.hidden_size,
+        num_attention_heads=L.num_heads,
+        intermediate_size=L.intermediate_size,
+        max_position_embeddings=L.max_position_embeddings,
+        l_layers=L.l_layers,
+        r_layers=L.r_layers,
+        x_layers=L.x_layers,
+        visual_feat_dim=L.visual_feat_dim,
+        num_object_labels=L.num_object_labels,
+        num_attr_labels=L.num_attr_labels,
+        hidden_act="gelu",
+        attn_implementation="eager",
+        **kw,
+    )
 
 
 def _lxmert_parity(hf, result, pretraining=True):
@@ -171,20 +208,34 @@ def _lxmert_parity(hf, result, pretraining=True):
     t = lambda x: torch.from_numpy(np.asarray(x))
     base = hf.lxmert if pretraining else hf
     with torch.no_grad():
-        kw = dict(input_ids=t(ids), attention_mask=t(tm), visual_feats=t(feats), visual_pos=t(boxes),
-                  visual_attention_mask=t(rm).float(), output_hidden_states=True,
-                  output_attentions=True)
+        kw = dict(
+            input_ids=t(ids),
+            attention_mask=t(tm),
+            visual_feats=t(feats),
+            visual_pos=t(boxes),
+            visual_attention_mask=t(rm).float(),
+            output_hidden_states=True,
+            output_attentions=True,
+        )
         enc = base(**kw)
         full = hf(**kw) if pretraining else None
         visual = hf.obj_predict_head(enc.vision_output) if pretraining else None
     model = build_model(result.config, result.outputs)
     # Un-jitted: one forward of a tiny model is quicker op by op than compiled.
-    trace = value_jax.forward(model, result.params, value_jax.Batch.create(ids, tm, feats, boxes, rm),
-                              outputs=result.outputs)
+    trace = value_jax.forward(
+        model,
+        result.params,
+        value_jax.Batch.create(ids, tm, feats, boxes, rm),
+        outputs=result.outputs,
+    )
     out, diffs = trace.outputs, {}
     c = result.config
-    lang_names = [f"lang{i}" for i in range(1, c.l_layers + 1)] + [f"cross{j}.lang" for j in range(1, c.x_layers + 1)]
-    visn_names = [f"visn{i}" for i in range(1, c.r_layers + 1)] + [f"cross{j}.visn" for j in range(1, c.x_layers + 1)]
+    lang_names = [f"lang{i}" for i in range(1, c.l_layers + 1)] + [
+        f"cross{j}.lang" for j in range(1, c.x_layers + 1)
+    ]
+    visn_names = [f"visn{i}" for i in range(1, c.r_layers + 1)] + [
+        f"cross{j}.visn" for j in range(1, c.x_layers + 1)
+    ]
     for name, h in zip(lang_names, enc.language_hidden_states, strict=True):
         _close(trace.hidden[name], h, f"language hidden {name}", diffs)
     for name, h in zip(visn_names, enc.vision_hidden_states, strict=True):
@@ -218,15 +269,19 @@ def test_hf_lxmert_pretraining_parity(hf_lxmert, tmp_path):
     torch.save(hf_lxmert.state_dict(), path)
     result = convert_state_dict(read_state_dict(path), "hf_lxmert", num_heads=L.num_heads)
     assert result.outputs == ("mlm", "obj", "attr", "feat", "itm")
-    assert [k for k, _ in result.report.unused] == [k for k in hf_lxmert.state_dict() if k.startswith("answer_head.")]
+    assert [k for k, _ in result.report.unused] == [
+        k for k in hf_lxmert.state_dict() if k.startswith("answer_head.")
+    ]
     diffs = _lxmert_parity(hf_lxmert, result)
     print("hf_lxmert max|diff|:", max(diffs.values()))
 
 
 def test_original_lxmert_layout_parity(hf_lxmert):
     """`Epoch20_LXRT.pth` spelling = HF keys under DataParallel's `module.`, `lxmert.` -> `bert.`."""
-    sd = {("module.bert." + k[len("lxmert."):]) if k.startswith("lxmert.") else "module." + k: v
-          for k, v in hf_lxmert.state_dict().items()}
+    sd = {
+        ("module.bert." + k[len("lxmert.") :]) if k.startswith("lxmert.") else "module." + k: v
+        for k, v in hf_lxmert.state_dict().items()
+    }
     result = convert_state_dict(sd, "lxmert", num_heads=L.num_heads)
     hf_result = convert_state_dict(hf_lxmert.state_dict(), "hf_lxmert", num_heads=L.num_heads)
     jax.tree_util.tree_map(np.testing.assert_array_equal, result.params, hf_result.params)
@@ -242,8 +297,9 @@ def test_hf_lxmert_model_parity(hf_lxmert):
     assert result.outputs == () and result.report.layout == "LxmertModel"
     full = convert_state_dict(hf_lxmert.state_dict(), "hf_lxmert", num_heads=L.num_heads)
     assert set(result.params) == {"lxmert"}
-    jax.tree_util.tree_map(np.testing.assert_array_equal, result.params["lxmert"],
-                           full.params["lxmert"])
+    jax.tree_util.tree_map(
+        np.testing.assert_array_equal, result.params["lxmert"], full.params["lxmert"]
+    )
     diffs = _lxmert_parity(bare, result, pretraining=False)
     print("hf LxmertModel max|diff|:", max(diffs.values()))
 
@@ -251,10 +307,15 @@ def test_hf_lxmert_model_parity(hf_lxmert):
 def test_bert_parity_on_uniter_text_path(tmp_path):
     torch.manual_seed(4)
     cfg = transformers.BertConfig(
-        vocab_size=U.vocab_size, hidden_size=U.hidden_size, num_hidden_layers=U.num_layers,
-        num_attention_heads=U.num_heads, intermediate_size=U.intermediate_size,
-        max_position_embeddings=U.max_position_embeddings, hidden_act="gelu",
-        attn_implementation="eager")
+        vocab_size=U.vocab_size,
+        hidden_size=U.hidden_size,
+        num_hidden_layers=U.num_layers,
+        num_attention_heads=U.num_heads,
+        intermediate_size=U.intermediate_size,
+        max_position_embeddings=U.max_position_embeddings,
+        hidden_act="gelu",
+        attn_implementation="eager",
+    )
     hf = perturb(transformers.BertForPreTraining(cfg), 5)
     config_json = tmp_path / "config.json"
     config_json.write_text(cfg.to_json_string())
@@ -263,14 +324,23 @@ def test_bert_parity_on_uniter_text_path(tmp_path):
     ids, tm, *_ = random_inputs(8, U.vocab_size)
     with torch.no_grad():
         t = lambda x: torch.from_numpy(np.asarray(x))
-        enc = hf.bert(input_ids=t(ids), attention_mask=t(tm), output_hidden_states=True,
-                      output_attentions=True)
+        enc = hf.bert(
+            input_ids=t(ids),
+            attention_mask=t(tm),
+            output_hidden_states=True,
+            output_attentions=True,
+        )
         full = hf(input_ids=t(ids), attention_mask=t(tm))
     b, n = ids.shape
-    batch = value_jax.Batch.create(ids, tm, np.zeros((b, 0, result.config.img_dim), np.float32),
-                                   np.zeros((b, 0, 4), np.float32))
-    trace = value_jax.forward(build_model(result.config, result.outputs), result.params, batch,
-                              outputs=("mlm",))
+    batch = value_jax.Batch.create(
+        ids,
+        tm,
+        np.zeros((b, 0, result.config.img_dim), np.float32),
+        np.zeros((b, 0, 4), np.float32),
+    )
+    trace = value_jax.forward(
+        build_model(result.config, result.outputs), result.params, batch, outputs=("mlm",)
+    )
     diffs = {}
     names = ["embeddings"] + [f"layer{i}" for i in range(1, U.num_layers + 1)]
     for name, h in zip(names, enc.hidden_states, strict=True):
@@ -284,45 +354,79 @@ def test_bert_parity_on_uniter_text_path(tmp_path):
 
 # ---- the fakes themselves --------------------------------------------------------------------
 
+
 def test_fake_layouts_match_hugging_face_module_trees(hf_lxmert):
     ours = make_state_dict("hf_lxmert", L, seed=0, answer_labels=5)
     assert {k: tuple(v.shape) for k, v in ours.items()} == {
-        k: tuple(v.shape) for k, v in hf_lxmert.state_dict().items()}
-    bert = transformers.BertForPreTraining(transformers.BertConfig(
-        vocab_size=U.vocab_size, hidden_size=U.hidden_size, num_hidden_layers=U.num_layers,
-        num_attention_heads=U.num_heads, intermediate_size=U.intermediate_size,
-        max_position_embeddings=U.max_position_embeddings))
+        k: tuple(v.shape) for k, v in hf_lxmert.state_dict().items()
+    }
+    bert = transformers.BertForPreTraining(
+        transformers.BertConfig(
+            vocab_size=U.vocab_size,
+            hidden_size=U.hidden_size,
+            num_hidden_layers=U.num_layers,
+            num_attention_heads=U.num_heads,
+            intermediate_size=U.intermediate_size,
+            max_position_embeddings=U.max_position_embeddings,
+        )
+    )
     assert {k: tuple(v.shape) for k, v in make_state_dict("bert", U, seed=0).items()} == {
-        k: tuple(v.shape) for k, v in bert.state_dict().items()}
+        k: tuple(v.shape) for k, v in bert.state_dict().items()
+    }
 
 
 def test_fake_is_deterministic_tied_and_bert_scaled():
     a, b, c = (make_state_dict("uniter", U, seed=s) for s in (5, 5, 6))
-    assert all(torch.equal(a[k], b[k]) for k in a) and not torch.equal(a["uniter.pooler.dense.weight"],
-                                                                      c["uniter.pooler.dense.weight"])
+    assert all(torch.equal(a[k], b[k]) for k in a) and not torch.equal(
+        a["uniter.pooler.dense.weight"], c["uniter.pooler.dense.weight"]
+    )
     assert a["cls.predictions.decoder.weight"] is a["uniter.embeddings.word_embeddings.weight"]
     assert a["feat_regress.weight"] is a["uniter.img_embeddings.img_linear.weight"]
     assert not a["uniter.img_embeddings.mask_embedding.weight"][0].any()
     assert abs(float(a["uniter.encoder.layer.0.output.dense.weight"].std()) - 0.02) < 0.005
     assert abs(float(a["uniter.encoder.layer.0.output.LayerNorm.weight"].mean()) - 1) < 0.01
     half = make_state_dict("uniter", U, seed=5, dtype=torch.float16)
-    assert half["cls.predictions.decoder.weight"] is half["uniter.embeddings.word_embeddings.weight"]
+    assert (
+        half["cls.predictions.decoder.weight"] is half["uniter.embeddings.word_embeddings.weight"]
+    )
     peaked = make_state_dict("uniter", U, seed=5, attention_score_std=1.5)
     changed = {k for k in a if not torch.equal(a[k], peaked[k])}
-    assert changed == {f"uniter.encoder.layer.{i}.attention.self.{p}.weight"
-                       for i in range(U.num_layers) for p in ("query", "key")}
+    assert changed == {
+        f"uniter.encoder.layer.{i}.attention.self.{p}.weight"
+        for i in range(U.num_layers)
+        for p in ("query", "key")
+    }
 
 
 # ---- files and the CLI -----------------------------------------------------------------------
 
+
 def test_cli_writes_a_directory_that_loads_and_runs(tmp_path):
-    src = write_fake_checkpoint(str(tmp_path / "uniter.pt"), "uniter", U, seed=7, wrap="model",
-                                dtype=torch.float16, old_layer_norm_names=True)
+    src = write_fake_checkpoint(
+        str(tmp_path / "uniter.pt"),
+        "uniter",
+        U,
+        seed=7,
+        wrap="model",
+        dtype=torch.float16,
+        old_layer_norm_names=True,
+    )
     out = tmp_path / "uniter_ckpt"
     proc = subprocess.run(
-        [sys.executable, "-m", "checkpoints_convert", f"--src={src}", "--format=uniter",
-         f"--out={out}", f"--num_heads={U.num_heads}"],
-        cwd=ROOT, capture_output=True, text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+        [
+            sys.executable,
+            "-m",
+            "checkpoints_convert",
+            f"--src={src}",
+            "--format=uniter",
+            f"--out={out}",
+            f"--num_heads={U.num_heads}",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "JAX_PLATFORMS": "cpu"},
+    )
     assert proc.returncode == 0, proc.stderr
     assert "result: OK" in proc.stdout and "equal, dropped" in proc.stdout
     model, params = load(str(out))
@@ -332,8 +436,12 @@ def test_cli_writes_a_directory_that_loads_and_runs(tmp_path):
     _, _, meta = read_config(str(out))
     assert meta["format"] == "uniter" and meta["text_only"] is False
     ids, tm, feats, boxes, rm = random_inputs(U.img_dim, U.vocab_size)
-    trace = value_jax.forward(model, params, value_jax.Batch.create(ids, tm, feats, boxes, rm),
-                              outputs=model.available_outputs)
+    trace = value_jax.forward(
+        model,
+        params,
+        value_jax.Batch.create(ids, tm, feats, boxes, rm),
+        outputs=model.available_outputs,
+    )
     probs = np.asarray(trace.attention["layer1"])
     assert np.isfinite(probs).all() and np.allclose(probs.sum(-1), 1, atol=1e-5)
     assert probs.std() > 0
@@ -344,8 +452,12 @@ def test_cli_refuses_and_writes_nothing(tmp_path, capsys):
     del sd["module.bert.encoder.x_layers.1.visn_output.dense.bias"]
     torch.save(sd, tmp_path / "broken.pth")
     out = tmp_path / "never"
-    argv = ["checkpoints_convert", f"--src={tmp_path / 'broken.pth'}", "--format=lxmert",
-            f"--out={out}"]
+    argv = [
+        "checkpoints_convert",
+        f"--src={tmp_path / 'broken.pth'}",
+        "--format=lxmert",
+        f"--out={out}",
+    ]
     import checkpoints_convert.__main__ as cli  # defines the CLI's absl flags; only here
 
     with flagsaver.flagsaver(), pytest.raises(SystemExit) as exit_info:
@@ -368,12 +480,17 @@ def test_convert_checkpoint_safetensors_and_text_only_metadata(tmp_path):
     jax.tree_util.tree_map(np.testing.assert_array_equal, params, result.params)
     with pytest.raises(FileExistsError):
         convert_checkpoint(src, "bert", str(tmp_path / "bert_ckpt"), num_heads=U.num_heads)
-    convert_checkpoint(src, "bert", str(tmp_path / "bert_ckpt"), num_heads=U.num_heads, overwrite=True)
+    convert_checkpoint(
+        src, "bert", str(tmp_path / "bert_ckpt"), num_heads=U.num_heads, overwrite=True
+    )
 
 
 def test_read_state_dict_unwraps_and_upcasts(tmp_path):
-    sd = {"a.weight": torch.randn(3, 2).to(torch.bfloat16), "b.bias": torch.randn(3).half(),
-          "c.position_ids": torch.arange(4)}
+    sd = {
+        "a.weight": torch.randn(3, 2).to(torch.bfloat16),
+        "b.bias": torch.randn(3).half(),
+        "c.position_ids": torch.arange(4),
+    }
     torch.save({"state_dict": sd, "epoch": 3}, tmp_path / "x.pt")
     got = read_state_dict(str(tmp_path / "x.pt"))
     assert sorted(got) == sorted(sd)
@@ -384,13 +501,16 @@ def test_read_state_dict_unwraps_and_upcasts(tmp_path):
 
 # ---- config inference -------------------------------------------------------------------------
 
+
 def test_num_heads_sources(tmp_path):
     sd = make_state_dict("uniter", U, seed=0)
     guessed = convert_state_dict(sd, "uniter")
     assert guessed.config.num_heads == 1  # 32 // 64, floored at one head
     assert any("GUESSED" in n for n in guessed.report.config_notes)
     cfg_json = tmp_path / "uniter-tiny.json"
-    cfg_json.write_text(json.dumps({"num_attention_heads": 4, "num_hidden_layers": 3, "hidden_size": 32}))
+    cfg_json.write_text(
+        json.dumps({"num_attention_heads": 4, "num_hidden_layers": 3, "hidden_size": 32})
+    )
     assert infer_config(sd, "uniter", model_config=str(cfg_json)) == U
     cfg_json.write_text(json.dumps({"num_attention_heads": 4, "num_hidden_layers": 12}))
     with pytest.raises(ConversionError, match="num_hidden_layers=12"):
@@ -400,6 +520,7 @@ def test_num_heads_sources(tmp_path):
 
 
 # ---- refusals ---------------------------------------------------------------------------------
+
 
 def _refused(sd, fmt, **kw):
     with pytest.raises(ConversionError) as info:
@@ -411,8 +532,12 @@ def test_missing_encoder_key_is_listed_and_nothing_is_written(tmp_path):
     sd = make_state_dict("uniter", U, seed=0)
     del sd["uniter.encoder.layer.1.attention.self.key.weight"]
     report, message = _refused(sd, "uniter")
-    assert report.missing == [("uniter/encoder/layer_1/attention/self/key/kernel",
-                               "uniter.encoder.layer.1.attention.self.key.weight")]
+    assert report.missing == [
+        (
+            "uniter/encoder/layer_1/attention/self/key/kernel",
+            "uniter.encoder.layer.1.attention.self.key.weight",
+        )
+    ]
     assert "uniter.encoder.layer.1.attention.self.key.weight" in message
     torch.save(sd, tmp_path / "m.pt")
     with pytest.raises(ConversionError):
@@ -424,8 +549,14 @@ def test_wrong_shape_lists_both_shapes(tmp_path):
     sd = make_state_dict("hf_lxmert", L, seed=0)
     sd["lxmert.encoder.r_layers.0.intermediate.dense.weight"] = torch.zeros(36, 32)
     report, message = _refused(sd, "hf_lxmert")
-    assert report.mismatched == [("lxmert.encoder.r_layers.0.intermediate.dense.weight",
-                                  "lxmert/encoder/r_layers_0/intermediate/dense/kernel", (37, 32), (36, 32))]
+    assert report.mismatched == [
+        (
+            "lxmert.encoder.r_layers.0.intermediate.dense.weight",
+            "lxmert/encoder/r_layers_0/intermediate/dense/kernel",
+            (37, 32),
+            (36, 32),
+        )
+    ]
     assert "expected [37, 32], found [36, 32]" in message
     torch.save(sd, tmp_path / "s.pt")
     with pytest.raises(ConversionError):
@@ -438,8 +569,10 @@ def test_unexpected_keys_are_listed():
     sd["module.bert.encoder.layer.0.attention.self.rotary.weight"] = torch.zeros(2)
     sd["bert.pooler.dense.bias"] = torch.zeros(32)  # lacks DataParallel's `module.`
     report, message = _refused(sd, "lxmert")
-    assert [k for k, _ in report.unexpected] == ["module.bert.encoder.layer.0.attention.self.rotary.weight",
-                                                 "bert.pooler.dense.bias"]
+    assert [k for k, _ in report.unexpected] == [
+        "module.bert.encoder.layer.0.attention.self.rotary.weight",
+        "bert.pooler.dense.bias",
+    ]
     assert "rotary" in message and not report.missing
 
 
@@ -449,17 +582,38 @@ def test_layer_beyond_a_given_config_is_unexpected():
     assert {k.split(".")[3] for k, _ in report.unexpected} == {"2"}
 
 
-@pytest.mark.parametrize("fmt,cfg,drop,head", [
-    ("uniter", U, ["region_classifier.net.3.bias"], "mrc"),
-    ("uniter", U, ["cls.predictions.bias", "cls.predictions.transform.dense.weight",
-                   "cls.predictions.transform.dense.bias", "cls.predictions.transform.LayerNorm.weight",
-                   "cls.predictions.transform.LayerNorm.bias"], "mlm"),  # only the tied decoder left
-    ("hf_lxmert", L, ["obj_predict_head.transform.dense.weight"], "obj"),
-    ("hf_lxmert", L, ["obj_predict_head.decoder_dict.obj.weight", "obj_predict_head.decoder_dict.obj.bias",
-                      "obj_predict_head.decoder_dict.attr.weight", "obj_predict_head.decoder_dict.attr.bias",
-                      "obj_predict_head.decoder_dict.feat.weight", "obj_predict_head.decoder_dict.feat.bias"],
-     "obj/attr/feat"),  # the shared transform with no decoder
-])
+@pytest.mark.parametrize(
+    "fmt,cfg,drop,head",
+    [
+        ("uniter", U, ["region_classifier.net.3.bias"], "mrc"),
+        (
+            "uniter",
+            U,
+            [
+                "cls.predictions.bias",
+                "cls.predictions.transform.dense.weight",
+                "cls.predictions.transform.dense.bias",
+                "cls.predictions.transform.LayerNorm.weight",
+                "cls.predictions.transform.LayerNorm.bias",
+            ],
+            "mlm",
+        ),  # only the tied decoder left
+        ("hf_lxmert", L, ["obj_predict_head.transform.dense.weight"], "obj"),
+        (
+            "hf_lxmert",
+            L,
+            [
+                "obj_predict_head.decoder_dict.obj.weight",
+                "obj_predict_head.decoder_dict.obj.bias",
+                "obj_predict_head.decoder_dict.attr.weight",
+                "obj_predict_head.decoder_dict.attr.bias",
+                "obj_predict_head.decoder_dict.feat.weight",
+                "obj_predict_head.decoder_dict.feat.bias",
+            ],
+            "obj/attr/feat",
+        ),  # the shared transform with no decoder
+    ],
+)
 def test_partially_present_head_is_refused(fmt, cfg, drop, head):
     sd = make_state_dict(fmt, cfg, seed=0)
     for k in drop:
@@ -475,13 +629,19 @@ def test_absent_output_head_is_fine_and_reported():
     assert result.outputs == ("itm",) and result.report.outputs_absent == ["mlm", "mrc", "mrfr"]
     with pytest.raises(ValueError, match="no weights for outputs"):
         build_model(result.config, result.outputs).apply(
-            {"params": result.params}, value_jax.models.dummy_batch(result.config), outputs=("mlm",))
+            {"params": result.params}, value_jax.models.dummy_batch(result.config), outputs=("mlm",)
+        )
 
 
-@pytest.mark.parametrize("fmt,cfg,dup", [("uniter", U, "cls.predictions.decoder.weight"),
-                                         ("uniter", U, "feat_regress.weight"),
-                                         ("lxmert", L, "module.cls.predictions.decoder.weight"),
-                                         ("bert", U, "cls.predictions.decoder.bias")])
+@pytest.mark.parametrize(
+    "fmt,cfg,dup",
+    [
+        ("uniter", U, "cls.predictions.decoder.weight"),
+        ("uniter", U, "feat_regress.weight"),
+        ("lxmert", L, "module.cls.predictions.decoder.weight"),
+        ("bert", U, "cls.predictions.decoder.bias"),
+    ],
+)
 def test_tied_pair_that_differs_is_refused(fmt, cfg, dup):
     sd = make_state_dict(fmt, cfg, seed=0)
     sd[dup] = sd[dup].clone()

@@ -1,5 +1,6 @@
 """checkpoint_id: the converted params' sha256 recorded at save time, and the file-hash fallback
 for directories written before it was recorded."""
+
 import json
 
 import numpy as np
@@ -17,6 +18,7 @@ def _convert(tmp_path, name, sd_or_seed=0):
     src = str(tmp_path / f"{name}.pt")
     if isinstance(sd_or_seed, dict):
         import torch
+
         torch.save(sd_or_seed, src)
     else:
         write_fake_checkpoint(src, "uniter", U, seed=sd_or_seed)

@@ -1,5 +1,6 @@
 """A conversion killed by SIGINT or SIGTERM while it writes leaves no `.<out>.tmp-*` folder, and
 folders that killed conversions left before are swept by the next one."""
+
 import os
 import signal
 import subprocess
@@ -52,10 +53,21 @@ def test_signal_mid_save_removes_the_temporary_folder(sig, tmp_path):
     (tmp_path / "slow_save.py").write_text(SLOW_SAVE)
     ready, out = tmp_path / "ready", tmp_path / "ckpt"
     proc = subprocess.Popen(
-        [sys.executable, str(tmp_path / "slow_save.py"), str(ready), f"--src={src}",
-         "--format=uniter", f"--out={out}", f"--num_heads={U.num_heads}"],
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        env={**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": ROOT})
+        [
+            sys.executable,
+            str(tmp_path / "slow_save.py"),
+            str(ready),
+            f"--src={src}",
+            "--format=uniter",
+            f"--out={out}",
+            f"--num_heads={U.num_heads}",
+        ],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": ROOT},
+    )
     try:
         deadline = time.monotonic() + 120
         while not ready.exists():
@@ -85,7 +97,7 @@ def _dead_pid():
 
 def test_stale_temporaries_of_dead_processes_are_swept_and_reported(tmp_path, capsys):
     dead = tmp_path / f".ckpt.tmp-{_dead_pid()}-abc"
-    older = tmp_path / ".ckpt.tmp-x1y2z3"          # written before the pid was in the name
+    older = tmp_path / ".ckpt.tmp-x1y2z3"  # written before the pid was in the name
     live = tmp_path / f".ckpt.tmp-{os.getpid()}-def"
     other = tmp_path / f".ckpt2.tmp-{_dead_pid()}-ghi"
     for d in (dead, older, live, other):
@@ -93,8 +105,13 @@ def test_stale_temporaries_of_dead_processes_are_swept_and_reported(tmp_path, ca
     src = write_fake_checkpoint(str(tmp_path / "u.pth"), "uniter", U, seed=0)
     import checkpoints_convert.__main__ as cli
 
-    argv = ["checkpoints_convert", f"--src={src}", "--format=uniter",
-            f"--out={tmp_path / 'ckpt'}", f"--num_heads={U.num_heads}"]
+    argv = [
+        "checkpoints_convert",
+        f"--src={src}",
+        "--format=uniter",
+        f"--out={tmp_path / 'ckpt'}",
+        f"--num_heads={U.num_heads}",
+    ]
     with flagsaver.flagsaver():
         flags.FLAGS(argv)
         cli.main(argv[:1])

@@ -1,6 +1,7 @@
 """The converter refuses broken files clearly: a corrupt zip, int8 or non-finite weights, source
 files it cannot load, an --out it cannot write or must not replace. Each failure is one line
 that names the path (or every key), found before any conversion work."""
+
 import argparse
 import os
 import zipfile
@@ -24,8 +25,14 @@ def run_cli(capsys, src, out, *extra):
     """`python -m checkpoints_convert` in process: `(exit code, stdout, stderr)`."""
     import checkpoints_convert.__main__ as cli  # defines the CLI's absl flags; only here
 
-    argv = ["checkpoints_convert", f"--src={src}", "--format=uniter", f"--out={out}",
-            f"--num_heads={U.num_heads}", *extra]
+    argv = [
+        "checkpoints_convert",
+        f"--src={src}",
+        "--format=uniter",
+        f"--out={out}",
+        f"--num_heads={U.num_heads}",
+        *extra,
+    ]
     code = 0
     with flagsaver.flagsaver():
         flags.FLAGS(argv)
@@ -42,6 +49,7 @@ def _fake(tmp_path, name="u.pth"):
 
 
 # ---- 1. a zip archive with flipped bytes -------------------------------------------------------
+
 
 def _flip_a_byte_in_the_largest_tensor(path):
     with zipfile.ZipFile(path) as zf:
@@ -72,6 +80,7 @@ def test_legacy_pickle_checkpoint_still_converts(tmp_path, capsys):
 
 # ---- 2. int8 and non-finite weights ------------------------------------------------------------
 
+
 def test_int8_and_non_finite_weights_are_all_listed_with_the_other_problems():
     sd = make_state_dict("uniter", U, seed=0)
     int8 = ["uniter.encoder.layer.0.attention.self.query.weight", "uniter.pooler.dense.bias"]
@@ -85,23 +94,29 @@ def test_int8_and_non_finite_weights_are_all_listed_with_the_other_problems():
         convert_state_dict(sd, "uniter", num_heads=U.num_heads)
     report, message = info.value.report, str(info.value)
     assert report.non_float == [(k, "int8") for k in int8]
-    assert report.non_finite == [("uniter.embeddings.word_embeddings.weight", 1, 0, 99 * 32),
-                                 ("uniter.encoder.layer.1.output.dense.weight", 3, 0, 32 * 37),
-                                 ("uniter.encoder.layer.2.intermediate.dense.bias", 0, 2, 37)]
+    assert report.non_finite == [
+        ("uniter.embeddings.word_embeddings.weight", 1, 0, 99 * 32),
+        ("uniter.encoder.layer.1.output.dense.weight", 3, 0, 32 * 37),
+        ("uniter.encoder.layer.2.intermediate.dense.bias", 0, 2, 37),
+    ]
     assert [p for p, _ in report.missing] == ["itm_output/bias"]  # refused keys are not "missing"
     assert all(ok for *_, ok in report.tied)  # the NaN is reported once, not as a tied mismatch
     assert report.errors == 2 + 3 + 1 + 1  # + the partial itm head
     for k in int8:
         assert f"{k}: int8" in message
-    assert "3 of 1184 values (3 NaN, 0 Inf)" in message and "2 of 37 values (0 NaN, 2 Inf)" in message
+    assert (
+        "3 of 1184 values (3 NaN, 0 Inf)" in message and "2 of 37 values (0 NaN, 2 Inf)" in message
+    )
 
 
 # ---- 3. files the converter cannot load ------------------------------------------------------
 
+
 def _weights_only_refused(tmp_path):
     path = tmp_path / "with_args.pth"  # UNITER's training script saved its argparse options too
-    torch.save({"model": make_state_dict("uniter", U, seed=0), "args": argparse.Namespace(lr=1)},
-               path)
+    torch.save(
+        {"model": make_state_dict("uniter", U, seed=0), "args": argparse.Namespace(lr=1)}, path
+    )
     return path, "argparse.Namespace"
 
 
@@ -112,7 +127,7 @@ def _truncated(tmp_path, name="u.pth", **kw):
     else:
         _fake(tmp_path, name)
     data = path.read_bytes()
-    path.write_bytes(data[:len(data) // 2])
+    path.write_bytes(data[: len(data) // 2])
     return path, "truncated"
 
 
@@ -129,14 +144,18 @@ def _garbage(tmp_path):
 def _folder(tmp_path):
     (tmp_path / "uniter").mkdir()
     _fake(tmp_path / "uniter", "model.pt")
-    return tmp_path / "uniter", "is a folder; pass the checkpoint file inside it (it holds model.pt)"
+    return (
+        tmp_path / "uniter",
+        "is a folder; pass the checkpoint file inside it (it holds model.pt)",
+    )
 
 
 BAD_SOURCES = {
     "weights-only refusal": _weights_only_refused,
     "truncated zip": _truncated,
-    "truncated legacy pickle": lambda t: _truncated(t, "legacy.pth",
-                                                    _use_new_zipfile_serialization=False),
+    "truncated legacy pickle": lambda t: _truncated(
+        t, "legacy.pth", _use_new_zipfile_serialization=False
+    ),
     "truncated safetensors": lambda t: _truncated(t, "u.safetensors"),
     "empty": _empty,
     "garbage": _garbage,
@@ -167,8 +186,9 @@ def _out_read_only(tmp_path):
 
 
 @pytest.mark.parametrize("make_out", [_out_under_a_file, _out_read_only])
-def test_unwritable_out_is_refused_before_the_source_is_read(make_out, tmp_path, capsys,
-                                                             monkeypatch):
+def test_unwritable_out_is_refused_before_the_source_is_read(
+    make_out, tmp_path, capsys, monkeypatch
+):
     src = _fake(tmp_path)
     out, what = make_out(tmp_path)
 
@@ -182,6 +202,7 @@ def test_unwritable_out_is_refused_before_the_source_is_read(make_out, tmp_path,
 
 # ---- 4. --overwrite replaces checkpoints only ---------------------------------------------------
 
+
 def test_overwrite_refuses_a_folder_that_is_not_a_checkpoint(tmp_path, capsys):
     src = _fake(tmp_path)
     thesis = tmp_path / "thesis"
@@ -194,14 +215,16 @@ def test_overwrite_refuses_a_folder_that_is_not_a_checkpoint(tmp_path, capsys):
     convert_checkpoint(src, "uniter", str(tmp_path / "ckpt"), num_heads=U.num_heads)
     (tmp_path / "ckpt" / "notes.md").write_text("mine")
     with pytest.raises(FileExistsError, match="notes.md"):
-        convert_checkpoint(src, "uniter", str(tmp_path / "ckpt"), num_heads=U.num_heads,
-                           overwrite=True)
+        convert_checkpoint(
+            src, "uniter", str(tmp_path / "ckpt"), num_heads=U.num_heads, overwrite=True
+        )
     assert (tmp_path / "ckpt" / "notes.md").exists()
 
 
 def test_overwrite_replaces_a_checkpoint_and_an_empty_folder(tmp_path, capsys):
-    old = convert_checkpoint(_fake(tmp_path, "old.pth"), "uniter", str(tmp_path / "ckpt"),
-                             num_heads=U.num_heads)
+    old = convert_checkpoint(
+        _fake(tmp_path, "old.pth"), "uniter", str(tmp_path / "ckpt"), num_heads=U.num_heads
+    )
     src = write_fake_checkpoint(str(tmp_path / "new.pth"), "uniter", U, seed=1)
     (tmp_path / "empty").mkdir()
     for out in ("ckpt", "empty"):
@@ -215,6 +238,7 @@ def test_overwrite_replaces_a_checkpoint_and_an_empty_folder(tmp_path, capsys):
 
 # ---- 6. the text-only note -----------------------------------------------------------------------
 
+
 def test_bert_refusal_says_text_only_in_a_plain_sentence():
     sd = make_state_dict("bert", U, seed=0)
     del sd["bert.pooler.dense.bias"]
@@ -222,5 +246,7 @@ def test_bert_refusal_says_text_only_in_a_plain_sentence():
         convert_state_dict(sd, "bert", num_heads=U.num_heads)
     message = str(info.value)
     assert "!!!" not in message and "TEXT-ONLY" not in message and "ZEROS" not in message
-    assert ("text only: bert has no region embedding, so UNITER's img_embeddings are filled "
-            "with zeros and the model reads text alone.") in message.splitlines()
+    assert (
+        "text only: bert has no region embedding, so UNITER's img_embeddings are filled "
+        "with zeros and the model reads text alone."
+    ) in message.splitlines()

@@ -1,9 +1,9 @@
 """Two processes on loopback (jax.distributed, CPU collectives over gloo), each with two host
 devices, give the numbers of a one-process run: same item counts, the same values to 1e-6;
 and a two-process run killed part-way resumes to the same result."""
+
 from __future__ import annotations
 
-import concurrent.futures
 import json
 import os
 import socket
@@ -38,9 +38,14 @@ def _free_port() -> int:
 
 
 def _env(cache):
-    return dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2",
-                JAX_COMPILATION_CACHE_DIR=str(cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-                JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+    return dict(
+        os.environ,
+        JAX_PLATFORMS="cpu",
+        XLA_FLAGS="--xla_force_host_platform_device_count=2",
+        JAX_COMPILATION_CACHE_DIR=str(cache),
+        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+        JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
+    )
 
 
 def _cmd(script, flags):
@@ -48,18 +53,39 @@ def _cmd(script, flags):
 
 
 def _one(cache, out, flags):
-    proc = subprocess.run(_cmd(None, [f"--out_dir={out}", *flags]), cwd=REPO, env=_env(cache),
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        _cmd(None, [f"--out_dir={out}", *flags]),
+        cwd=REPO,
+        env=_env(cache),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
 def _two(cache, out, flags, script=None, ok=True):
     port = _free_port()
-    procs = [subprocess.Popen(_cmd(script, [f"--out_dir={out}", *flags,
-                                            f"--coordinator_address=127.0.0.1:{port}",
-                                            "--num_processes=2", f"--process_id={i}"]),
-                              cwd=REPO, env=_env(cache), stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for i in range(2)]
+    procs = [
+        subprocess.Popen(
+            _cmd(
+                script,
+                [
+                    f"--out_dir={out}",
+                    *flags,
+                    f"--coordinator_address=127.0.0.1:{port}",
+                    "--num_processes=2",
+                    f"--process_id={i}",
+                ],
+            ),
+            cwd=REPO,
+            env=_env(cache),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
     outs = [p.communicate(timeout=600) for p in procs]
     if ok:
         for p, (_, err) in zip(procs, outs):
@@ -73,8 +99,9 @@ def _close(a, b, path=""):
         for k in a:
             _close(a[k], b[k], f"{path}.{k}")
     elif isinstance(a, list) and a and not isinstance(a[0], (str, dict)):
-        np.testing.assert_allclose(np.asarray(a, float), np.asarray(b, float), atol=1e-6,
-                                   err_msg=path)
+        np.testing.assert_allclose(
+            np.asarray(a, float), np.asarray(b, float), atol=1e-6, err_msg=path
+        )
     elif isinstance(a, float):
         assert abs(a - b) <= 1e-6, path
     else:
@@ -95,7 +122,7 @@ def reference(tmp_path_factory):
 def test_two_processes_equal_one(reference, tmp_path):
     cache, one = reference
     procs, outs = _two(cache, tmp_path, FLAGS)
-    assert "wrote results.json" in outs[0][1] and "wrote" not in outs[1][1]   # process 0 writes
+    assert "wrote results.json" in outs[0][1] and "wrote" not in outs[1][1]  # process 0 writes
     two = json.loads((tmp_path / "coref" / "uniter" / "results.json").read_text())
     assert two["links"] == one["links"] > 0
     _close(one, two)

@@ -10,6 +10,7 @@ package actually loads (`sys.modules`, in a fresh interpreter).
 "Models" are the Flax modules (`value_jax.models` and its submodules other than `configs`);
 importing `value_jax.models.configs` runs the light `value_jax/models/__init__.py` only.
 """
+
 from __future__ import annotations
 
 import ast
@@ -64,8 +65,11 @@ def _forbidden(name: str, forbidden: tuple[str, ...]) -> bool:
 
 def _part_files(prefixes):
     files = sorted(PACKAGE.rglob("*.py"))
-    return [f for f in files if any(_module_name(f) == p or _module_name(f).startswith(p + ".")
-                                    for p in prefixes)]
+    return [
+        f
+        for f in files
+        if any(_module_name(f) == p or _module_name(f).startswith(p + ".") for p in prefixes)
+    ]
 
 
 @pytest.mark.parametrize("part", sorted(RULES))
@@ -73,8 +77,12 @@ def test_source_imports_follow_the_rules(part):
     prefixes, forbidden = RULES[part]
     files = _part_files(prefixes)
     assert files, part
-    bad = [f"{f.relative_to(ROOT)}:{line} imports {name}"
-           for f in files for line, name in _imports(f) if _forbidden(name, forbidden)]
+    bad = [
+        f"{f.relative_to(ROOT)}:{line} imports {name}"
+        for f in files
+        for line, name in _imports(f)
+        if _forbidden(name, forbidden)
+    ]
     assert not bad, "\n".join(bad)
 
 
@@ -90,8 +98,13 @@ print(json.dumps(sorted(sys.modules)))
 def test_importing_a_part_loads_nothing_forbidden(part):
     prefixes, forbidden = RULES[part]
     names = [_module_name(f) for f in _part_files(prefixes)]
-    proc = subprocess.run([sys.executable, "-c", _LOADED, json.dumps(names)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", _LOADED, json.dumps(names)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     loaded = json.loads(proc.stdout.strip().splitlines()[-1])
     bad = [m for m in loaded if _forbidden(m, forbidden)]
@@ -99,8 +112,13 @@ def test_importing_a_part_loads_nothing_forbidden(part):
 
 
 def test_importing_kernels_loads_no_orbax_and_no_other_part():
-    proc = subprocess.run([sys.executable, "-c", _LOADED, json.dumps(["value_jax.kernels"])],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", _LOADED, json.dumps(["value_jax.kernels"])],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     loaded = json.loads(proc.stdout.strip().splitlines()[-1])
     ours = [m for m in loaded if m.startswith("value_jax")]
@@ -112,8 +130,13 @@ def test_the_rule_checker_sees_a_violation(tmp_path):
     """The ast scan itself: planted forbidden imports (one relative, inside a function) are
     reported, the allowed configs import is not."""
     fake = tmp_path / "planted.py"
-    fake.write_text("from value_jax.models.configs import CONFIGS\n"
-                    "def f():\n    from ..models import uniter\n    return uniter\n")
-    found = [name for _, name in _imports(fake, "value_jax.probes.planted")
-             if _forbidden(name, RULES["probes"][1])]
+    fake.write_text(
+        "from value_jax.models.configs import CONFIGS\n"
+        "def f():\n    from ..models import uniter\n    return uniter\n"
+    )
+    found = [
+        name
+        for _, name in _imports(fake, "value_jax.probes.planted")
+        if _forbidden(name, RULES["probes"][1])
+    ]
     assert found == ["value_jax.models.uniter"]

@@ -3,6 +3,7 @@
 Inputs are padded: random lengths, and padded index slots / padded tokens hold garbage that must
 not change any result. Every kernel is run under jit, several also under vmap / over_layers.
 """
+
 import functools
 import warnings
 
@@ -16,7 +17,6 @@ from sklearn.metrics import normalized_mutual_info_score
 
 from value_jax import kernels
 from value_jax.kernels import kmeans
-
 
 # Jitted once per shape: eager control flow (while_loop, lax.map) would recompile on every call.
 KMEANS2 = jax.jit(kernels.kmeans2, static_argnames=("num_iters", "num_starts"))
@@ -40,6 +40,7 @@ def _prefix_mask(rng, batch, length, low=0):
 # ---------------------------------------------------------------------------------------------
 # Twins.
 # ---------------------------------------------------------------------------------------------
+
 
 def set_max_twin(attn, q_idx, q_mask, k_idx, k_mask):
     b_, h_ = attn.shape[:2]
@@ -126,8 +127,10 @@ def kmeans2_twin(x, mask, num_iters=20, num_starts=10):
         for r in range(num_starts):
             first = (2 * r + 1) * n // (2 * num_starts)
             running = np.cumsum(dist[first])
-            trials = [int(np.searchsorted(running, u * running[-1]))      # first reaching u·Σ
-                      for u in ((r + 0.5) * golden % 1, (r + 0.5) * plastic % 1)]
+            trials = [
+                int(np.searchsorted(running, u * running[-1]))  # first reaching u·Σ
+                for u in ((r + 0.5) * golden % 1, (r + 0.5) * plastic % 1)
+            ]
             potential = [np.minimum(dist[first], dist[t]).sum() for t in trials]
             second = trials[1] if potential[1] < potential[0] else trials[0]
             c0, c1 = pts[first], pts[second]
@@ -141,7 +144,7 @@ def kmeans2_twin(x, mask, num_iters=20, num_starts=10):
             obj = _objective(pts, in1)
             if obj < best_obj:
                 best, best_obj = in1, obj
-        out[b, idx] = (best != best[0]).astype(int)          # cluster 0 holds the first token
+        out[b, idx] = (best != best[0]).astype(int)  # cluster 0 holds the first token
     return out
 
 
@@ -153,13 +156,14 @@ def _objective(pts, in1):
 # Attention-block kernels.
 # ---------------------------------------------------------------------------------------------
 
+
 def _set_max_inputs(rng, b=5, h=3, q=7, k=9, p=6, m=3, n=4):
     attn = _random_attn(rng, b, h, q, k)
     q_idx = rng.integers(0, q, size=(b, p, m))
     k_idx = rng.integers(0, k, size=(b, p, n))
     q_mask = rng.random((b, p, m)) < 0.6
     k_mask = rng.random((b, p, n)) < 0.6
-    q_mask[:, -1] = False                            # a padded item: 0 expected
+    q_mask[:, -1] = False  # a padded item: 0 expected
     # Garbage in padded slots, out of range both ways.
     q_idx = np.where(q_mask, q_idx, rng.integers(-50, 50, size=q_idx.shape))
     k_idx = np.where(k_mask, k_idx, rng.integers(-50, 50, size=k_idx.shape))
@@ -182,7 +186,8 @@ def test_set_max_layers_and_vmap():
     assert got.shape == (3, 5, 6, 3)
     for layer in range(3):
         np.testing.assert_array_equal(
-            got[layer], set_max_twin(layers[layer], q_idx, q_mask, k_idx, k_mask))
+            got[layer], set_max_twin(layers[layer], q_idx, q_mask, k_idx, k_mask)
+        )
     vmapped = jax.jit(jax.vmap(kernels.set_max, in_axes=(0, None, None, None, None)))
     np.testing.assert_array_equal(np.asarray(vmapped(layers, q_idx, q_mask, k_idx, k_mask)), got)
 
@@ -200,14 +205,14 @@ def test_cls_modality_sums_matches_twin():
     text_len = rng.integers(1, 5, size=b)
     real = _prefix_mask(rng, b, n, low=7)
     pos = np.arange(n)[None, :]
-    text = (pos >= 1) & (pos <= text_len[:, None]) & real          # [CLS] t1..tm [SEP] v...
+    text = (pos >= 1) & (pos <= text_len[:, None]) & real  # [CLS] t1..tm [SEP] v...
     region = (pos > text_len[:, None] + 1) & real
     i_t, i_v = jax.jit(kernels.cls_modality_sums)(attn, text, region)
     assert i_t.shape == i_v.shape == (b, h)
     want_t, want_v = cls_sums_twin(attn, text, region)
     np.testing.assert_allclose(np.asarray(i_t), want_t, rtol=1e-6, atol=1e-7)
     np.testing.assert_allclose(np.asarray(i_v), want_v, rtol=1e-6, atol=1e-7)
-    assert (np.asarray(i_t + i_v) < 1.0).all()                      # [CLS]/[SEP] keys left out
+    assert (np.asarray(i_t + i_v) < 1.0).all()  # [CLS]/[SEP] keys left out
 
 
 def test_image_to_text_indicator_matches_twin():
@@ -217,7 +222,7 @@ def test_image_to_text_indicator_matches_twin():
     v2t = _random_attn(rng, b, h, r, t) * rng.uniform(0.2, 1.0, size=(b, h, r, 1))
     v2t = v2t.astype(np.float32)
     region = _prefix_mask(rng, b, r, low=1)
-    region[0] = False                                               # no real region: all False
+    region[0] = False  # no real region: all False
     text = _prefix_mask(rng, b, t, low=2)
     for threshold in (0.5, 0.3):
         got = np.asarray(jax.jit(kernels.image_to_text_indicator)(v2t, region, text, threshold))
@@ -229,7 +234,7 @@ def test_image_to_text_indicator_matches_twin():
 
 def test_image_to_text_indicator_is_strict():
     v2t = np.zeros((1, 1, 2, 2), np.float32)
-    v2t[0, 0, 0] = [0.25, 0.25]                                     # exactly 0.5: not a hit
+    v2t[0, 0, 0] = [0.25, 0.25]  # exactly 0.5: not a hit
     ones = np.ones((1, 2), bool)
     assert not kernels.image_to_text_indicator(v2t, ones, ones)[0, 0]
     v2t[0, 0, 1] = [0.5, 0.125]
@@ -242,13 +247,14 @@ def test_block_mean_matches_twin(band, zero):
     b, h, q, k = 5, 3, 8, 8
     attn = _random_attn(rng, b, h, q, k)
     q_mask = _prefix_mask(rng, b, q)
-    q_mask[0] = False                                               # empty block -> 0
+    q_mask[0] = False  # empty block -> 0
     k_mask = q_mask.copy() if band is not None else _prefix_mask(rng, b, k)
     fn = jax.jit(functools.partial(kernels.block_mean, band=band, band_counts_as_zero=zero))
     got = np.asarray(fn(attn, q_mask, k_mask))
     assert got.shape == (b, h)
-    np.testing.assert_allclose(got, block_mean_twin(attn, q_mask, k_mask, band, zero),
-                               rtol=1e-6, atol=1e-8)
+    np.testing.assert_allclose(
+        got, block_mean_twin(attn, q_mask, k_mask, band, zero), rtol=1e-6, atol=1e-8
+    )
     assert (got[0] == 0).all()
 
 
@@ -260,8 +266,7 @@ def test_block_mean_band_counts_as_zero_is_vl_interpret():
     got = np.asarray(kernels.block_mean(attn, mask, mask, band=1, band_counts_as_zero=True))
     for i in range(b):
         n = mask[i].sum()
-        np.testing.assert_allclose(got[i], vl_interpret_without_self(attn[i, :, :n, :n]),
-                                   rtol=1e-6)
+        np.testing.assert_allclose(got[i], vl_interpret_without_self(attn[i, :, :n, :n]), rtol=1e-6)
 
 
 def test_block_mean_vmap():
@@ -271,13 +276,15 @@ def test_block_mean_vmap():
     vmapped = jax.jit(jax.vmap(lambda a: kernels.block_mean(a, mask, mask, band=1)))
     got = np.asarray(vmapped(attn))
     for layer in range(3):
-        np.testing.assert_allclose(got[layer], block_mean_twin(attn[layer], mask, mask, 1),
-                                   rtol=1e-6)
+        np.testing.assert_allclose(
+            got[layer], block_mean_twin(attn[layer], mask, mask, 1), rtol=1e-6
+        )
 
 
 # ---------------------------------------------------------------------------------------------
 # NMI.
 # ---------------------------------------------------------------------------------------------
+
 
 def test_nmi_equals_sklearn_including_degenerate_cases():
     rng = np.random.default_rng(8)
@@ -286,30 +293,34 @@ def test_nmi_equals_sklearn_including_degenerate_cases():
 
     def add(pred, label):
         m = len(pred)
-        preds.append(np.r_[pred, rng.integers(-1, 3, size=n - m)])   # garbage at padding
+        preds.append(np.r_[pred, rng.integers(-1, 3, size=n - m)])  # garbage at padding
         labels.append(np.r_[label, rng.integers(-1, 3, size=n - m)])
         masks.append(np.arange(n) < m)
 
-    add([], [])                                     # no tokens: sklearn says 1.0
-    add([1], [0])                                   # one token each: 1.0
-    add([0] * 7, [0] * 7)                           # both constant, same value: 1.0
-    add([1] * 7, [0] * 7)                           # both constant, different values: 1.0
-    add([0] * 7, [0, 1, 0, 1, 1, 0, 0])             # one constant: 0.0
+    add([], [])  # no tokens: sklearn says 1.0
+    add([1], [0])  # one token each: 1.0
+    add([0] * 7, [0] * 7)  # both constant, same value: 1.0
+    add([1] * 7, [0] * 7)  # both constant, different values: 1.0
+    add([0] * 7, [0, 1, 0, 1, 1, 0, 0])  # one constant: 0.0
     add([0, 1, 0, 1, 1, 0, 0], [1] * 7)
-    add([0, 0, 1, 1], [0, 1, 0, 1])                 # independent: MI = 0
-    add([0, 0, 1, 1, 1], [1, 1, 0, 0, 0])           # perfect, swapped: 1.0
-    add([0] * 20 + [1], [0] * 19 + [1, 1])          # near-constant, small entropies
+    add([0, 0, 1, 1], [0, 1, 0, 1])  # independent: MI = 0
+    add([0, 0, 1, 1, 1], [1, 1, 0, 0, 0])  # perfect, swapped: 1.0
+    add([0] * 20 + [1], [0] * 19 + [1, 1])  # near-constant, small entropies
     for _ in range(60):
         m = int(rng.integers(2, n + 1))
         pred = rng.integers(0, 2, size=m)
-        label = rng.integers(0, 2, size=m) if rng.random() < 0.5 else (
-            pred ^ (rng.random(m) < rng.uniform(0, 0.5)))
+        label = (
+            rng.integers(0, 2, size=m)
+            if rng.random() < 0.5
+            else (pred ^ (rng.random(m) < rng.uniform(0, 0.5)))
+        )
         add(pred, label)
     pred, label, mask = (np.stack(a) for a in (preds, labels, masks))
     got = np.asarray(jax.jit(kernels.nmi)(pred, label, mask))
     assert got.shape == (len(preds),) and got.dtype == np.float32
-    want = [normalized_mutual_info_score(label[i][mask[i]], pred[i][mask[i]])
-            for i in range(len(preds))]
+    want = [
+        normalized_mutual_info_score(label[i][mask[i]], pred[i][mask[i]]) for i in range(len(preds))
+    ]
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
     np.testing.assert_array_equal(got[:8], [1, 1, 1, 1, 0, 0, 0, 1])
 
@@ -335,13 +346,15 @@ def _modality_data(rng, sep, b=B):
     """Text tokens then regions, text padded to N_TEXT; garbage at padding."""
     n = N_TEXT + N_REGIONS
     text_len = rng.integers(2, N_TEXT + 1, size=b)
-    mask = np.concatenate([np.arange(N_TEXT)[None] < text_len[:, None],
-                           np.ones((b, N_REGIONS), bool)], axis=1)
-    labels = np.concatenate([np.zeros((b, N_TEXT), np.int32),
-                             np.ones((b, N_REGIONS), np.int32)], axis=1)
+    mask = np.concatenate(
+        [np.arange(N_TEXT)[None] < text_len[:, None], np.ones((b, N_REGIONS), bool)], axis=1
+    )
+    labels = np.concatenate(
+        [np.zeros((b, N_TEXT), np.int32), np.ones((b, N_REGIONS), np.int32)], axis=1
+    )
     direction = rng.normal(size=(b, 1, D))
     x = rng.normal(size=(b, n, D)) + sep * (labels[..., None] - 0.5) * direction
-    x = x + 50.0 * rng.normal(size=(b, 1, D))                   # far from the origin
+    x = x + 50.0 * rng.normal(size=(b, 1, D))  # far from the origin
     x = np.where(mask[..., None], x, 1e4 * rng.normal(size=(b, n, D)))
     return x.astype(np.float32), labels, mask
 
@@ -360,10 +373,10 @@ def _sklearn_nmi(x, labels, mask, n_init=10):
 def test_kmeans2_matches_twin(num_starts):
     rng = np.random.default_rng(10)
     x, _, mask = _modality_data(rng, sep=1.0)
-    mask[0] = False                                             # empty sample: all -1
-    mask[1, 1:] = False                                         # a single token
-    mask[2, 1:N_TEXT] = False                                   # a single text token
-    x[3, 1:] = x[3, 0]                                          # all tokens identical
+    mask[0] = False  # empty sample: all -1
+    mask[1, 1:] = False  # a single token
+    mask[2, 1:N_TEXT] = False  # a single text token
+    x[3, 1:] = x[3, 0]  # all tokens identical
     got = np.asarray(KMEANS2(x, mask, num_starts=num_starts))
     assert got.shape == mask.shape and got.dtype == np.int32
     np.testing.assert_array_equal(got == -1, ~mask)
@@ -399,7 +412,7 @@ def test_kmeans2_several_steps_per_loop_test_change_nothing(monkeypatch, num_ite
     # A fresh function per call: jit would otherwise reuse the trace made before the patch.
     solve = lambda n: np.asarray(jax.jit(lambda a, m: kernels.kmeans2(a, m, n))(x, mask))
     one = solve(num_iters)
-    if num_iters < 20:           # the data must be able to tell extra steps apart
+    if num_iters < 20:  # the data must be able to tell extra steps apart
         assert (one != solve(20)).any()
     monkeypatch.setattr(kmeans, "_steps_per_check", lambda: 4)
     four = solve(num_iters)
@@ -437,8 +450,9 @@ def test_kmeans2_padding_garbage_and_batch_neighbours_do_not_matter():
     full = np.asarray(KMEANS2(x, mask))
     other = np.where(mask[..., None], x, rng.normal(size=x.shape).astype(np.float32))
     np.testing.assert_array_equal(np.asarray(KMEANS2(other, mask)), full)
-    np.testing.assert_array_equal(np.asarray(jax.jit(kernels.kmeans2)(x[5:9], mask[5:9])),
-                                  full[5:9])
+    np.testing.assert_array_equal(
+        np.asarray(jax.jit(kernels.kmeans2)(x[5:9], mask[5:9])), full[5:9]
+    )
 
 
 def test_kmeans2_nmi_separated_is_exactly_one_like_sklearn():
@@ -472,7 +486,7 @@ def test_kmeans2_collapsed_modalities_give_zero_nmi():
 def test_kmeans2_nmi_over_layers_and_vmap():
     x, labels, mask = _modality_data(np.random.default_rng(15), sep=1.0)
     separated, _, _ = _modality_data(np.random.default_rng(15), sep=8.0)
-    layers = np.stack([separated, x])                           # [L, B, N, D]
+    layers = np.stack([separated, x])  # [L, B, N, D]
     got = np.asarray(jax.jit(kernels.over_layers(kernels.kmeans2_nmi))(layers, labels, mask))
     assert got.shape == (2, B)
     per_layer = np.stack([np.asarray(KMEANS2_NMI(layer, labels, mask)) for layer in layers])

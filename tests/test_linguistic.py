@@ -1,4 +1,5 @@
 """SentEval probing (VALUE Table 5): the dev-selected best layer next to the test-selected one."""
+
 import numpy as np
 
 from value_jax.probes.linguistic import LinguisticProbe
@@ -6,7 +7,7 @@ from value_jax.probes.linguistic import LinguisticProbe
 
 def test_dev_selected_layer_is_reported_next_to_the_test_selected_one():
     rng = np.random.default_rng(0)
-    n = {0: 400, 1: 200, 2: 200}                      # tr, va, te
+    n = {0: 400, 1: 200, 2: 200}  # tr, va, te
     split = np.concatenate([np.full(k, s) for s, k in n.items()])
     y = rng.integers(0, 2, len(split))
     signal = (2 * y - 1)[:, None] * 2.0 + rng.normal(size=(len(split), 4))
@@ -16,8 +17,9 @@ def test_dev_selected_layer_is_reported_next_to_the_test_selected_one():
     one = np.where((split == 1)[:, None], noise, signal)
     probe = LinguisticProbe("toy", ["a", "b"], max_epochs=50)
     probe.layer_names = ["embeddings", "layer1"]
-    res = probe.finalize({"sentence": np.stack([emb, one], 1).astype(np.float32), "label": y,
-                          "split": split}, {})
+    res = probe.finalize(
+        {"sentence": np.stack([emb, one], 1).astype(np.float32), "label": y, "split": split}, {}
+    )
     d = res.data
     assert d["best_layer"] == "layer1" and d["best_layer_dev"] == "embeddings"
     assert d["best_accuracy"] > 0.9 and d["best_accuracy_dev"] < 0.7

@@ -1,5 +1,6 @@
 """Model structure tests that need no PyTorch: region embedding vs a numpy twin, masking,
 shared cross-attention, sown names. Numerical parity with HF lives in test_parity.py."""
+
 import jax
 import numpy as np
 import pytest
@@ -18,9 +19,11 @@ def _batch(cfg, rng, b=2, t=7, r=5, text_lens=None, region_lens=None, masked=Non
     return value_jax.Batch.create(
         rng.integers(0, cfg.vocab_size, (b, t)),
         np.arange(t)[None] < np.array(text_lens)[:, None],
-        rng.normal(size=(b, r, feat_dim)).clip(0), boxes,
+        rng.normal(size=(b, r, feat_dim)).clip(0),
+        boxes,
         region_mask=np.arange(r)[None] < np.array(region_lens)[:, None],
-        region_masked=masked)
+        region_masked=masked,
+    )
 
 
 def _ln(x, p, eps=1e-12):
@@ -38,13 +41,14 @@ def test_uniter_region_embedding_matches_numpy_twin():
     model = build_model(cfg)
     params = jax.tree_util.tree_map(np.asarray, init_params(model, jax.random.PRNGKey(1)))
     # A non-zero mask embedding, so that masked regions visibly differ.
-    params["uniter"]["img_embeddings"]["mask_embedding"]["embedding"] = np.random.default_rng(2).normal(
-        size=(2, cfg.img_dim)).astype(np.float32)
+    params["uniter"]["img_embeddings"]["mask_embedding"]["embedding"] = (
+        np.random.default_rng(2).normal(size=(2, cfg.img_dim)).astype(np.float32)
+    )
     rng = np.random.default_rng(0)
     masked = np.array([[0, 1, 0, 0, 1], [0, 0, 0, 0, 0]])
     batch = _batch(cfg, rng, masked=masked)
     trace = value_jax.run(model, params, batch)
-    got = np.asarray(trace.hidden["embeddings"])[:, batch.text_len:]
+    got = np.asarray(trace.hidden["embeddings"])[:, batch.text_len :]
 
     p = params["uniter"]["img_embeddings"]
     feats = np.asarray(batch.region_feats) + masked[..., None] * p["mask_embedding"]["embedding"][1]
@@ -52,26 +56,37 @@ def test_uniter_region_embedding_matches_numpy_twin():
     w, h = boxes[..., 2] - boxes[..., 0], boxes[..., 3] - boxes[..., 1]
     pos7 = np.concatenate([boxes, w[..., None], h[..., None], (w * h)[..., None]], -1)
     type1 = params["uniter"]["embeddings"]["token_type_embeddings"]["embedding"][1]
-    want = _ln(_ln(_dense(feats, p["img_linear"]), p["img_layer_norm"])
-               + _ln(_dense(pos7, p["pos_linear"]), p["pos_layer_norm"]) + type1, p["LayerNorm"])
+    want = _ln(
+        _ln(_dense(feats, p["img_linear"]), p["img_layer_norm"])
+        + _ln(_dense(pos7, p["pos_linear"]), p["pos_layer_norm"])
+        + type1,
+        p["LayerNorm"],
+    )
     np.testing.assert_allclose(got, want, atol=1e-5)
 
 
-@pytest.mark.parametrize("cfg", [UniterConfig.tiny(), LxmertConfig.tiny()], ids=["uniter", "lxmert"])
+@pytest.mark.parametrize(
+    "cfg", [UniterConfig.tiny(), LxmertConfig.tiny()], ids=["uniter", "lxmert"]
+)
 def test_padding_changes_nothing_on_real_tokens(cfg):
     """Padded text/region slots (masked with -10000) leave every real token's state unchanged."""
     model = build_model(cfg)
     params = init_params(model, jax.random.PRNGKey(0))
     rng = np.random.default_rng(3)
     padded = _batch(cfg, rng, b=2, t=9, r=6, text_lens=[9, 5], region_lens=[6, 4])
-    tight = value_jax.Batch.create(padded.input_ids[1:, :5], padded.text_mask[1:, :5],
-                                   padded.region_feats[1:, :4], padded.region_boxes[1:, :4])
+    tight = value_jax.Batch.create(
+        padded.input_ids[1:, :5],
+        padded.text_mask[1:, :5],
+        padded.region_feats[1:, :4],
+        padded.region_boxes[1:, :4],
+    )
     full, small = value_jax.run(model, params, padded), value_jax.run(model, params, tight)
     for mod, n in (("text", 5), ("image", 4)):
         a, names = full.hidden_states(mod)
         b, _ = small.hidden_states(mod)
-        np.testing.assert_allclose(np.asarray(a)[:, 1, :n], np.asarray(b)[:, 0], atol=2e-5,
-                                   err_msg=f"{mod} states differ")
+        np.testing.assert_allclose(
+            np.asarray(a)[:, 1, :n], np.asarray(b)[:, 0], atol=2e-5, err_msg=f"{mod} states differ"
+        )
     for d in ("t2t", "t2v", "v2t", "v2v"):
         a, _ = full.blocks(d)
         b, _ = small.blocks(d)
@@ -83,6 +98,7 @@ def test_padding_changes_nothing_on_real_tokens(cfg):
 
 def test_gelu_is_erf_and_layernorm_eps():
     from value_jax.models.layers import LN_EPS, gelu
+
     x = np.linspace(-4, 4, 101).astype(np.float32)
     np.testing.assert_allclose(np.asarray(gelu(x)), x * 0.5 * (1 + erf(x / np.sqrt(2))), atol=1e-6)
     assert LN_EPS == 1e-12
@@ -99,9 +115,12 @@ def test_layer_norm_matches_float64_two_pass(mean, std):
     default) visible, an error of ~1.
     """
     from value_jax.models.layers import layer_norm
+
     rng = np.random.default_rng(0)
-    p = {"scale": rng.normal(1, 0.1, 768).astype(np.float32),
-         "bias": rng.normal(0, 0.1, 768).astype(np.float32)}
+    p = {
+        "scale": rng.normal(1, 0.1, 768).astype(np.float32),
+        "bias": rng.normal(0, 0.1, 768).astype(np.float32),
+    }
     x = (mean + std * rng.normal(size=(256, 768))).astype(np.float32)
     got = np.asarray(layer_norm().apply({"params": p}, x))
     want = _ln(x.astype(np.float64), {k: v.astype(np.float64) for k, v in p.items()})
@@ -155,6 +174,7 @@ def test_output_heads_absent_from_checkpoint_are_refused():
 
 def test_base_configs_have_the_published_sizes():
     from value_jax.models import param_shapes
+
     uniter = param_shapes(build_model(UniterConfig()))
     lxmert = param_shapes(build_model(LxmertConfig()))
     assert uniter["uniter"]["embeddings"]["word_embeddings"]["embedding"].shape == (28996, 768)

@@ -1,5 +1,6 @@
 """Pair analyses (VALUE Tables 2-4): image-disjoint prober splits, full-rank Eq. 4, relation
 control types, the seed, and the "(Rand.)" columns as the paper prints them."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -25,17 +26,24 @@ def _leaky_coref_stats(n_images=60, phrases=3, captions=5, regions_per_phrase=2,
     type_of, linked_of = rng.integers(0, 8, n_phrases), rng.random(n_phrases) < 0.5
     phrase = np.repeat(np.arange(n_phrases), captions * regions_per_phrase)
     onehot = np.eye(n_phrases, dtype=np.float32)[phrase]
-    return {"att_features": onehot, "emb_region": onehot[:, None], "emb_phrase": onehot[:, None],
-            "linked": linked_of[phrase].astype(np.int32), "type": type_of[phrase],
-            "phrase_ids": phrase[:, None], "image": phrase // phrases}
+    return {
+        "att_features": onehot,
+        "emb_region": onehot[:, None],
+        "emb_phrase": onehot[:, None],
+        "linked": linked_of[phrase].astype(np.int32),
+        "type": type_of[phrase],
+        "phrase_ids": phrase[:, None],
+        "image": phrase // phrases,
+    }
 
 
 def test_split_by_image_keeps_memorised_phrases_at_chance():
     stats = _leaky_coref_stats()
     linked = stats["linked"].astype(bool)
     # The leak is real: an item split puts every test phrase in training too.
-    leaky = probing.train_prober(stats["att_features"][linked], stats["type"][linked], seed=0,
-                                  **FAST["linear"])
+    leaky = probing.train_prober(
+        stats["att_features"][linked], stats["type"][linked], seed=0, **FAST["linear"]
+    )
     assert leaky.test_acc[0] > 0.9
     result = Result("coref", {}, [], {})
     pair_probers.coref_probers(result, stats, None, ["layer1"], seed=0, settings=FAST)
@@ -50,12 +58,27 @@ def test_split_by_image_keeps_memorised_phrases_at_chance():
 
 def _recording_train_prober(calls):
     """Stands in for `probing.train_prober`: records its keyword arguments, trains nothing."""
+
     def fake(features, labels, **kw):
         calls.append(kw)
         names = list(kw["names"])
         acc = [0.5] * len(names)
-        return probing.ProbeResult(names, acc, acc, acc, [0] * len(names), [1] * len(names),
-                                       2, 8, 1, 1, 0.5, acc, [0.0] * len(names))
+        return probing.ProbeResult(
+            names,
+            acc,
+            acc,
+            acc,
+            [0] * len(names),
+            [1] * len(names),
+            2,
+            8,
+            1,
+            1,
+            0.5,
+            acc,
+            [0.0] * len(names),
+        )
+
     return fake
 
 
@@ -69,7 +92,7 @@ def test_embedding_prober_is_full_rank_unless_a_rank_is_asked(monkeypatch):
     full = Result("coref", {}, [], {})
     pair_probers.coref_probers(full, stats, None, ["layer1", "layer2"])
     ranks = [kw["rank"] for kw in calls if "rank" in kw]
-    assert len(ranks) == 2 and set(ranks) == {160}       # VCD and VCC embedding probers
+    assert len(ranks) == 2 and set(ranks) == {160}  # VCD and VCC embedding probers
     assert full.data["prober_settings"]["bilinear_rank"] == 160
     assert full.data["probers"]["VCC"]["embedding_prober"]["rank"] == 160
     calls.clear()
@@ -80,8 +103,9 @@ def test_embedding_prober_is_full_rank_unless_a_rank_is_asked(monkeypatch):
     assert "rank 8" in low.tables[0].caption
     # The rank reaches the Eq. 4 weights.
     e = rng.normal(size=(1, 40, 160)).astype(np.float32)
-    probe = classifiers.fit_bilinear(e, e, np.arange(40) % 2, e, e, np.arange(40) % 2, 2,
-                                     jax.random.PRNGKey(0), max_epochs=1)
+    probe = classifiers.fit_bilinear(
+        e, e, np.arange(40) % 2, e, e, np.arange(40) % 2, 2, jax.random.PRNGKey(0), max_epochs=1
+    )
     assert probe.weights["w_i"].shape == (1, 160, 160)
 
 
@@ -90,7 +114,7 @@ def test_relation_control_types_are_subject_and_object_classes():
     n, classes = 320, 4
     centres = rng.normal(size=(classes, 64)) * 5
     cs, co = rng.integers(0, classes, n), rng.integers(0, classes, n)
-    subj = centres[cs] + rng.normal(size=(n, 64)) * 0.3      # every region its own features
+    subj = centres[cs] + rng.normal(size=(n, 64)) * 0.3  # every region its own features
     obj = centres[co] + rng.normal(size=(n, 64)) * 0.3
     types, info = pair_probers.relation_control_classes(subj, obj, seed=0)
     assert info["classes"] == 4 and info["types"] == 16 and info["mean_items_per_type"] == 20
@@ -109,14 +133,20 @@ def _relation_stats(rng, n_images=12, pairs_per_image=20):
     centres = rng.normal(size=(3, 16)) * 4
     raw = centres[classes] + rng.normal(size=(n, 2, 16))
     related = rng.random(n) < 0.5
-    return {"att_features": rng.normal(size=(n, 8)).astype(np.float32),
-            "emb_subj": rng.normal(size=(n, 2, 8)).astype(np.float32),
-            "emb_obj": rng.normal(size=(n, 2, 8)).astype(np.float32),
-            "raw_subj": raw[:, 0].astype(np.float32), "raw_obj": raw[:, 1].astype(np.float32),
-            "related": related.astype(np.int32), "pred": np.where(related, rng.integers(0, 3, n), -1),
-            "image": np.repeat(np.arange(n_images), pairs_per_image),
-            "pair.sum": np.ones((3, 2, 2)), "pair.count": np.ones(3),
-            "rand.sum": np.ones((3, 2, 2)), "rand.count": np.ones(3)}
+    return {
+        "att_features": rng.normal(size=(n, 8)).astype(np.float32),
+        "emb_subj": rng.normal(size=(n, 2, 8)).astype(np.float32),
+        "emb_obj": rng.normal(size=(n, 2, 8)).astype(np.float32),
+        "raw_subj": raw[:, 0].astype(np.float32),
+        "raw_obj": raw[:, 1].astype(np.float32),
+        "related": related.astype(np.int32),
+        "pred": np.where(related, rng.integers(0, 3, n), -1),
+        "image": np.repeat(np.arange(n_images), pairs_per_image),
+        "pair.sum": np.ones((3, 2, 2)),
+        "pair.count": np.ones(3),
+        "rand.sum": np.ones((3, 2, 2)),
+        "rand.count": np.ones(3),
+    }
 
 
 def test_seed_reaches_the_pair_probers(monkeypatch):
@@ -177,7 +207,7 @@ def test_random_region_pairs_are_distinct_real_regions_uniformly():
     off = counts[~np.eye(4, dtype=bool)]
     assert off.min() > 3000 / 12 * 0.75 and off.max() < 3000 / 12 * 1.25
     assert (a[1] != b[1]).all() and b[1].max() == 5
-    assert (a[2] == 0).all() and (b[2] == 0).all()          # one region: no pair
+    assert (a[2] == 0).all() and (b[2] == 0).all()  # one region: no pair
     # Item k of a row split at offset 1000 draws what item 1000 + k of the whole row draws.
     a2, b2 = pairs.random_region_pairs(3, jnp.asarray([5]), jnp.asarray([1000]), mask[:1], 50)
     np.testing.assert_array_equal(np.asarray(a2)[0], a[0, 1000:1050])
@@ -191,43 +221,62 @@ def test_table4_rand_is_the_best_head_on_random_pairs_of_the_same_image():
     b, t, r, q, heads = 3, 4, 6, 5, 3
     layout = Layout.from_config(UniterConfig.tiny(num_layers=2, num_heads=heads))
     att = rng.random((b, heads, t + r, t + r)).astype(np.float32)
-    att[:, 1, t:, t:] += 1.0          # head 1-2 is high on every region pair
+    att[:, 1, t:, t:] += 1.0  # head 1-2 is high on every region pair
     region_mask = np.ones((b, r), np.int32)
     region_mask[2, 5:] = 0
-    trace = Trace({"layer1": jnp.asarray(att), "layer2": jnp.asarray(att[:, ::-1] * 0.5)}, {},
-                  jnp.ones((b, t), np.int32), jnp.asarray(region_mask), {},
-                  jnp.zeros((b, t), np.int32), jnp.zeros((b, r, 2)), "uniter")
+    trace = Trace(
+        {"layer1": jnp.asarray(att), "layer2": jnp.asarray(att[:, ::-1] * 0.5)},
+        {},
+        jnp.ones((b, t), np.int32),
+        jnp.asarray(region_mask),
+        {},
+        jnp.zeros((b, t), np.int32),
+        jnp.zeros((b, r, 2)),
+        "uniter",
+    )
     subj = np.array([[0, 1, 2, 3, 4], [5, 4, 3, 2, 1], [0, 2, 4, 1, 3]])
     obj = (subj + 1) % 5
     pred = rng.integers(0, 2, (b, q))
     related = rng.random((b, q)) < 0.7
     related[:, 0] = True
-    for i in range(b):                # head 1-1 is highest on the related pairs
+    for i in range(b):  # head 1-1 is highest on the related pairs
         s, o = t + subj[i][related[i]], t + obj[i][related[i]]
         att[i, 0, s, o] += 10.0
         att[i, 0, o, s] += 10.0
-    trace = trace.replace(attention={"layer1": jnp.asarray(att),
-                                     "layer2": jnp.asarray(att[:, ::-1] * 0.5)})
-    targets = {"rel.subj": jnp.asarray(subj), "rel.obj": jnp.asarray(obj),
-               "rel.pred": jnp.asarray(np.where(related, pred, -1)),
-               "rel.related": jnp.asarray(related), "rel.mask": jnp.ones((b, q), bool),
-               "row.image": jnp.asarray([101, 202, 303]), "row.item_offset": jnp.asarray([0, 0, 5])}
+    trace = trace.replace(
+        attention={"layer1": jnp.asarray(att), "layer2": jnp.asarray(att[:, ::-1] * 0.5)}
+    )
+    targets = {
+        "rel.subj": jnp.asarray(subj),
+        "rel.obj": jnp.asarray(obj),
+        "rel.pred": jnp.asarray(np.where(related, pred, -1)),
+        "rel.related": jnp.asarray(related),
+        "rel.mask": jnp.ones((b, q), bool),
+        "row.image": jnp.asarray([101, 202, 303]),
+        "row.item_offset": jnp.asarray([0, 0, 5]),
+    }
     probe = RelationProbe(["on", "has"], collect_features=False, seed=9)
     probe.bind(layout)
     stats = jax.tree.map(np.asarray, probe.step(trace, targets))
     res = probe.finalize(stats, {})
     # The twin: the same draws, scored by hand.
-    ra, rb = (np.asarray(x) for x in pairs.random_region_pairs(
-        9, targets["row.image"], targets["row.item_offset"], trace.region_mask, q))
-    maps = np.stack([att, att[:, ::-1] * 0.5])                         # [L, B, H, N, N]
+    ra, rb = (
+        np.asarray(x)
+        for x in pairs.random_region_pairs(
+            9, targets["row.image"], targets["row.item_offset"], trace.region_mask, q
+        )
+    )
+    maps = np.stack([att, att[:, ::-1] * 0.5])  # [L, B, H, N, N]
     for c, name in enumerate(["on", "has"]):
         sel = related & (pred == c)
         if not sel.any():
             continue
-        vals = [(maps[:, i, :, t + ra[i, p], t + rb[i, p]] + maps[:, i, :, t + rb[i, p],
-                                                                   t + ra[i, p]]) / 2
-                for i, p in zip(*np.nonzero(sel))]
-        mean = np.mean(vals, axis=0)                                   # [L, H]
+        vals = [
+            (maps[:, i, :, t + ra[i, p], t + rb[i, p]] + maps[:, i, :, t + rb[i, p], t + ra[i, p]])
+            / 2
+            for i, p in zip(*np.nonzero(sel))
+        ]
+        mean = np.mean(vals, axis=0)  # [L, H]
         l, h = np.unravel_index(np.argmax(mean), mean.shape)
         got = res.data["per_predicate"][name]
         assert got["head"] == "1-1" and got["rand_head"] == f"{l + 1}-{h + 1}"
@@ -247,9 +296,9 @@ def test_table2_rand_is_the_best_random_head_with_its_own_label():
         stats[key + ".sum"], stats[key + ".count"] = np.full((8, 2, 3), 0.01), np.zeros(8)
     stats["v2t.count"][0] = stats["t2v.count"][0] = 1
     stats["v2t_rand.count"][0] = stats["t2v_rand.count"][0] = 1
-    stats["v2t.sum"][0, 0, 0] = 0.5                     # real best: 1-1
-    stats["v2t_rand.sum"][0, 0, 0] = 0.1                # random at 1-1
-    stats["v2t_rand.sum"][0, 1, 2] = 0.3                # random best: 2-3
+    stats["v2t.sum"][0, 0, 0] = 0.5  # real best: 1-1
+    stats["v2t_rand.sum"][0, 0, 0] = 0.1  # random at 1-1
+    stats["v2t_rand.sum"][0, 1, 2] = 0.3  # random best: 2-3
     res = probe.finalize(stats, {})
     got = res.data["per_type"]["people"]["v2t"]
     assert (got["head"], got["rand_head"]) == ("1-1", "2-3")
@@ -264,9 +313,12 @@ def test_embedding_probers_beyond_the_budget_train_in_layer_chunks_from_disk(tmp
     layer, each layer is read from the memmaps alone and trained alone; the layer is found."""
     rng = np.random.default_rng(0)
     n, d = 600, 4
-    a, b = rng.normal(size=(n, 3, d)).astype(np.float32), rng.normal(size=(n, 3, d)).astype(np.float32)
+    a, b = (
+        rng.normal(size=(n, 3, d)).astype(np.float32),
+        rng.normal(size=(n, 3, d)).astype(np.float32),
+    )
     labels = rng.integers(0, 2, n).astype(np.int32)
-    b[:, 1] = np.where(labels[:, None] == 1, a[:, 1], -a[:, 1])   # e_a·e_b = ±|e_a|²
+    b[:, 1] = np.where(labels[:, None] == 1, a[:, 1], -a[:, 1])  # e_a·e_b = ±|e_a|²
     disk = []
     for name, x in (("a", a), ("b", b)):
         m = np.memmap(tmp_path / name, np.float32, "w+", shape=x.shape)

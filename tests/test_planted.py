@@ -7,6 +7,7 @@ the same flags, through the same entry point), and reads `results.json`. A run s
 first test reads it. Negative controls (the same pipeline without the planted head, a [CLS] pattern
 that avoids the words) make the tests fail on a probe that reports its expectation regardless.
 """
+
 from __future__ import annotations
 
 import functools
@@ -20,12 +21,18 @@ from value_jax import names
 from value_jax.names import LayerId
 from value_jax.testing import planted as P
 
-N_IMAGES = 15                        # 5 val images, 25 captions, ~120 links
-UNITER_V2T, UNITER_T2V = (2, 3), (3, 2)   # (layer, head), 1-based as the paper names heads
-LXMERT_V2T, LXMERT_T2V = (2, 3), (1, 2)   # cross layers
-IMAGE_TO_TEXT = ((1, 2), (2, 4), (3, 1), (4, 3))   # no two on one head index or one diagonal
-CLS_CONTROL = {(1, 1): "regions", (1, 3): "specials", (2, 2): "regions", (2, 4): "specials",
-               (3, 4): "regions", (4, 1): "specials"}
+N_IMAGES = 15  # 5 val images, 25 captions, ~120 links
+UNITER_V2T, UNITER_T2V = (2, 3), (3, 2)  # (layer, head), 1-based as the paper names heads
+LXMERT_V2T, LXMERT_T2V = (2, 3), (1, 2)  # cross layers
+IMAGE_TO_TEXT = ((1, 2), (2, 4), (3, 1), (4, 3))  # no two on one head index or one diagonal
+CLS_CONTROL = {
+    (1, 1): "regions",
+    (1, 3): "specials",
+    (2, 2): "regions",
+    (2, 4): "specials",
+    (3, 4): "regions",
+    (4, 1): "specials",
+}
 UNITER_COLLAPSE, LXMERT_COLLAPSE = 3, 2
 
 # name: (experiment, model, planted (config, params)); longest runs first.
@@ -36,20 +43,31 @@ RUNS = {
     "uniter_fusion": ("fusion", "uniter", lambda d: P.uniter_fusion(d, UNITER_COLLAPSE)),
     "lxmert_fusion": ("fusion", "lxmert", lambda d: P.lxmert_fusion(d, LXMERT_COLLAPSE)),
     "uniter_modality": ("modality", "uniter", lambda d: P.uniter_modality(d, IMAGE_TO_TEXT)),
-    "uniter_modality_control": ("modality", "uniter",
-                                lambda d: P.uniter_modality(d, (), CLS_CONTROL)),
+    "uniter_modality_control": (
+        "modality",
+        "uniter",
+        lambda d: P.uniter_modality(d, (), CLS_CONTROL),
+    ),
 }
 
 
 def _experiment(root: Path, data: P.PlantedFlickr, name: str) -> Path:
     from experiments import suite
     from experiments.config import RunConfig
+
     analysis, model, _ = RUNS[name]
     out = root / "out" / name
     vocab = data.vocab_uncased if model == "lxmert" else data.vocab_cased
-    cfg = RunConfig(model=model, checkpoint=str(root / "checkpoints" / name),
-                    flickr30k_root=str(data.flickr_root), flickr30k_features=str(data.features),
-                    vocab=str(vocab), out_dir=str(out), batch_size=8, resume=False)
+    cfg = RunConfig(
+        model=model,
+        checkpoint=str(root / "checkpoints" / name),
+        flickr30k_root=str(data.flickr_root),
+        flickr30k_features=str(data.features),
+        vocab=str(vocab),
+        out_dir=str(out),
+        batch_size=8,
+        resume=False,
+    )
     suite.run_one_flickr(cfg, analysis)
     return out
 
@@ -87,6 +105,7 @@ def _label(model: str, layer_head) -> str:
 
 # ---- the planted data itself ------------------------------------------------------------------
 
+
 def test_planted_data_codes_every_link(planted):
     """Every gold link has a key word in common with its region (what the coreference heads
     can find), and few non-links do (what VCD could mistake): the tests below rely on both."""
@@ -105,8 +124,9 @@ def test_planted_model_is_what_its_docstring_says(planted):
     data, _ = planted
     config, params = P.uniter_coref(data, UNITER_V2T, UNITER_T2V)
     model = build_model(config, outputs=())
-    loader = CorefLoader(data.flickr_root, data.features, data.vocab_cased, lowercase=False,
-                         batch_size=8)
+    loader = CorefLoader(
+        data.flickr_root, data.features, data.vocab_cased, lowercase=False, batch_size=8
+    )
     batch, targets = next(iter(loader))
     trace = value_jax.run(model, params, batch)
     hidden = {k: np.asarray(v) for k, v in trace.hidden.items()}
@@ -123,7 +143,7 @@ def test_planted_model_is_what_its_docstring_says(planted):
         for region, keys in enumerate(data.region_keys[example.image_id]):
             on_keys = [w in keys for w in words]
             if any(on_keys):
-                mass = v2t[row, region, :len(words)][np.array(on_keys)].sum()
+                mass = v2t[row, region, : len(words)][np.array(on_keys)].sum()
                 assert mass > 0.99, (example.id, region, sorted(keys), mass)
                 checked += 1
     assert checked >= 10
@@ -131,8 +151,11 @@ def test_planted_model_is_what_its_docstring_says(planted):
 
 # ---- (a) visual coreference, VALUE §3.3.2-3.3.3 ------------------------------------------------
 
-@pytest.mark.parametrize("name,v2t,t2v", [("uniter_coref", UNITER_V2T, UNITER_T2V),
-                                          ("lxmert_coref", LXMERT_V2T, LXMERT_T2V)])
+
+@pytest.mark.parametrize(
+    "name,v2t,t2v",
+    [("uniter_coref", UNITER_V2T, UNITER_T2V), ("lxmert_coref", LXMERT_V2T, LXMERT_T2V)],
+)
 def test_coref_names_the_planted_heads(planted, name, v2t, t2v):
     data, _ = planted
     model = RUNS[name][1]
@@ -147,7 +170,7 @@ def test_coref_names_the_planted_heads(planted, name, v2t, t2v):
             assert got["value"] >= got["rand_same_head"] + 0.2, (type_name, direction, got)
     # Per type, the planted head is clearly above every other head (those stay uniform).
     for direction, (layer, head) in (("v2t", v2t), ("t2v", t2v)):
-        means = np.array(res["mean_per_head"][direction], dtype=float)      # [type, L, H]
+        means = np.array(res["mean_per_head"][direction], dtype=float)  # [type, L, H]
         means = means[means.sum(axis=(1, 2)) > 0].reshape(-1, means[0].size)  # types present
         planted_head = (layer - 1) * res["heads"] + head - 1
         others = np.delete(means, planted_head, axis=1)
@@ -172,6 +195,7 @@ def test_coref_control_singles_out_no_head(planted):
 
 
 # ---- (b) image-to-text heads and (d) modality importance, VALUE §3.2-3.3.1 ----------------------
+
 
 def test_image_to_text_probability_is_one_at_the_planted_heads(planted):
     data, _ = planted
@@ -209,13 +233,18 @@ def test_modality_control_follows_the_cls_pattern(planted):
 
 # ---- (c) multimodal fusion, VALUE §3.1 ------------------------------------------------------
 
-@pytest.mark.parametrize("name,layers,collapse", [
-    ("uniter_fusion", ["1", "2", "3", "4"], UNITER_COLLAPSE),
-    ("lxmert_fusion", ["x1", "x2", "x3"], LXMERT_COLLAPSE)])
+
+@pytest.mark.parametrize(
+    "name,layers,collapse",
+    [
+        ("uniter_fusion", ["1", "2", "3", "4"], UNITER_COLLAPSE),
+        ("lxmert_fusion", ["x1", "x2", "x3"], LXMERT_COLLAPSE),
+    ],
+)
 def test_fusion_nmi_drops_to_zero_where_the_modalities_coincide(planted, name, layers, collapse):
     data, _ = planted
     res = _results(planted, name)
     assert res["layers"] == layers and res["samples"] == data.examples
     nmi = np.array(res["nmi"])
-    assert nmi[:collapse - 1].min() >= 0.5, nmi
-    assert nmi[collapse - 1:].max() <= 0.05, nmi
+    assert nmi[: collapse - 1].min() >= 0.5, nmi
+    assert nmi[collapse - 1 :].max() <= 0.05, nmi

@@ -1,4 +1,5 @@
 """`write_result`: file permissions follow the umask; rewriting a Result gives identical bytes."""
+
 import json
 import os
 
@@ -15,8 +16,11 @@ def _result():
         name="demo",
         data={"v2t_max": rng.random((3, 4)), "layers": [1, 2, 3]},
         tables=[Table("Table 1 — demo", ["layer", "NMI"], [[1, 0.5], [2, 0.25]])],
-        figures={"heads": heatmap(rng.random((3, 4)), "v2t max"),
-                 "nmi": line_plot({"a": np.arange(3.0), "b": np.ones(3)}, "NMI", "layer", "NMI")})
+        figures={
+            "heads": heatmap(rng.random((3, 4)), "v2t max"),
+            "nmi": line_plot({"a": np.arange(3.0), "b": np.ones(3)}, "NMI", "layer", "NMI"),
+        },
+    )
 
 
 @pytest.fixture
@@ -32,10 +36,19 @@ def test_files_follow_the_umask(tmp_path, umask, mask, mode):
     umask(mask)
     written = write_result(_result(), str(tmp_path / "out"), flags={"seed": 0})
     names = sorted(os.path.basename(p) for p in written)
-    assert names == ["flags.json", "heads.png", "heads.svg", "nmi.png", "nmi.svg", "results.json",
-                     "table.md"]
+    assert names == [
+        "flags.json",
+        "heads.png",
+        "heads.svg",
+        "nmi.png",
+        "nmi.svg",
+        "results.json",
+        "table.md",
+    ]
     for path in written:
-        assert os.stat(path).st_mode & 0o777 == mode, f"{path}: {oct(os.stat(path).st_mode & 0o777)}"
+        assert os.stat(path).st_mode & 0o777 == mode, (
+            f"{path}: {oct(os.stat(path).st_mode & 0o777)}"
+        )
     assert sorted(os.listdir(tmp_path / "out")) == names  # no temporary file left behind
     assert json.loads((tmp_path / "out" / "results.json").read_text())["layers"] == [1, 2, 3]
 

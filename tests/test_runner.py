@@ -1,4 +1,5 @@
 """Runner: one pass for several probes, resumable with identical numbers, sharding-invariant."""
+
 import os
 import subprocess
 import sys
@@ -23,9 +24,12 @@ def _loader(cfg, n_batches=5, b=4, t=8, r=6, seed=0):
         rl = rng.integers(2, r + 1, b)
         x1y1 = rng.uniform(0, 0.5, (b, r, 2))
         batch = value_jax.Batch.create(
-            rng.integers(0, cfg.vocab_size, (b, t)), np.arange(t)[None] < lens[:, None],
-            rng.normal(size=(b, r, cfg.img_dim)), np.concatenate([x1y1, x1y1 + 0.3], -1),
-            region_mask=np.arange(r)[None] < rl[:, None])
+            rng.integers(0, cfg.vocab_size, (b, t)),
+            np.arange(t)[None] < lens[:, None],
+            rng.normal(size=(b, r, cfg.img_dim)),
+            np.concatenate([x1y1, x1y1 + 0.3], -1),
+            region_mask=np.arange(r)[None] < rl[:, None],
+        )
         out.append((batch, {}))
     return out
 
@@ -57,11 +61,14 @@ def test_one_pass_matches_per_sample_means(tiny):
     loader = _loader(cfg)
     res = run_probes(model, params, loader, _probes(), progress_every=100)
     # The accumulated mean equals the mean of per-batch runs weighted by valid samples.
-    per_batch = [run_probes(model, params, [item], _probes(), progress_every=100) for item in loader]
+    per_batch = [
+        run_probes(model, params, [item], _probes(), progress_every=100) for item in loader
+    ]
     counts = np.array([r["fusion"].data["samples"] for r in per_batch])
     nmi = np.array([r["fusion"].data["nmi"] for r in per_batch])
-    np.testing.assert_allclose(res["fusion"].data["nmi"], (nmi * counts[:, None]).sum(0) / counts.sum(),
-                               atol=1e-9)
+    np.testing.assert_allclose(
+        res["fusion"].data["nmi"], (nmi * counts[:, None]).sum(0) / counts.sum(), atol=1e-9
+    )
     mi = res["modality"].data
     assert mi["per_head_text"].shape == (cfg.num_layers, cfg.num_heads)
     assert np.all(mi["per_head_text"] + mi["per_head_image"] < 1.0)  # [CLS]/[SEP] keys excluded
@@ -73,17 +80,26 @@ def test_killed_run_resumes_with_identical_numbers(tiny, tmp_path, monkeypatch):
     loader = _loader(cfg, n_batches=7)
     full = run_probes(model, params, loader, _probes(), progress_every=100)
     monkeypatch.chdir(tmp_path)
-    state = os.path.join("out", "_state", "fusion")   # relative, as the experiments' default
+    state = os.path.join("out", "_state", "fusion")  # relative, as the experiments' default
     with pytest.raises(_Interrupted):
-        run_probes(model, params, _interrupting(loader, 5), _probes(), state_dir=state,
-                   checkpoint_every=2, progress_every=100)
+        run_probes(
+            model,
+            params,
+            _interrupting(loader, 5),
+            _probes(),
+            state_dir=state,
+            checkpoint_every=2,
+            progress_every=100,
+        )
     assert os.path.isdir(state)
-    resumed = run_probes(model, params, loader, _probes(), state_dir=state, checkpoint_every=2,
-                         progress_every=100)
+    resumed = run_probes(
+        model, params, loader, _probes(), state_dir=state, checkpoint_every=2, progress_every=100
+    )
     for name in full:
         for key, value in full[name].data.items():
-            np.testing.assert_array_equal(np.asarray(resumed[name].data[key]), np.asarray(value),
-                                          err_msg=f"{name}.{key}")
+            np.testing.assert_array_equal(
+                np.asarray(resumed[name].data[key]), np.asarray(value), err_msg=f"{name}.{key}"
+            )
 
 
 def _same(a, b):
@@ -102,10 +118,18 @@ def test_state_from_other_inputs_is_never_used(tiny, tmp_path, capfd):
 
     def partial(loader, probes, fingerprint=None):
         with pytest.raises(_Interrupted):
-            run_probes(model, params, _interrupting(loader, 3), probes, state_dir=state,
-                       checkpoint_every=1, progress_every=100, fingerprint=fingerprint)
+            run_probes(
+                model,
+                params,
+                _interrupting(loader, 3),
+                probes,
+                state_dir=state,
+                checkpoint_every=1,
+                progress_every=100,
+                fingerprint=fingerprint,
+            )
 
-    partial(first, _probes())                                        # other data
+    partial(first, _probes())  # other data
     _same(run_probes(model, params, other, _probes(), state_dir=state, progress_every=100), fresh)
     assert "not resuming" in capfd.readouterr().err
 
@@ -114,11 +138,21 @@ def test_state_from_other_inputs_is_never_used(tiny, tmp_path, capfd):
     assert "include_special: true → false" in capfd.readouterr().err
 
     partial(other, _probes(), fingerprint={"checkpoint": {"id": "aaa"}})
-    _same(run_probes(model, params, other, _probes(), state_dir=state, progress_every=100,
-                     fingerprint={"checkpoint": {"id": "bbb"}}), fresh)
+    _same(
+        run_probes(
+            model,
+            params,
+            other,
+            _probes(),
+            state_dir=state,
+            progress_every=100,
+            fingerprint={"checkpoint": {"id": "bbb"}},
+        ),
+        fresh,
+    )
     assert 'checkpoint.id: "aaa" → "bbb"' in capfd.readouterr().err
 
-    partial(other, [FusionProbe()])                                  # other probes
+    partial(other, [FusionProbe()])  # other probes
     _same(run_probes(model, params, other, _probes(), state_dir=state, progress_every=100), fresh)
     assert "probes: ['fusion'] → ['fusion', 'modality', 'image_to_text']" in capfd.readouterr().err
 
@@ -138,6 +172,7 @@ def test_rerun_of_a_finished_run_gives_the_same_results(tiny, tmp_path, capfd):
 
 def test_empty_loader_says_no_examples_left(tiny):
     from value_jax.runner import NoBatchesError
+
     cfg, model, params = tiny
     with pytest.raises(NoBatchesError, match="no examples left"):
         run_probes(model, params, [], _probes(), progress_every=100)
@@ -145,12 +180,14 @@ def test_empty_loader_says_no_examples_left(tiny):
 
 def test_resumed_eta_counts_only_the_batches_run_now():
     import io
+
     from value_jax.runner import Progress
+
     stream = io.StringIO()
     progress = Progress(total=100, label="x", every=1, stream=stream, skipped=90)
-    progress.start -= 10.0                      # 10 s for the one batch run after resuming
+    progress.start -= 10.0  # 10 s for the one batch run after resuming
     progress.update(91, 4)
-    assert "ETA 0:01:30" in stream.getvalue()   # 9 batches left at 10 s each, not 9 × 10/91 s
+    assert "ETA 0:01:30" in stream.getvalue()  # 9 batches left at 10 s each, not 9 × 10/91 s
 
 
 def test_sharded_over_four_cpu_devices_matches_one_device(tiny):
@@ -168,18 +205,26 @@ def test_sharded_over_four_cpu_devices_matches_one_device(tiny):
                          progress_every=100)
         print(json.dumps({k: r.to_json() for k, r in res.items()}))
     """) % os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env,
-                         timeout=300)
+    env = dict(
+        os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     import json
+
     four = json.loads(out.stdout.strip().splitlines()[-1])
     for name, r in one.items():
         mine = r.to_json()
         for key in ("nmi", "per_head_text", "per_head_image", "probability"):
             if key in mine:
-                np.testing.assert_allclose(np.asarray(four[name][key]), np.asarray(mine[key]),
-                                           atol=1e-6, err_msg=f"{name}.{key}")
+                np.testing.assert_allclose(
+                    np.asarray(four[name][key]),
+                    np.asarray(mine[key]),
+                    atol=1e-6,
+                    err_msg=f"{name}.{key}",
+                )
 
 
 class _Collecting(FusionProbe):
@@ -189,14 +234,19 @@ class _Collecting(FusionProbe):
     collect_keys = ("states",)
 
     def step(self, trace, targets):
-        states, _ = trace.hidden_states("text")                          # [L, B, T, D]
-        return {"states": states.mean(2).transpose(1, 0, 2),
-                "states.mask": trace.text_mask.sum(1) > 0}
+        states, _ = trace.hidden_states("text")  # [L, B, T, D]
+        return {
+            "states": states.mean(2).transpose(1, 0, 2),
+            "states.mask": trace.text_mask.sum(1) > 0,
+        }
 
     def finalize(self, stats, info):
         from value_jax.probes.results import Result
-        return Result(self.name, {"states": np.array(stats["states"]),
-                                  "memmap": isinstance(stats["states"], np.memmap)})
+
+        return Result(
+            self.name,
+            {"states": np.array(stats["states"]), "memmap": isinstance(stats["states"], np.memmap)},
+        )
 
 
 def test_collected_features_spill_to_disk_beyond_the_budget(tiny, tmp_path):
@@ -207,16 +257,39 @@ def test_collected_features_spill_to_disk_beyond_the_budget(tiny, tmp_path):
     held = run_probes(model, params, loader, [_Collecting()], progress_every=100)["collecting"]
     assert not held.data["memmap"]
     spill = tmp_path / "spill"
-    spilled = run_probes(model, params, loader, [_Collecting()], progress_every=100,
-                         spill_dir=str(spill), collect_budget_mb=0)["collecting"]
-    assert spilled.data["memmap"] and not spill.exists()                 # removed after the run
+    spilled = run_probes(
+        model,
+        params,
+        loader,
+        [_Collecting()],
+        progress_every=100,
+        spill_dir=str(spill),
+        collect_budget_mb=0,
+    )["collecting"]
+    assert spilled.data["memmap"] and not spill.exists()  # removed after the run
     np.testing.assert_array_equal(spilled.data["states"], held.data["states"])
 
     state = str(tmp_path / "state")
     with pytest.raises(_Interrupted):
-        run_probes(model, params, _interrupting(loader, 4), [_Collecting()], state_dir=state,
-                   checkpoint_every=3, progress_every=100, collect_budget_mb=0)
+        run_probes(
+            model,
+            params,
+            _interrupting(loader, 4),
+            [_Collecting()],
+            state_dir=state,
+            checkpoint_every=3,
+            progress_every=100,
+            collect_budget_mb=0,
+        )
     # Row 4's features were spilled after the save at batch 3: the resume must cut them off.
-    resumed = run_probes(model, params, loader, [_Collecting()], state_dir=state,
-                         checkpoint_every=3, progress_every=100, collect_budget_mb=0)
+    resumed = run_probes(
+        model,
+        params,
+        loader,
+        [_Collecting()],
+        state_dir=state,
+        checkpoint_every=3,
+        progress_every=100,
+        collect_budget_mb=0,
+    )
     np.testing.assert_array_equal(resumed["collecting"].data["states"], held.data["states"])

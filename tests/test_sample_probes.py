@@ -1,11 +1,11 @@
 """Per-sample analyses count a caption once, however many batch rows its items take."""
+
 import jax
 import numpy as np
 import pytest
 
-from value_jax.data import collate as C
-
 from value_jax.data import batch_plan as BP
+from value_jax.data import collate as C
 from value_jax.data.loaders import ExampleLoader
 from value_jax.models import UniterConfig, build_model, init_params
 from value_jax.probes.fusion import FusionProbe
@@ -19,15 +19,25 @@ def _caption(rng, ex_id, text_len, n_regions, n_items, dim):
     ids[0], ids[-1] = 1, 2
     tokens = rng.integers(1, text_len - 1, (n_items, 1)).astype(np.int32)
     targets = {
-        "coref.region": rng.integers(0, n_regions, n_items), "coref.tokens": tokens,
-        "coref.token_mask": np.ones((n_items, 1), bool), "coref.type": rng.integers(0, 8, n_items),
-        "coref.linked": np.ones(n_items, bool), "coref.mask": np.ones(n_items, bool),
-        "coref.rand_region": rng.integers(0, n_regions, n_items), "coref.rand_tokens": tokens,
-        "coref.rand_token_mask": np.ones((n_items, 1), bool)}
+        "coref.region": rng.integers(0, n_regions, n_items),
+        "coref.tokens": tokens,
+        "coref.token_mask": np.ones((n_items, 1), bool),
+        "coref.type": rng.integers(0, 8, n_items),
+        "coref.linked": np.ones(n_items, bool),
+        "coref.mask": np.ones(n_items, bool),
+        "coref.rand_region": rng.integers(0, n_regions, n_items),
+        "coref.rand_tokens": tokens,
+        "coref.rand_token_mask": np.ones((n_items, 1), bool),
+    }
     x1y1 = rng.uniform(0, 0.5, (n_regions, 2))
-    return C.Example(ex_id, ids, targets, image_id=f"img{ex_id}",
-                     region_feats=rng.normal(size=(n_regions, dim)),
-                     region_boxes=np.concatenate([x1y1, x1y1 + 0.3], -1))
+    return C.Example(
+        ex_id,
+        ids,
+        targets,
+        image_id=f"img{ex_id}",
+        region_feats=rng.normal(size=(n_regions, dim)),
+        region_boxes=np.concatenate([x1y1, x1y1 + 0.3], -1),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -47,8 +57,10 @@ def test_a_caption_split_over_rows_counts_once(tiny):
     model, params = tiny
     rng = np.random.default_rng(0)
     # Captions with 11 and 9 items take 3 rows each under a 4-item bucket, the others one.
-    examples = [_caption(rng, str(i), int(rng.integers(6, 14)), int(rng.integers(3, 9)), n, 24)
-                for i, n in enumerate([11, 2, 3, 9, 1])]
+    examples = [
+        _caption(rng, str(i), int(rng.integers(6, 14)), int(rng.integers(3, 9)), n, 24)
+        for i, n in enumerate([11, 2, 3, 9, 1])
+    ]
     split_loader, split = _run(model, params, examples, (4,))
     whole_loader, whole = _run(model, params, examples, (16,))
     rows = sum(len(p.examples) for p in split_loader.plans)
@@ -57,13 +69,20 @@ def test_a_caption_split_over_rows_counts_once(tiny):
     np.testing.assert_allclose(split["fusion"].data["nmi"], whole["fusion"].data["nmi"], atol=1e-6)
     assert split["modality"].data["samples"] == split["image_to_text"].data["samples"] == 5
     for key in ("per_head_text", "per_head_image"):
-        np.testing.assert_allclose(split["modality"].data[key], whole["modality"].data[key],
-                                   atol=1e-6)
-    np.testing.assert_allclose(split["image_to_text"].data["probability"],
-                               whole["image_to_text"].data["probability"], atol=1e-6)
+        np.testing.assert_allclose(
+            split["modality"].data[key], whole["modality"].data[key], atol=1e-6
+        )
+    np.testing.assert_allclose(
+        split["image_to_text"].data["probability"],
+        whole["image_to_text"].data["probability"],
+        atol=1e-6,
+    )
     for block in ("t2t", "t2v", "v2t", "v2v", "v2v_no_self"):
-        np.testing.assert_allclose(split["head_summary"].data[block]["mean"],
-                                   whole["head_summary"].data[block]["mean"], atol=1e-6)
+        np.testing.assert_allclose(
+            split["head_summary"].data[block]["mean"],
+            whole["head_summary"].data[block]["mean"],
+            atol=1e-6,
+        )
 
 
 def test_row_targets_mark_first_rows_images_and_offsets():

@@ -1,4 +1,5 @@
 """Shared by the PyTorch-reference tests (test_parity.py, test_convert.py); imports torch."""
+
 import numpy as np
 import torch
 

@@ -8,12 +8,18 @@
 The names above load their modules on first use, so `import value_jax.kernels` (or any other
 part) loads that part and what it imports, not the models, orbax and flax.linen.
 """
+
 from __future__ import annotations
 
 import importlib
 
-_EXPORTS = {"Batch": "value_jax.batch", "Trace": "value_jax.trace", "load": "value_jax.checkpoint",
-            "run": "value_jax.api", "forward": "value_jax.api"}
+_EXPORTS = {
+    "Batch": "value_jax.batch",
+    "Trace": "value_jax.trace",
+    "load": "value_jax.checkpoint",
+    "run": "value_jax.api",
+    "forward": "value_jax.api",
+}
 
 __all__ = ["Batch", "Trace", "load", "run", "forward"]
 

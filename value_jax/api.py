@@ -3,6 +3,7 @@
 Keeping the single apply call here means a later port of the models (e.g. to flax.nnx) touches
 one function.
 """
+
 from __future__ import annotations
 
 import functools
@@ -16,8 +17,9 @@ from value_jax.trace import Trace
 def forward(model, params, batch: Batch, outputs=()) -> Trace:
     """Un-jitted forward returning the Trace; call it inside your own jitted step. `outputs`
     names the pre-training output heads to compute (`model.config.outputs`)."""
-    out, state = model.apply({"params": params}, batch, outputs=tuple(outputs),
-                             mutable=["intermediates"])
+    out, state = model.apply(
+        {"params": params}, batch, outputs=tuple(outputs), mutable=["intermediates"]
+    )
     return Trace.from_intermediates(model.config.model_type, state["intermediates"], batch, out)
 
 

@@ -6,9 +6,8 @@ one joint sequence `[text slot | region slot]`; LXMERT keeps them as two streams
 sequence compactly (the original `gather_index`) and padding each slot separately give identical
 outputs on the real tokens: padded keys get a -10000 bias, whose softmax weight underflows to 0.
 """
-from __future__ import annotations
 
-from typing import Optional
+from __future__ import annotations
 
 import flax.struct
 import jax.numpy as jnp
@@ -73,7 +72,9 @@ class Batch:
             np.ones((b, r), np.int32) if region_mask is None else np.asarray(region_mask, np.int32)
         )
         region_masked = (
-            np.zeros((b, r), np.int32) if region_masked is None else np.asarray(region_masked, np.int32)
+            np.zeros((b, r), np.int32)
+            if region_masked is None
+            else np.asarray(region_masked, np.int32)
         )
         for name, arr in (("region_mask", region_mask), ("region_masked", region_masked)):
             if arr.shape != (b, r):

@@ -13,6 +13,7 @@ file was called or where the directory lives.
 so a failed or interrupted conversion (SIGINT, SIGTERM) leaves nothing at `DIR`, and it replaces
 only a directory that is itself a checkpoint.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -90,8 +91,14 @@ def checkpoint_id(path: str) -> str:
     return recorded if recorded else _files_sha256(path)
 
 
-def save(out_dir: str, config, params: Any, outputs=(), extra: dict | None = None,
-         overwrite: bool = False) -> str:
+def save(
+    out_dir: str,
+    config,
+    params: Any,
+    outputs=(),
+    extra: dict | None = None,
+    overwrite: bool = False,
+) -> str:
     """Atomically writes `config` (+ `outputs`, + `extra` metadata, + the params hash) and
     `params` to `out_dir`.
 
@@ -105,8 +112,10 @@ def save(out_dir: str, config, params: Any, outputs=(), extra: dict | None = Non
         if not overwrite:
             raise FileExistsError(f"{out_dir} already exists; pass overwrite=True to replace it")
         if (reason := replace_refusal(out_dir)) is not None:
-            raise FileExistsError(f"{out_dir} is not a value_jax checkpoint directory, so it "
-                                  f"will not be replaced: {reason}")
+            raise FileExistsError(
+                f"{out_dir} is not a value_jax checkpoint directory, so it "
+                f"will not be replaced: {reason}"
+            )
     parent = os.path.dirname(out_dir)
     os.makedirs(parent, exist_ok=True)
     sweep_stale_tmp(out_dir)
@@ -137,6 +146,7 @@ def save(out_dir: str, config, params: Any, outputs=(), extra: dict | None = Non
 
 
 # ---- what may be replaced, and what a killed save leaves ---------------------------------------
+
 
 def replace_refusal(path: str) -> str | None:
     """None when `path` may be replaced by a new checkpoint: an empty directory, or a value_jax
@@ -184,7 +194,7 @@ def sweep_stale_tmp(out_dir: str) -> list[str]:
     for name in sorted(os.listdir(parent)):
         if not name.startswith(prefix):
             continue
-        pid = name[len(prefix):].split("-")[0]
+        pid = name[len(prefix) :].split("-")[0]
         if pid.isdigit() and _running(int(pid)):
             continue
         path = os.path.join(parent, name)
@@ -251,7 +261,8 @@ def read_config(path: str):
     if not os.path.isfile(cfg_path):
         raise FileNotFoundError(
             f"{cfg_path} not found: {path} is not a converted checkpoint "
-            "(make one with `python -m checkpoints_convert`)")
+            "(make one with `python -m checkpoints_convert`)"
+        )
     with open(cfg_path) as f:
         meta = json.load(f)
     legacy = meta.pop("heads", ())

@@ -9,6 +9,7 @@ Every result, index, state folder and checkpoint of value_jax is written through
 
 This module imports nothing of value_jax, so any layer may use it.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -63,6 +64,7 @@ def replace_dir(tmp: str | os.PathLike, final: str | os.PathLike) -> None:
 def quiet_orbax():
     """orbax logs every step of a save at INFO; a progress line per checkpoint is enough here."""
     from absl import logging as absl_logging
+
     level = absl_logging.get_verbosity()
     absl_logging.set_verbosity(min(level, absl_logging.WARNING))  # lower = quieter in absl
     try:
@@ -76,8 +78,12 @@ def local_checkpointer():
     process, and only one writes it (no barrier with processes that do not take part)."""
     import jax
     import orbax.checkpoint as ocp
+
     if jax.process_count() == 1:
         return ocp.StandardCheckpointer()
     me = jax.process_index()
-    return ocp.StandardCheckpointer(multiprocessing_options=ocp.options.MultiprocessingOptions(
-        primary_host=me, active_processes={me}, barrier_sync_key_prefix=f"p{me}"))
+    return ocp.StandardCheckpointer(
+        multiprocessing_options=ocp.options.MultiprocessingOptions(
+            primary_host=me, active_processes={me}, barrier_sync_key_prefix=f"p{me}"
+        )
+    )

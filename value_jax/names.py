@@ -25,6 +25,7 @@ LXMERT's sown cross maps keep the original code's stream words: `l2v` is directi
 `v2l` is `v2t` (`CROSS_ATTENTION`). The modalities are `text` and `image`; LXMERT's streams for
 them are `lang` and `visn` (`STREAM`).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -32,8 +33,8 @@ import functools
 
 DIRECTIONS = ("t2t", "t2v", "v2t", "v2v")
 MODALITIES = ("text", "image")
-STREAM = {"text": "lang", "image": "visn"}               # modality → LXMERT stream
-MODALITY = {stream: m for m, stream in STREAM.items()}   # LXMERT stream → modality
+STREAM = {"text": "lang", "image": "visn"}  # modality → LXMERT stream
+MODALITY = {stream: m for m, stream in STREAM.items()}  # LXMERT stream → modality
 CROSS_ATTENTION = {"l2v": "t2v", "v2l": "v2t", "lang_self": "t2t", "visn_self": "v2v"}
 CROSS_HIDDEN = ("lang", "visn")
 STACKS = ("layer", "lang", "visn", "cross")
@@ -74,14 +75,16 @@ class LayerId:
         if part == _EMBEDDINGS and head in STREAM.values():
             return cls(head, 0)
         stack = head.rstrip("0123456789")
-        digits = head[len(stack):]
+        digits = head[len(stack) :]
         try:
             if stack in STACKS and digits and not digits.startswith("0"):
                 return cls(stack, int(digits), part)
         except ValueError:
             pass
-        raise ValueError(f"not a layer name: {name!r} (expected e.g. 'layer3', 'embeddings', "
-                         "'lang2', 'visn.embeddings', 'cross2.v2l', 'cross2.lang')")
+        raise ValueError(
+            f"not a layer name: {name!r} (expected e.g. 'layer3', 'embeddings', "
+            "'lang2', 'visn.embeddings', 'cross2.v2l', 'cross2.lang')"
+        )
 
     @property
     def name(self) -> str:
@@ -120,8 +123,12 @@ class LayerId:
     def _key(self):
         if self.index == 0:
             return (0, 0, 0, self.name)
-        return (_STAGE[self.stack], self.index, _PARTS.index(self.part) if self.part else 0,
-                self.name)
+        return (
+            _STAGE[self.stack],
+            self.index,
+            _PARTS.index(self.part) if self.part else 0,
+            self.name,
+        )
 
     def __lt__(self, other: "LayerId") -> bool:
         return self._key() < other._key()

@@ -21,6 +21,7 @@ run says which inputs differ, removes it and starts afresh. Probes learn their l
 the model config (`Probe.bind`) before the first batch, so a resumed run with no batch left
 finalizes exactly as the run that saved the state.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -37,7 +38,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from value_jax.api import forward
 from value_jax.probes.base import Probe
-from value_jax.state import (Accumulator, _restore, _restore_from, _save_lead, run_fingerprint)
+from value_jax.state import Accumulator, _restore, _restore_from, _save_lead, run_fingerprint
 from value_jax.trace import Layout
 
 
@@ -58,9 +59,12 @@ def _shard(tree, mesh: Mesh):
         def put_local(x):
             x = np.asarray(x)
             if not x.ndim or x.shape[0] % local:
-                raise ValueError(f"the batch size ({x.shape[0] if x.ndim else 'scalar'}) must be a "
-                                 f"multiple of this process's {local} devices")
+                raise ValueError(
+                    f"the batch size ({x.shape[0] if x.ndim else 'scalar'}) must be a "
+                    f"multiple of this process's {local} devices"
+                )
             return jax.make_array_from_process_local_data(sharding, x)
+
         return jax.tree_util.tree_map(put_local, tree)
 
     def put(x):
@@ -77,8 +81,9 @@ class Progress:
     `skipped` batches (already counted by a resumed run) are not part of the rate or the ETA.
     """
 
-    def __init__(self, total: int | None, label: str, every: int = 10, stream=sys.stderr,
-                 skipped: int = 0):
+    def __init__(
+        self, total: int | None, label: str, every: int = 10, stream=sys.stderr, skipped: int = 0
+    ):
         self.total, self.label, self.every, self.stream = total, label, every, stream
         self.skipped = skipped
         self.start = time.perf_counter()
@@ -95,8 +100,12 @@ class Progress:
             per_batch = elapsed / max(done - self.skipped, 1)
             eta = f", ETA {_hms(per_batch * (self.total - done))}"
         total = f"/{self.total}" if self.total else ""
-        print(f"[{self.label}] batch {done}{total}, {rate:.1f} examples/s, "
-              f"elapsed {_hms(elapsed)}{eta}", file=self.stream, flush=True)
+        print(
+            f"[{self.label}] batch {done}{total}, {rate:.1f} examples/s, "
+            f"elapsed {_hms(elapsed)}{eta}",
+            file=self.stream,
+            flush=True,
+        )
 
 
 def _hms(seconds: float) -> str:
@@ -119,12 +128,22 @@ class NoBatchesError(ValueError):
     """The loader yielded no batch: nothing is left to measure."""
 
 
-def run_probes(model, params, loader: Iterable, probes: Sequence[Probe], *,
-               state_dir: str | None = None, checkpoint_every: int = 20,
-               total: int | None = None, label: str = "run", progress_every: int = 10,
-               mesh: Mesh | None = None, fingerprint: dict | None = None,
-               spill_dir: str | None = None, collect_budget_mb: float | None = None
-               ) -> dict[str, Any]:
+def run_probes(
+    model,
+    params,
+    loader: Iterable,
+    probes: Sequence[Probe],
+    *,
+    state_dir: str | None = None,
+    checkpoint_every: int = 20,
+    total: int | None = None,
+    label: str = "run",
+    progress_every: int = 10,
+    mesh: Mesh | None = None,
+    fingerprint: dict | None = None,
+    spill_dir: str | None = None,
+    collect_budget_mb: float | None = None,
+) -> dict[str, Any]:
     """Runs every probe over `loader` (an iterable of `(Batch, targets)`) in one pass.
 
     Returns {probe name: probe.finalize(stats, info)}. With `state_dir`, accumulators are saved
@@ -156,8 +175,10 @@ def run_probes(model, params, loader: Iterable, probes: Sequence[Probe], *,
         spill_dir = spill_dir or os.path.abspath(state_dir) + ".spill"
     spill_here = spill_dir and os.path.join(spill_dir, f"p{jax.process_index()}")
     budget = None if collect_budget_mb is None or not spill_dir else collect_budget_mb * 2**20
-    accs = {p.name: Accumulator(p.collect_keys, spill_here and os.path.join(spill_here, p.name))
-            for p in probes}
+    accs = {
+        p.name: Accumulator(p.collect_keys, spill_here and os.path.join(spill_here, p.name))
+        for p in probes
+    }
     lead = jax.process_index() == 0
     log = (lambda msg: print(msg, file=sys.stderr, flush=True)) if lead else (lambda msg: None)
     done = 0
@@ -172,12 +193,14 @@ def run_probes(model, params, loader: Iterable, probes: Sequence[Probe], *,
                 _restore_from(state_dir, accs, names)
             multihost_utils.sync_global_devices("value_jax state restored")
     if spill_here and not done:
-        shutil.rmtree(spill_here, ignore_errors=True)     # rows of an earlier, unused run
+        shutil.rmtree(spill_here, ignore_errors=True)  # rows of an earlier, unused run
     steps, batches = _process_batches(loader, done, jax.process_index(), jax.process_count())
     total = total or steps
     if done:
-        log(f"[{label}] resuming after batch {done}{f'/{total}' if total else ''} from "
-            f"{state_dir} (inputs match the saved state)")
+        log(
+            f"[{label}] resuming after batch {done}{f'/{total}' if total else ''} from "
+            f"{state_dir} (inputs match the saved state)"
+        )
     progress = Progress(total, label, progress_every if lead else 0, skipped=done)
     seen = done
     for i, batch, targets in batches:
@@ -195,29 +218,33 @@ def run_probes(model, params, loader: Iterable, probes: Sequence[Probe], *,
     if seen == 0:
         raise NoBatchesError(f"[{label}] no examples left: the loader yielded no batch")
     if steps is not None and done > steps:
-        raise ValueError(f"[{label}] the saved state in {state_dir} counts {done} batches but the "
-                         f"loader has only {steps}")
+        raise ValueError(
+            f"[{label}] the saved state in {state_dir} counts {done} batches but the "
+            f"loader has only {steps}"
+        )
     if state_dir:
         _save_lead(state_dir, accs, seen, names, fp)
-    info = {"batches": seen, "devices": int(mesh.devices.size),
-            "processes": jax.process_count()}
+    info = {"batches": seen, "devices": int(mesh.devices.size), "processes": jax.process_count()}
     results = {}
     for p in probes:
         start = time.perf_counter()
         if p.collect_keys:
-            log(f"[{label}] {p.name}: computing the statistics and training the probers on the "
-                "collected features")
+            log(
+                f"[{label}] {p.name}: computing the statistics and training the probers on the "
+                "collected features"
+            )
         results[p.name] = p.finalize(accs[p.name].result(), info)
         if p.collect_keys:
             log(f"[{label}] {p.name}: done in {_hms(time.perf_counter() - start)}")
     if spill_here and not state_dir:
         shutil.rmtree(spill_here, ignore_errors=True)
         with contextlib.suppress(OSError):
-            os.rmdir(spill_dir)                             # when the last process is done
+            os.rmdir(spill_dir)  # when the last process is done
     return results
 
 
 # ---- batches per process ------------------------------------------------------------------
+
 
 def process_schedule(shapes: Sequence, count: int) -> list[list[int | None]]:
     """Which planned batch each of `count` processes runs at each step.
@@ -251,16 +278,20 @@ def _process_batches(loader, done: int, index: int, count: int):
                     yield (s, *_blank(*loader.collate_plan(steps[s][0])))
                 else:
                     yield (s, *loader.collate_plan(k))
+
         return len(steps), planned()
     if count > 1:
-        raise ValueError(f"a run over {count} processes needs a loader with a batch plan "
-                         f"(`plans` and `collate_plan`, as value_jax.data.loaders' loaders have); "
-                         f"got {type(loader).__name__}")
+        raise ValueError(
+            f"a run over {count} processes needs a loader with a batch plan "
+            f"(`plans` and `collate_plan`, as value_jax.data.loaders' loaders have); "
+            f"got {type(loader).__name__}"
+        )
 
     def iterated():
         for i, (batch, targets) in enumerate(loader):
             if i >= done:
                 yield i, batch, targets
+
     return (len(loader) if hasattr(loader, "__len__") else None), iterated()
 
 

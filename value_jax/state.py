@@ -11,6 +11,7 @@
 `value_jax.runner.run_probes` is the only caller; the functions are split out so that the engine
 reads as the loop it is.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -68,15 +69,20 @@ class Collected:
 
     def on_disk(self) -> dict:
         """What saved state records of spilled rows (they stay in their file)."""
-        return {"rows": self.rows_on_disk, "dtype": np.dtype(self.dtype).str,
-                "trail": list(self.trail)}
+        return {
+            "rows": self.rows_on_disk,
+            "dtype": np.dtype(self.dtype).str,
+            "trail": list(self.trail),
+        }
 
     def reopen(self, meta: dict) -> None:
         """Takes back `meta["rows"]` rows of the file, cutting off rows written after that save."""
         size = int(np.prod(meta["trail"], dtype=np.int64)) * np.dtype(meta["dtype"]).itemsize
         if not os.path.isfile(self.path) or os.path.getsize(self.path) < meta["rows"] * size:
-            raise ValueError(f"saved state counts {meta['rows']} rows in {self.path}, which holds "
-                             "fewer; delete the state folder to start afresh")
+            raise ValueError(
+                f"saved state counts {meta['rows']} rows in {self.path}, which holds "
+                "fewer; delete the state folder to start afresh"
+            )
         os.truncate(self.path, meta["rows"] * size)
         self.dtype, self.trail = np.dtype(meta["dtype"]), tuple(meta["trail"])
         self.rows_on_disk, self.parts = int(meta["rows"]), []
@@ -90,8 +96,10 @@ class Accumulator:
     def __init__(self, collect_keys: Sequence[str], spill_dir: str | None = None):
         self.collect_keys = tuple(collect_keys)
         self.sums: dict[str, np.ndarray] = {}
-        self.collected = {k: Collected(spill_dir and os.path.join(spill_dir, k + ".bin"))
-                          for k in self.collect_keys}
+        self.collected = {
+            k: Collected(spill_dir and os.path.join(spill_dir, k + ".bin"))
+            for k in self.collect_keys
+        }
         self.spill_dir = spill_dir
 
     def update(self, stats: dict[str, Any]) -> None:
@@ -122,7 +130,7 @@ class Accumulator:
         return out
 
     def state(self) -> dict[str, dict[str, np.ndarray]]:
-        if self.spill_dir:                          # collected rows stay in their files
+        if self.spill_dir:  # collected rows stay in their files
             self.spill()
             return {"sum": dict(self.sums)} if self.sums else {}
         collected = {k: v for k, v in self.result().items() if k in self.collect_keys and v.size}
@@ -144,13 +152,16 @@ class Accumulator:
 
 # ---- the state fingerprint ----------------------------------------------------------------
 
+
 def run_fingerprint(model, loader, probes: Sequence[Probe], extra: dict | None = None) -> dict:
     """What saved state must match to be resumed: JSON-able, compared key by key."""
-    return {"model_config": _plain(dataclasses.asdict(model.config)),
-            "processes": jax.process_count(),
-            "probes": {p.name: _plain(p.fingerprint()) for p in probes},
-            "loader": loader_fingerprint(loader),
-            **_plain(extra or {})}
+    return {
+        "model_config": _plain(dataclasses.asdict(model.config)),
+        "processes": jax.process_count(),
+        "probes": {p.name: _plain(p.fingerprint()) for p in probes},
+        "loader": loader_fingerprint(loader),
+        **_plain(extra or {}),
+    }
 
 
 def loader_fingerprint(loader) -> str | None:
@@ -191,8 +202,11 @@ def _plain(x):
     if isinstance(x, (list, tuple)):
         return [_plain(v) for v in x]
     if isinstance(x, np.ndarray):
-        return {"sha256": hashlib.sha256(np.ascontiguousarray(x).tobytes()).hexdigest(),
-                "shape": list(x.shape), "dtype": x.dtype.str}
+        return {
+            "sha256": hashlib.sha256(np.ascontiguousarray(x).tobytes()).hexdigest(),
+            "shape": list(x.shape),
+            "dtype": x.dtype.str,
+        }
     if isinstance(x, (np.integer, np.floating, np.bool_)):
         return x.item()
     if x is None or isinstance(x, (str, int, float, bool)):
@@ -208,15 +222,17 @@ def fingerprint_differences(saved: dict, now: dict, prefix: str = "") -> list[st
         if isinstance(a, dict) and isinstance(b, dict):
             out += fingerprint_differences(a, b, f"{prefix}{key}.")
         elif a != b:
-            short = lambda v: (s if len(s := json.dumps(v)) <= 60 else s[:57] + "...")
+            short = lambda v: s if len(s := json.dumps(v)) <= 60 else s[:57] + "..."
             out.append(f"{prefix}{key}: {short(a)} → {short(b)}")
     return out
 
 
-def _save(state_dir: str, accs: dict[str, Accumulator], done: int, names, fingerprint: dict) -> None:
+def _save(
+    state_dir: str, accs: dict[str, Accumulator], done: int, names, fingerprint: dict
+) -> None:
     """Atomically replaces `state_dir` with the accumulators after `done` batches."""
     tree = {name: st for name in names if (st := accs[name].state())}
-    state_dir = os.path.abspath(state_dir)                  # orbax refuses relative paths
+    state_dir = os.path.abspath(state_dir)  # orbax refuses relative paths
     tmp = state_dir + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
@@ -225,8 +241,14 @@ def _save(state_dir: str, accs: dict[str, Accumulator], done: int, names, finger
             ckptr.save(os.path.join(tmp, "accumulators"), tree)
             ckptr.wait_until_finished()
     with open(os.path.join(tmp, "progress.json"), "w") as f:
-        json.dump({"batches_done": done, "probes": list(names),
-                   "spilled": {n: s for n in names if (s := accs[n].spilled())}}, f)
+        json.dump(
+            {
+                "batches_done": done,
+                "probes": list(names),
+                "spilled": {n: s for n in names if (s := accs[n].spilled())},
+            },
+            f,
+        )
     with open(os.path.join(tmp, "fingerprint.json"), "w") as f:
         json.dump(fingerprint, f, indent=1, sort_keys=True)
     replace_dir(tmp, state_dir)
@@ -245,8 +267,15 @@ def _save_lead(state_dir: str, accs, done: int, names, fingerprint: dict) -> Non
         multihost_utils.sync_global_devices(f"value_jax state saved after {done}")
 
 
-def _restore(state_dir: str, accs: dict[str, Accumulator], names, fingerprint: dict,
-             label: str, log=print, spill_dir: str | None = None) -> int:
+def _restore(
+    state_dir: str,
+    accs: dict[str, Accumulator],
+    names,
+    fingerprint: dict,
+    label: str,
+    log=print,
+    spill_dir: str | None = None,
+) -> int:
     """Loads saved accumulators whose fingerprint equals `fingerprint`; returns batches done.
 
     State made from other inputs is removed (never used), saying which inputs differ."""
@@ -260,15 +289,21 @@ def _restore(state_dir: str, accs: dict[str, Accumulator], names, fingerprint: d
     if os.path.isfile(fp_path):
         with open(fp_path) as f:
             saved = json.load(f)
-    diffs = fingerprint_differences(saved, json.loads(json.dumps(fingerprint))) if saved else \
-        ["the saved state has no fingerprint (made by an older version)"]
+    diffs = (
+        fingerprint_differences(saved, json.loads(json.dumps(fingerprint)))
+        if saved
+        else ["the saved state has no fingerprint (made by an older version)"]
+    )
     if meta["probes"] != list(names):
         diffs.insert(0, f"probes: {meta['probes']} → {list(names)}")
     if diffs:
-        listed = "\n  ".join(diffs[:20]) + (f"\n  ... and {len(diffs) - 20} more"
-                                              if len(diffs) > 20 else "")
-        log(f"[{label}] not resuming: the saved state in {state_dir} was made from other "
-            f"inputs:\n  {listed}\n[{label}] removed it; starting from the first batch")
+        listed = "\n  ".join(diffs[:20]) + (
+            f"\n  ... and {len(diffs) - 20} more" if len(diffs) > 20 else ""
+        )
+        log(
+            f"[{label}] not resuming: the saved state in {state_dir} was made from other "
+            f"inputs:\n  {listed}\n[{label}] removed it; starting from the first batch"
+        )
         shutil.rmtree(state_dir)
         if spill_dir:
             shutil.rmtree(spill_dir, ignore_errors=True)
@@ -287,6 +322,8 @@ def _restore_from(state_dir: str, accs: dict[str, Accumulator], names) -> None:
             tree = ckptr.restore(ckpt)
     for name in names:
         if spilled.get(name) and not accs[name].spill_dir:
-            raise ValueError(f"{state_dir} keeps collected rows of {name} in spill files; "
-                             "resume it with a collection budget (--collect_budget_mb)")
+            raise ValueError(
+                f"{state_dir} keeps collected rows of {name} in spill files; "
+                "resume it with a collection budget (--collect_budget_mb)"
+            )
         accs[name].load(tree.get(name, {}), spilled.get(name))

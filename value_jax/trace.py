@@ -13,6 +13,7 @@ Directions are written query→key: `t2v` = text queries attending to region key
     `v2v` = the relational layers then each cross layer's vision self-attention,
     `t2v` / `v2t` = the cross layers' language→vision / vision→language cross-attention.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -52,14 +53,24 @@ class Trace:
     model_type: str = flax.struct.field(pytree_node=False)
 
     @classmethod
-    def from_intermediates(cls, model_type: str, intermediates: dict, batch, outputs=None) -> "Trace":
+    def from_intermediates(
+        cls, model_type: str, intermediates: dict, batch, outputs=None
+    ) -> "Trace":
         scope = intermediates[model_type]
         attention, hidden = {}, {}
         for key, value in scope.items():
             kind, name = N.unsown(key)
             (attention if kind == N.ATTENTION else hidden)[name] = value[0]
-        return cls(attention, hidden, batch.text_mask, batch.region_mask, dict(outputs or {}),
-                   batch.input_ids, batch.region_feats, model_type)
+        return cls(
+            attention,
+            hidden,
+            batch.text_mask,
+            batch.region_mask,
+            dict(outputs or {}),
+            batch.input_ids,
+            batch.region_feats,
+            model_type,
+        )
 
     # ---- layout -------------------------------------------------------------------------
     @property
@@ -162,10 +173,18 @@ class Layout:
             lang = [LayerId("lang", i + 1) for i in range(config.l_layers)]
             visn = [LayerId("visn", i + 1) for i in range(config.r_layers)]
             cross = range(1, config.x_layers + 1)
-            attention = lang + visn + [LayerId("cross", j, k) for j in cross for k in N.CROSS_ATTENTION]
-            hidden = ([LayerId("lang", 0), LayerId("visn", 0)] + lang + visn
-                      + [LayerId("cross", j, k) for j in cross for k in N.CROSS_HIDDEN])
-        return cls(config.model_type, tuple(i.name for i in attention), tuple(i.name for i in hidden))
+            attention = (
+                lang + visn + [LayerId("cross", j, k) for j in cross for k in N.CROSS_ATTENTION]
+            )
+            hidden = (
+                [LayerId("lang", 0), LayerId("visn", 0)]
+                + lang
+                + visn
+                + [LayerId("cross", j, k) for j in cross for k in N.CROSS_HIDDEN]
+            )
+        return cls(
+            config.model_type, tuple(i.name for i in attention), tuple(i.name for i in hidden)
+        )
 
     @property
     def single_stream(self) -> bool:
@@ -175,7 +194,9 @@ class Layout:
     def layer_names(self, direction: str) -> list[str]:
         """Names of the layers `Trace.blocks(direction)` stacks, in forward order."""
         _check(direction, DIRECTIONS, "direction")
-        return [n for n in N.sort_names(self.attention) if direction in LayerId.parse(n).directions()]
+        return [
+            n for n in N.sort_names(self.attention) if direction in LayerId.parse(n).directions()
+        ]
 
     def hidden_names(self, modality: str) -> list[str]:
         """Layer names of `Trace.hidden_states(modality)`, embedding output first."""

@@ -1,11 +1,22 @@
 """Box overlaps against slow twins, gold -> region alignment, mismatched-caption pairs."""
+
 import warnings
 
 import numpy as np
 import pytest
 
-from value_jax.data.alignment import (align_gold_to_regions, box_areas, derangement, intersection, iot, iou,
-                                      match_gold_boxes, mismatched_caption_pairs, phrase_overlap, phrase_regions)
+from value_jax.data.alignment import (
+    align_gold_to_regions,
+    box_areas,
+    derangement,
+    intersection,
+    iot,
+    iou,
+    match_gold_boxes,
+    mismatched_caption_pairs,
+    phrase_overlap,
+    phrase_regions,
+)
 from value_jax.data.errors import DataReport
 from value_jax.data.fixtures.annotations import write_flickr30k
 
@@ -39,8 +50,12 @@ def test_iou_iot_match_slow_twins(plus_one):
     b[4] = [10, 10, 10, 30]  # zero width
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        np.testing.assert_allclose(iou(a, b, plus_one), _slow_overlap(a, b, "iou", plus_one), atol=1e-12)
-        np.testing.assert_allclose(iot(a, b, plus_one), _slow_overlap(a, b, "iot", plus_one), atol=1e-12)
+        np.testing.assert_allclose(
+            iou(a, b, plus_one), _slow_overlap(a, b, "iou", plus_one), atol=1e-12
+        )
+        np.testing.assert_allclose(
+            iot(a, b, plus_one), _slow_overlap(a, b, "iot", plus_one), atol=1e-12
+        )
     assert iou(a, b).shape == (23, 17)
 
 
@@ -50,7 +65,9 @@ def test_known_values():
     assert iot(a, b)[0, 0] == pytest.approx(25 / 100)
     assert iot([[0, 0, 100, 100]], [[10, 10, 20, 20]])[0, 0] == 1.0  # region covers the gold box
     assert iou([[0, 0, 100, 100]], [[10, 10, 20, 20]])[0, 0] == pytest.approx(0.01)
-    assert iou(a, b, pixel_inclusive=True)[0, 0] == pytest.approx(36 / (121 + 121 - 36))  # VOLTA's +1
+    assert iou(a, b, pixel_inclusive=True)[0, 0] == pytest.approx(
+        36 / (121 + 121 - 36)
+    )  # VOLTA's +1
     np.testing.assert_array_equal(box_areas([[0, 0, 10, 5], [3, 3, 1, 1]]), [50, 0])
     assert intersection(np.zeros((0, 4)), b).shape == (0, 1)
     with pytest.raises(ValueError, match=r"\[N, 4\]"):
@@ -87,8 +104,13 @@ def test_phrase_regions_threshold_inclusive_vs_strict():
     regions = np.array([[0, 0, 10, 10], [0, 0, 5, 10], [0, 0, 20, 20], [90, 90, 99, 99]])
     chains = [np.array([[0, 0, 10, 10]]), np.array([[0, 0, 10, 10], [90, 90, 99, 99]])]
     assert [r.tolist() for r in phrase_regions(chains, regions, 0.5)] == [[0, 1], [0, 1, 3]]
-    assert [r.tolist() for r in phrase_regions(chains, regions, 0.5, inclusive=False)] == [[0], [0, 3]]
-    assert [r.tolist() for r in phrase_regions(chains, regions, 0.5, measure="iot", inclusive=False)] == [[0, 2], [0, 2, 3]]
+    assert [r.tolist() for r in phrase_regions(chains, regions, 0.5, inclusive=False)] == [
+        [0],
+        [0, 3],
+    ]
+    assert [
+        r.tolist() for r in phrase_regions(chains, regions, 0.5, measure="iot", inclusive=False)
+    ] == [[0, 2], [0, 2, 3]]
 
 
 def test_fixture_gold_boxes_in_features_and_near_them(tmp_path):
@@ -121,7 +143,9 @@ def test_mismatched_caption_pairs():
     assert [p.image_id for p in pairs] == ids
     assert all(p.caption_image_id != p.image_id for p in pairs)
     assert all(caps[p.caption_image_id][p.caption_index] == p.caption for p in pairs)
-    assert sorted(p.caption_image_id for p in pairs) == ids  # a permutation: every caption image used once
+    assert (
+        sorted(p.caption_image_id for p in pairs) == ids
+    )  # a permutation: every caption image used once
     assert mismatched_caption_pairs(ids, caps, seed=0) == pairs
     assert mismatched_caption_pairs(ids, caps, seed=1) != pairs
     two = mismatched_caption_pairs(["a", "b"], {"a": ["x"], "b": ["y"]}, seed=3)

@@ -1,12 +1,12 @@
 """Fitted buckets: the exact least-padding sizes, nothing truncated, fewer padded tokens."""
+
 import itertools
 
 import numpy as np
 import pytest
 
-from value_jax.data import collate as C
-
 from value_jax.data import batch_plan as BP
+from value_jax.data import collate as C
 from value_jax.data.bucketing import fit_buckets, fit_sizes, padding_efficiency
 
 
@@ -22,15 +22,25 @@ def test_fit_sizes_is_the_brute_force_optimum(seed):
     for k in (1, 2, 3, 4):
         sizes = fit_sizes(values, k)
         assert len(sizes) <= k and sizes[-1] == max(values)
-        best = min(_padding(values, (*c, max(values)))
-                   for r in range(0, min(k, len(distinct)))
-                   for c in itertools.combinations(distinct[:-1], r))
+        best = min(
+            _padding(values, (*c, max(values)))
+            for r in range(0, min(k, len(distinct)))
+            for c in itertools.combinations(distinct[:-1], r)
+        )
         assert _padding(values, sizes) == best
 
 
 def _examples(n, regions, rng):
-    return [C.Example(f"{i}", np.arange(rng.integers(8, 41)), {}, image_id=str(i),
-                      num_regions=int(regions(rng))) for i in range(n)]
+    return [
+        C.Example(
+            f"{i}",
+            np.arange(rng.integers(8, 41)),
+            {},
+            image_id=str(i),
+            num_regions=int(regions(rng)),
+        )
+        for i in range(n)
+    ]
 
 
 def test_fitted_buckets_pad_less_than_the_fixed_grid_and_keep_every_example():
@@ -49,4 +59,4 @@ def test_small_data_gets_few_shapes():
     rng = np.random.default_rng(1)
     examples = _examples(40, lambda r: r.integers(10, 101), rng)
     buckets = fit_buckets(examples, 8)
-    assert len(buckets.text) == len(buckets.regions) == 1       # 5 batches: one shape
+    assert len(buckets.text) == len(buckets.regions) == 1  # 5 batches: one shape

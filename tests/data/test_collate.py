@@ -1,13 +1,13 @@
 """Bucketing and padding: smallest fitting bucket, only declared shapes, masked padding rows,
 overflow errors / counted truncation, item splitting, one compilation per shape."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from value_jax.data import collate as C
-
 from value_jax.data import batch_plan as BP
+from value_jax.data import collate as C
 from value_jax.data.errors import DataReport
 
 F = 5
@@ -24,16 +24,22 @@ def _coref_example(rng, ex_id, text_len, n_regions, n_items, width=3, with_regio
         start = int(rng.integers(1, text_len - n))
         tokens[p, :n], mask[p, :n] = np.arange(start, start + n), True
     targets = {
-        "coref.region": rng.integers(0, n_regions, n_items), "coref.tokens": tokens,
-        "coref.token_mask": mask, "coref.type": rng.integers(0, 8, n_items),
-        "coref.linked": rng.random(n_items) < 0.5, "coref.mask": np.ones(n_items, bool),
-        "coref.rand_region": rng.integers(0, n_regions, n_items), "coref.rand_tokens": tokens[::-1].copy(),
+        "coref.region": rng.integers(0, n_regions, n_items),
+        "coref.tokens": tokens,
+        "coref.token_mask": mask,
+        "coref.type": rng.integers(0, 8, n_items),
+        "coref.linked": rng.random(n_items) < 0.5,
+        "coref.mask": np.ones(n_items, bool),
+        "coref.rand_region": rng.integers(0, n_regions, n_items),
+        "coref.rand_tokens": tokens[::-1].copy(),
         "coref.rand_token_mask": mask[::-1].copy(),
     }
     extra = {}
     if with_regions:
-        extra = dict(region_feats=rng.random((n_regions, F)).astype(np.float32),
-                     region_boxes=rng.random((n_regions, 4)).astype(np.float32))
+        extra = dict(
+            region_feats=rng.random((n_regions, F)).astype(np.float32),
+            region_boxes=rng.random((n_regions, 4)).astype(np.float32),
+        )
     return C.Example(ex_id, ids, targets, image_id=f"img{ex_id}", num_regions=n_regions, **extra)
 
 
@@ -61,8 +67,17 @@ def test_buckets_validate_and_pick_smallest():
 def test_plan_uses_smallest_bucket_and_only_declared_shapes():
     rng = np.random.default_rng(0)
     buckets = C.DEFAULT_BUCKETS
-    examples = [_coref_example(rng, str(i), int(rng.integers(3, 65)), int(rng.integers(1, 101)),
-                                int(rng.integers(1, 65)), width=int(rng.integers(1, 7))) for i in range(60)]
+    examples = [
+        _coref_example(
+            rng,
+            str(i),
+            int(rng.integers(3, 65)),
+            int(rng.integers(1, 101)),
+            int(rng.integers(1, 65)),
+            width=int(rng.integers(1, 7)),
+        )
+        for i in range(60)
+    ]
     plans = BP.plan_batches(examples, 4, buckets)
     width = _smallest(buckets.tokens, max(ex.num_tokens for ex in examples))
     seen = []
@@ -75,8 +90,13 @@ def test_plan_uses_smallest_bucket_and_only_declared_shapes():
             assert plan.shape.regions == _smallest(buckets.regions, ex.num_regions)
             assert plan.shape.items == _smallest(buckets.items, ex.num_items)
             seen.append(index)
-        batch, targets = C.collate(plan.examples, plan.shape, 4, regions=_fetch, indices=plan.indices)
-        assert batch.input_ids.shape[1] in buckets.text and batch.region_feats.shape[1] in buckets.regions
+        batch, targets = C.collate(
+            plan.examples, plan.shape, 4, regions=_fetch, indices=plan.indices
+        )
+        assert (
+            batch.input_ids.shape[1] in buckets.text
+            and batch.region_feats.shape[1] in buckets.regions
+        )
         assert batch.batch_size == 4
         assert targets["coref.tokens"].shape == (4, plan.shape.items, width)
         assert targets["coref.tokens"].shape[1] in buckets.items
@@ -88,8 +108,11 @@ def test_plan_uses_smallest_bucket_and_only_declared_shapes():
 
 def test_collate_places_values_and_masks_padding_rows():
     rng = np.random.default_rng(1)
-    exs = [_coref_example(rng, "a", 10, 7, 3, width=2), _coref_example(rng, "b", 14, 36, 5, width=3),
-           _coref_example(rng, "c", 5, 2, 1, width=1, with_regions=True)]
+    exs = [
+        _coref_example(rng, "a", 10, 7, 3, width=2),
+        _coref_example(rng, "b", 14, 36, 5, width=3),
+        _coref_example(rng, "c", 5, 2, 1, width=1, with_regions=True),
+    ]
     shape = C.BatchShape(16, 36, 8, 4)
     batch, t = C.collate(exs, shape, 5, regions=_fetch, indices=[7, 8, 9])
     assert batch.input_ids.shape == (5, 16) and batch.region_feats.shape == (5, 36, F)
@@ -101,9 +124,13 @@ def test_collate_places_values_and_masks_padding_rows():
         assert batch.region_mask[i].sum() == ex.num_regions
         inline = ex.region_feats is not None
         feats, boxes = (ex.region_feats, ex.region_boxes) if inline else _fetch(ex.image_id)
-        np.testing.assert_array_equal(batch.region_feats[i, :ex.num_regions], feats[:ex.num_regions])
-        np.testing.assert_array_equal(batch.region_boxes[i, :ex.num_regions], boxes[:ex.num_regions])
-        assert not batch.region_feats[i, ex.num_regions:].any()
+        np.testing.assert_array_equal(
+            batch.region_feats[i, : ex.num_regions], feats[: ex.num_regions]
+        )
+        np.testing.assert_array_equal(
+            batch.region_boxes[i, : ex.num_regions], boxes[: ex.num_regions]
+        )
+        assert not batch.region_feats[i, ex.num_regions :].any()
         p, m = ex.num_items, ex.num_tokens
         for name, arr in ex.targets.items():
             got = t[name][i]
@@ -112,7 +139,9 @@ def test_collate_places_values_and_masks_padding_rows():
                 assert (got[p:] == C.TARGETS[name].pad).all()
             else:
                 np.testing.assert_array_equal(got[:p, :m], arr)
-                assert (got[:, m:] == C.TARGETS[name].pad).all() and (got[p:] == C.TARGETS[name].pad).all()
+                assert (got[:, m:] == C.TARGETS[name].pad).all() and (
+                    got[p:] == C.TARGETS[name].pad
+                ).all()
     for i in (3, 4):  # padding rows: nothing real anywhere
         assert not batch.text_mask[i].any() and not batch.region_mask[i].any()
         for name in ("coref.mask", "coref.token_mask", "coref.rand_token_mask", "coref.linked"):
@@ -138,9 +167,9 @@ def test_pad_helpers():
 def test_overflow_error_names_the_example_and_truncation_is_counted():
     rng = np.random.default_rng(2)
     big = _coref_example(rng, "long-one", 70, 120, 4, width=2)
-    big.targets["coref.tokens"][0, :2] = [66, 67]      # past the 64-token cut
-    big.targets["coref.region"][1] = 110                # past the 100-region cut
-    big.targets["coref.tokens"][1:, 0] = 1              # the others stay inside
+    big.targets["coref.tokens"][0, :2] = [66, 67]  # past the 64-token cut
+    big.targets["coref.region"][1] = 110  # past the 100-region cut
+    big.targets["coref.tokens"][1:, 0] = 1  # the others stay inside
     big.targets["coref.rand_tokens"][:] = 1
     big.targets["coref.rand_region"][:] = 0
     big.targets["coref.region"][[0, 2, 3]] = 5
@@ -181,9 +210,14 @@ def test_examples_with_too_many_items_are_split_without_loss():
 
 
 def test_text_only_examples_get_one_masked_dummy_region():
-    exs = [C.Example(f"t:{i}", [101] + [7] * i + [102],
-                     {"senteval.label": i % 2, "senteval.split": i % 3, "senteval.mask": True})
-           for i in range(5)]
+    exs = [
+        C.Example(
+            f"t:{i}",
+            [101] + [7] * i + [102],
+            {"senteval.label": i % 2, "senteval.split": i % 3, "senteval.mask": True},
+        )
+        for i in range(5)
+    ]
     plans = BP.plan_batches(exs, 4)
     assert {p.shape for p in plans} == {C.BatchShape(16, 1, 0, 0)}
     batch, t = C.collate(plans[0].examples, plans[0].shape, 4, feat_dim=F, indices=plans[0].indices)
@@ -198,7 +232,9 @@ def test_text_only_examples_get_one_masked_dummy_region():
 
 def test_example_checks_name_the_example():
     with pytest.raises(ValueError, match="'bad'.*coref.type has 2 items"):
-        C.Example("bad", [101, 102], {"coref.region": [0, 1, 2], "coref.type": [0, 1]}, num_regions=3)
+        C.Example(
+            "bad", [101, 102], {"coref.region": [0, 1, 2], "coref.type": [0, 1]}, num_regions=3
+        )
     with pytest.raises(ValueError, match="unknown targets"):
         C.Example("x", [101, 102], {"coref.regoin": [0]})
     with pytest.raises(ValueError, match="several analyses"):
@@ -216,8 +252,16 @@ def test_example_rng_depends_on_seed_and_keys_only():
 
 def test_jitted_step_compiles_once_per_shape():
     rng = np.random.default_rng(4)
-    examples = [_coref_example(rng, str(i), int(rng.integers(3, 40)), int(rng.integers(1, 60)),
-                                int(rng.integers(1, 20))) for i in range(40)]
+    examples = [
+        _coref_example(
+            rng,
+            str(i),
+            int(rng.integers(3, 40)),
+            int(rng.integers(1, 60)),
+            int(rng.integers(1, 20)),
+        )
+        for i in range(40)
+    ]
     plans = BP.plan_batches(examples, 4)
     traces = []
 
@@ -228,7 +272,9 @@ def test_jitted_step_compiles_once_per_shape():
         return feats.sum() + jnp.sum(targets["coref.mask"])
 
     for plan in plans:
-        batch, targets = C.collate(plan.examples, plan.shape, 4, regions=_fetch, indices=plan.indices)
+        batch, targets = C.collate(
+            plan.examples, plan.shape, 4, regions=_fetch, indices=plan.indices
+        )
         step(batch, targets)
     assert len(plans) > len({p.shape for p in plans})
     assert len(traces) == len({p.shape for p in plans})

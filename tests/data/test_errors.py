@@ -1,4 +1,5 @@
 """DataReport, DataFormatError and NoExamplesError: the messages people read."""
+
 import pytest
 
 from value_jax.data.errors import DataFormatError, DataReport, NoExamplesError
@@ -35,10 +36,14 @@ from value_jax.data.visual_genome import read_relations_vocab  # noqa: E402
 
 # Three lines per reader; the third holds a Latin-1 byte (0xe9, "é") where UTF-8 is required.
 NON_UTF8 = {
-    "36979.txt": (parse_sentences, [b"[/EN#1/people A man] sits .", b"A man sits .",
-                                    b"[/EN#1/people A caf\xe9 owner] sits ."]),
-    "past_present.txt": (read_probing_task, [b"tr\tPAST\tHe ran .", b"va\tPRES\tHe runs .",
-                                             b"te\tPAST\tThe caf\xe9 closed ."]),
+    "36979.txt": (
+        parse_sentences,
+        [b"[/EN#1/people A man] sits .", b"A man sits .", b"[/EN#1/people A caf\xe9 owner] sits ."],
+    ),
+    "past_present.txt": (
+        read_probing_task,
+        [b"tr\tPAST\tHe ran .", b"va\tPRES\tHe runs .", b"te\tPAST\tThe caf\xe9 closed ."],
+    ),
     "val.txt": (read_split, [b"1000092795", b"10002456", b"1\xe9"]),
     "UNRELATED_CAPTIONS": (read_unrelated_captions, [b"# format", b"1000092795 2", b"1\xe9 1"]),
     "vocab.txt": (read_vocab, [b"[PAD]", b"on", b"caf\xe9"]),
@@ -55,7 +60,10 @@ def test_non_utf8_bytes_raise_at_file_and_line(tmp_path, name):
     with pytest.raises(DataFormatError) as err:
         read(path)
     column = lines[2].index(b"\xe9") + 1
-    assert str(err.value).startswith(f"{path}:3: bytes b'\\xe9' at column {column} ") and err.value.line == 3
+    assert (
+        str(err.value).startswith(f"{path}:3: bytes b'\\xe9' at column {column} ")
+        and err.value.line == 3
+    )
     assert "UTF-8" in str(err.value)
 
 
@@ -63,8 +71,10 @@ def test_one_based_lines_in_sentences_senteval_and_split_readers(tmp_path):
     """Line 3 of each file is the odd one; every error and report example says 3."""
     report = DataReport()
     sentences = tmp_path / "36979.txt"
-    sentences.write_text("[/EN#1/people A man] sits .\n[/EN#2/bodyparts/people A hand] waves .\n\n"
-                         "[/EN#3/robots A robot] walks .\n")
+    sentences.write_text(
+        "[/EN#1/people A man] sits .\n[/EN#2/bodyparts/people A hand] waves .\n\n"
+        "[/EN#3/robots A robot] walks .\n"
+    )
     parse_sentences(sentences, report)
     assert report.examples("blank_caption_lines") == ["36979.txt:3"]
     assert report.examples("multi_type_phrases") == ["36979.txt:2 bodyparts/people"]

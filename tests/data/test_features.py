@@ -1,5 +1,6 @@
 """Region-feature readers: round trips through every format, the original loaders' view of the
 fixture files, errors that name file:line and field, the TSV index cache, missing ids, means."""
+
 import base64
 import csv
 import io
@@ -14,15 +15,39 @@ import numpy as np
 import pytest
 
 from value_jax.data.errors import DataFormatError, DataReport
-from value_jax.data.features import (FORMATS, ImageNotFoundError, LxmertTsvReader, RegionRecord,
-                                     RegionFeatureReader, dataset_mean_feature, detect_format,
-                                     open_region_features, uniter_name_to_image_id, uniter_num_bb)
-from value_jax.data.fixtures.features import (iter_random_records, random_records,
-                                              write_lxmert_tsv, write_uniter_lmdb,
-                                              write_uniter_npz_dir, write_volta_lmdb)
+from value_jax.data.features import (
+    FORMATS,
+    ImageNotFoundError,
+    LxmertTsvReader,
+    RegionFeatureReader,
+    RegionRecord,
+    dataset_mean_feature,
+    detect_format,
+    open_region_features,
+    uniter_name_to_image_id,
+    uniter_num_bb,
+)
+from value_jax.data.fixtures.features import (
+    iter_random_records,
+    random_records,
+    write_lxmert_tsv,
+    write_uniter_lmdb,
+    write_uniter_npz_dir,
+    write_volta_lmdb,
+)
 
-FIELDS = ["img_id", "img_h", "img_w", "objects_id", "objects_conf", "attrs_id", "attrs_conf",
-          "num_boxes", "boxes", "features"]
+FIELDS = [
+    "img_id",
+    "img_h",
+    "img_w",
+    "objects_id",
+    "objects_conf",
+    "attrs_id",
+    "attrs_conf",
+    "num_boxes",
+    "boxes",
+    "features",
+]
 
 
 @pytest.fixture(scope="module")
@@ -82,14 +107,19 @@ def _load_obj_tsv_twin(path):
     with open(path) as f:
         for item in csv.DictReader(f, FIELDS, delimiter="\t"):
             n = int(item["num_boxes"])
-            row = {"img_id": item["img_id"], "img_h": int(item["img_h"]),
-                   "img_w": int(item["img_w"])}
-            for key, shape, dtype in [("objects_id", (n,), np.int64),
-                                      ("objects_conf", (n,), np.float32),
-                                      ("attrs_id", (n,), np.int64),
-                                      ("attrs_conf", (n,), np.float32),
-                                      ("boxes", (n, 4), np.float32),
-                                      ("features", (n, -1), np.float32)]:
+            row = {
+                "img_id": item["img_id"],
+                "img_h": int(item["img_h"]),
+                "img_w": int(item["img_w"]),
+            }
+            for key, shape, dtype in [
+                ("objects_id", (n,), np.int64),
+                ("objects_conf", (n,), np.float32),
+                ("attrs_id", (n,), np.int64),
+                ("attrs_conf", (n,), np.float32),
+                ("boxes", (n, 4), np.float32),
+                ("features", (n, -1), np.float32),
+            ]:
                 row[key] = np.frombuffer(base64.b64decode(item[key]), dtype).reshape(shape)
             out.append(row)
     return out
@@ -105,8 +135,11 @@ def test_tsv_file_is_what_load_obj_tsv_reads(tmp_path, recs):
     assert len(first) == 10
     assert (int(first[1]), int(first[2])) == (recs[0].image_h, recs[0].image_w)  # h before w
     for row, rec in zip(_load_obj_tsv_twin(path), [r for r in recs if r.num_boxes]):
-        assert (row["img_id"], row["img_h"], row["img_w"]) == (rec.image_id, rec.image_h,
-                                                               rec.image_w)
+        assert (row["img_id"], row["img_h"], row["img_w"]) == (
+            rec.image_id,
+            rec.image_h,
+            rec.image_w,
+        )
         np.testing.assert_array_equal(row["boxes"], rec.boxes)
         np.testing.assert_array_equal(row["features"], rec.features)
         np.testing.assert_array_equal(row["objects_id"], rec.object_ids)
@@ -154,14 +187,17 @@ def _corrupt_line(path, lineno, field, edit):
     path.write_bytes(b"\r\n".join(lines))
 
 
-@pytest.mark.parametrize("field,edit,found", [
-    ("features", lambda v: v[:-5], "not valid base64"),           # cut mid-quantum
-    ("features", lambda v: v[:-8], "holds"),                      # cut on a quantum boundary
-    ("boxes", lambda v: v[:10] + b"*" + v[11:], "not valid base64"),
-    ("objects_id", lambda v: b"b'" + v + b"'", "bytes literal"),
-    ("num_boxes", lambda v: b"35", "num_boxes = 35"),
-    ("img_h", lambda v: b"tall", "an integer"),
-])
+@pytest.mark.parametrize(
+    "field,edit,found",
+    [
+        ("features", lambda v: v[:-5], "not valid base64"),  # cut mid-quantum
+        ("features", lambda v: v[:-8], "holds"),  # cut on a quantum boundary
+        ("boxes", lambda v: v[:10] + b"*" + v[11:], "not valid base64"),
+        ("objects_id", lambda v: b"b'" + v + b"'", "bytes literal"),
+        ("num_boxes", lambda v: b"35", "num_boxes = 35"),
+        ("img_h", lambda v: b"tall", "an integer"),
+    ],
+)
 def test_malformed_tsv_line_names_file_line_and_field(tmp_path, field, edit, found):
     recs = random_records(4, num_boxes=5, seed=1, feat_dim=32)
     path = tmp_path / "bad.tsv"
@@ -256,9 +292,17 @@ def test_uniter_npz_files_match_the_docker_layout(tmp_path, recs):
         assert all(z[k].dtype == np.float16 for k in z.files)
         r = recs[0]
         w, h = r.image_w, r.image_h
-        want = np.stack([r.boxes[:, 0] / w, r.boxes[:, 1] / h, r.boxes[:, 2] / w,
-                         r.boxes[:, 3] / h, (r.boxes[:, 2] - r.boxes[:, 0]) / w,
-                         (r.boxes[:, 3] - r.boxes[:, 1]) / h], 1)
+        want = np.stack(
+            [
+                r.boxes[:, 0] / w,
+                r.boxes[:, 1] / h,
+                r.boxes[:, 2] / w,
+                r.boxes[:, 3] / h,
+                (r.boxes[:, 2] - r.boxes[:, 0]) / w,
+                (r.boxes[:, 3] - r.boxes[:, 1]) / h,
+            ],
+            1,
+        )
         np.testing.assert_allclose(z["norm_bb"], want, atol=1e-3)
 
 
@@ -270,8 +314,10 @@ def _assert_uniter_same(got, want, sizes_known):
     np.testing.assert_array_equal(got.object_ids, fp16[:, 1:].argmax(1))
     np.testing.assert_allclose(got.normalized_boxes(), want.normalized_boxes(), atol=1e-3)
     if sizes_known:
-        assert got.box_units == "pixels" and (got.image_w, got.image_h) == (want.image_w,
-                                                                            want.image_h)
+        assert got.box_units == "pixels" and (got.image_w, got.image_h) == (
+            want.image_w,
+            want.image_h,
+        )
         np.testing.assert_allclose(got.boxes, want.boxes, atol=0.5)
     else:
         assert got.box_units == "normalized" and (got.image_w, got.image_h) == (1, 1)
@@ -285,11 +331,11 @@ def test_uniter_round_trip(tmp_path, recs, layout, sizes_known):
     if layout == "npz":
         write_uniter_npz_dir(path, recs, prefix="flickr30k_")
     else:
-        write_uniter_lmdb(path, recs, compressed=layout == "lmdb_compressed",
-                          prefix="flickr30k_")
+        write_uniter_lmdb(path, recs, compressed=layout == "lmdb_compressed", prefix="flickr30k_")
     sizes = {r.image_id: (r.image_w, r.image_h) for r in recs} if sizes_known else None
-    with open_region_features(path, image_sizes=sizes,
-                              key_to_image_id=uniter_name_to_image_id) as r:
+    with open_region_features(
+        path, image_sizes=sizes, key_to_image_id=uniter_name_to_image_id
+    ) as r:
         assert r.format == ("uniter_npz" if layout == "npz" else "uniter_lmdb")
         assert sorted(r.image_ids()) == sorted(x.image_id for x in recs)
         for want in reversed(recs):
@@ -343,8 +389,10 @@ def test_uniter_conf_threshold_keeps_uniters_box_count(tmp_path, recs):
             got = r.get(f"{want.image_id}.npz", report)
             assert got.num_boxes == min(keep, want.num_boxes)
             np.testing.assert_allclose(got.features, want.features[:keep], atol=1e-2, rtol=1e-3)
-    dropped = sum(max(0, w.num_boxes - uniter_num_bb(w.object_conf.astype(np.float16), 0.5, 2,
-                                                    20)) for w in recs[:3])
+    dropped = sum(
+        max(0, w.num_boxes - uniter_num_bb(w.object_conf.astype(np.float16), 0.5, 2, 20))
+        for w in recs[:3]
+    )
     assert report["boxes_dropped_by_conf_th"] == dropped > 0
 
 
@@ -353,8 +401,9 @@ def test_uniter_conf_threshold_keeps_uniters_box_count(tmp_path, recs):
 
 def _volta_reader_twin(path, image_id):
     """What VOLTA's ImageFeaturesH5Reader.__getitem__ does with a TSV-converted LMDB."""
-    env = lmdb.open(str(path), max_readers=1, readonly=True, lock=False, readahead=False,
-                    meminit=False)
+    env = lmdb.open(
+        str(path), max_readers=1, readonly=True, lock=False, readahead=False, meminit=False
+    )
     with env.begin(write=False) as txn:
         ids = pickle.loads(txn.get("keys".encode()))
         item = pickle.loads(txn.get(str(image_id).encode()))
@@ -428,8 +477,12 @@ def test_format_detection(tmp_path, recs):
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_missing_image_is_a_clear_keyerror_and_counted_by_get(tmp_path, recs, fmt):
     path = tmp_path / "x"
-    {"lxmert_tsv": write_lxmert_tsv, "uniter_npz": write_uniter_npz_dir,
-     "uniter_lmdb": write_uniter_lmdb, "volta_lmdb": write_volta_lmdb}[fmt](path, recs[:2])
+    {
+        "lxmert_tsv": write_lxmert_tsv,
+        "uniter_npz": write_uniter_npz_dir,
+        "uniter_lmdb": write_uniter_lmdb,
+        "volta_lmdb": write_volta_lmdb,
+    }[fmt](path, recs[:2])
     with open_region_features(path, format=fmt) as r:
         with pytest.raises(KeyError) as err:
             r["999"]
@@ -439,7 +492,8 @@ def test_missing_image_is_a_clear_keyerror_and_counted_by_get(tmp_path, recs, fm
         report = DataReport()
         assert r.get("999", report) is None and r.get("998", report) is None
         assert report["images_without_features"] == 2 and report.examples(
-            "images_without_features") == ["999", "998"]
+            "images_without_features"
+        ) == ["999", "998"]
         assert r.get("997") is None and r.report["images_without_features"] == 1
         assert "999" not in r
 
@@ -466,8 +520,9 @@ def test_dataset_mean_feature_is_the_mean_over_regions(tmp_path, recs):
         # VOLTA weighting: one term per phrase example, repeats included
         ids = [recs[0].image_id] * 3 + [recs[2].image_id]
         rows = [recs[0].features] * 3 + [recs[2].features]
-        np.testing.assert_allclose(dataset_mean_feature(r, ids),
-                                   np.concatenate(rows).astype(np.float64).mean(0), rtol=1e-6)
+        np.testing.assert_allclose(
+            dataset_mean_feature(r, ids), np.concatenate(rows).astype(np.float64).mean(0), rtol=1e-6
+        )
         report = DataReport()
         got = dataset_mean_feature(r, ids + ["nope"], report)
         assert report["images_without_features"] == 1
@@ -479,12 +534,24 @@ def test_dataset_mean_feature_is_the_mean_over_regions(tmp_path, recs):
 
 def test_normalized_boxes_maths():
     feats = np.zeros((2, 3), np.float32)
-    rec = RegionRecord("1", image_w=500, image_h=375, features=feats,
-                       boxes=np.array([[0, 0, 499.5, 374], [50, 75, 250, 150]], np.float32))
-    np.testing.assert_allclose(rec.normalized_boxes(),
-                               [[0, 0, 0.999, 374 / 375], [0.1, 0.2, 0.5, 0.4]], rtol=1e-6)
-    norm = RegionRecord("1", 1, 1, np.array([[0.1, 0.2, 0.5, 0.4]], np.float32),
-                        np.zeros((1, 3), np.float32), box_units="normalized")
+    rec = RegionRecord(
+        "1",
+        image_w=500,
+        image_h=375,
+        features=feats,
+        boxes=np.array([[0, 0, 499.5, 374], [50, 75, 250, 150]], np.float32),
+    )
+    np.testing.assert_allclose(
+        rec.normalized_boxes(), [[0, 0, 0.999, 374 / 375], [0.1, 0.2, 0.5, 0.4]], rtol=1e-6
+    )
+    norm = RegionRecord(
+        "1",
+        1,
+        1,
+        np.array([[0.1, 0.2, 0.5, 0.4]], np.float32),
+        np.zeros((1, 3), np.float32),
+        box_units="normalized",
+    )
     np.testing.assert_array_equal(norm.normalized_boxes(), norm.boxes)
     unknown = RegionRecord("1", 0, 0, rec.boxes, feats)
     with pytest.raises(ValueError, match="size 0x0 unknown"):
@@ -500,8 +567,12 @@ def test_uniter_name_to_image_id():
 
 # --------------------------------------------------------------------------- checked records
 
-_WRITERS = {"lxmert_tsv": write_lxmert_tsv, "uniter_npz": write_uniter_npz_dir,
-            "uniter_lmdb": write_uniter_lmdb, "volta_lmdb": write_volta_lmdb}
+_WRITERS = {
+    "lxmert_tsv": write_lxmert_tsv,
+    "uniter_npz": write_uniter_npz_dir,
+    "uniter_lmdb": write_uniter_lmdb,
+    "volta_lmdb": write_volta_lmdb,
+}
 
 
 def _open(path, fmt, **options):
@@ -511,8 +582,9 @@ def _open(path, fmt, **options):
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
-@pytest.mark.parametrize("field,value", [("features", np.nan), ("features", np.inf),
-                                         ("boxes", np.nan)])
+@pytest.mark.parametrize(
+    "field,value", [("features", np.nan), ("features", np.inf), ("boxes", np.nan)]
+)
 def test_nonfinite_image_is_dropped_and_counted_by_get(tmp_path, fmt, field, value):
     # One NaN in one image used to flow into every mean downstream with exit 0.
     recs = random_records(3, num_boxes=4, seed=5, feat_dim=16)
@@ -545,8 +617,9 @@ def test_mean_feature_skips_nonfinite_images(tmp_path):
     with open_region_features(tmp_path / "f.tsv") as r:
         mean = dataset_mean_feature(r, report=report)
     assert np.isfinite(mean).all() and report["images_with_nonfinite_features"] == 1
-    np.testing.assert_allclose(mean, np.concatenate([x.features for x in recs[1:]]).mean(0),
-                               rtol=1e-6)
+    np.testing.assert_allclose(
+        mean, np.concatenate([x.features for x in recs[1:]]).mean(0), rtol=1e-6
+    )
 
 
 @pytest.mark.parametrize("fmt", ["lxmert_tsv", "volta_lmdb"])
@@ -576,8 +649,9 @@ def test_zero_uniter_image_size_is_refused(tmp_path):
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_feature_width_differs_between_images(tmp_path, fmt):
     # Before: each image kept its own width and collate failed later without naming the file.
-    recs = (random_records(2, num_boxes=3, seed=1, feat_dim=16)
-            + random_records(1, num_boxes=3, seed=2, feat_dim=12, image_ids=["77"]))
+    recs = random_records(2, num_boxes=3, seed=1, feat_dim=16) + random_records(
+        1, num_boxes=3, seed=2, feat_dim=12, image_ids=["77"]
+    )
     path = tmp_path / "x"
     _WRITERS[fmt](path, recs)
     with _open(path, fmt) as r:
@@ -599,9 +673,11 @@ def test_feature_width_against_feature_dim(tmp_path, fmt):
     _WRITERS[fmt](path, recs)
     with _open(path, fmt, feature_dim=2048) as r:
         assert r["empty"].features.shape == (0, 2048)
-        with pytest.raises(DataFormatError,
-                           match=rf"image '{recs[1].image_id}' has 16 feature values per box "
-                                 r"\(expected 2048, as feature_dim = 2048\)"):
+        with pytest.raises(
+            DataFormatError,
+            match=rf"image '{recs[1].image_id}' has 16 feature values per box "
+            r"\(expected 2048, as feature_dim = 2048\)",
+        ):
             r[recs[1].image_id]
     with _open(path, fmt, feature_dim=16) as r:
         assert r["empty"].features.shape == (0, 16)

@@ -1,6 +1,7 @@
 """Loaders on the demo data: targets point at the right tokens and regions, negatives and random
 baselines are what they claim, SentEval labels match the file, determinism under a seed, counts
 in the report, the demo cache, and one batch of each loader through tiny UNITER and LXMERT."""
+
 import json
 import os
 import shutil
@@ -35,13 +36,26 @@ def demo(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def coref(demo):
-    return CorefLoader(demo.flickr_root, demo.flickr_features_tsv, demo.vocab_uncased, lowercase=True,
-                       split="val", batch_size=4, seed=0)
+    return CorefLoader(
+        demo.flickr_root,
+        demo.flickr_features_tsv,
+        demo.vocab_uncased,
+        lowercase=True,
+        split="val",
+        batch_size=4,
+        seed=0,
+    )
 
 
 def _relations(demo, **kwargs):
-    return RelationLoader(demo.vg_root, demo.vg_features_tsv, demo.vocab_cased, lowercase=False,
-                          batch_size=4, **kwargs)
+    return RelationLoader(
+        demo.vg_root,
+        demo.vg_features_tsv,
+        demo.vocab_cased,
+        lowercase=False,
+        batch_size=4,
+        **kwargs,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -82,18 +96,26 @@ def test_coref_targets_point_at_the_phrase_tokens_and_its_regions(demo, coref):
         (sentence,) = [x for x in flickr.sentences(image_id) if x.index == int(line) - 1]
         ann = flickr.annotation(image_id)
         rec = feats[image_id]
-        np.testing.assert_allclose(batch.region_boxes[row, :rec.num_boxes], rec.normalized_boxes())
+        np.testing.assert_allclose(batch.region_boxes[row, : rec.num_boxes], rec.normalized_boxes())
         assert batch.region_mask[row].sum() == rec.num_boxes
         for p in np.flatnonzero(t["coref.mask"][row]):
             tokens = t["coref.tokens"][row, p][t["coref.token_mask"][row, p]]
             ids = batch.input_ids[row, tokens]
             decoded = _decode(tok, ids)
-            phrases = [ph for ph in sentence.phrases if "".join(ph.text.split()).lower() == decoded
-                       and ann.boxes.get(ph.chain_id)]
-            assert phrases, f"{ex.id}: tokens decode to {decoded!r}, no boxed phrase of {sentence.text!r}"
+            phrases = [
+                ph
+                for ph in sentence.phrases
+                if "".join(ph.text.split()).lower() == decoded and ann.boxes.get(ph.chain_id)
+            ]
+            assert phrases, (
+                f"{ex.id}: tokens decode to {decoded!r}, no boxed phrase of {sentence.text!r}"
+            )
             assert all(batch.text_mask[row, tokens])
             region_box = rec.boxes[t["coref.region"][row, p]][None].astype(np.float64)
-            overlaps = [iou(region_box, np.array(ann.boxes[ph.chain_id], np.float64)).max() for ph in phrases]
+            overlaps = [
+                iou(region_box, np.array(ann.boxes[ph.chain_id], np.float64)).max()
+                for ph in phrases
+            ]
             types = [PHRASE_TYPES.index(ph.type) for ph in phrases]
             assert t["coref.type"][row, p] in types
             if t["coref.linked"][row, p]:
@@ -113,8 +135,10 @@ def test_coref_targets_point_at_the_phrase_tokens_and_its_regions(demo, coref):
                 assert not set(rand) & set(tokens)
                 rand_text = _decode(tok, batch.input_ids[row, rand])
                 chains = {ph.chain_id for ph in phrases}
-                assert any("".join(ph.text.split()).lower() == rand_text and ph.chain_id not in chains
-                           for ph in sentence.phrases)
+                assert any(
+                    "".join(ph.text.split()).lower() == rand_text and ph.chain_id not in chains
+                    for ph in sentence.phrases
+                )
                 checked["rand"] += 1
     assert checked["linked"] > 20 and checked["negative"] > 20 and checked["rand"] > 20
     # default ratio 1:1
@@ -128,20 +152,29 @@ def test_coref_shapes_are_declared_buckets_and_padding_is_masked(coref):
     for batch, t in coref:
         assert batch.batch_size == 4
         assert batch.text_len in buckets.text and batch.num_regions in buckets.regions
-        assert t["coref.region"].shape[1] in buckets.items and t["coref.tokens"].shape[2] in buckets.tokens
+        assert (
+            t["coref.region"].shape[1] in buckets.items
+            and t["coref.tokens"].shape[2] in buckets.tokens
+        )
         pad = t["example_index"] < 0
         assert not batch.text_mask[pad].any() and not batch.region_mask[pad].any()
         assert not t["coref.mask"][pad].any() and not t["coref.token_mask"][pad].any()
 
 
 def test_coref_gold_in_features_links_the_gold_boxes_themselves(demo):
-    loader = CorefLoader(demo.flickr_root, demo.flickr_features_gold_tsv, demo.vocab_cased, lowercase=False,
-                         region_source="gold_in_features", batch_size=4)
+    loader = CorefLoader(
+        demo.flickr_root,
+        demo.flickr_features_gold_tsv,
+        demo.vocab_cased,
+        lowercase=False,
+        region_source="gold_in_features",
+        batch_size=4,
+    )
     flickr = Flickr30kEntities(demo.flickr_root)
     feats = open_region_features(demo.flickr_features_gold_tsv)
     assert {s.regions for s in loader.shapes} == {50}  # 36 detections + the gold boxes
     n = 0
-    for ex, batch, t, row in _rows(loader):
+    for ex, _batch, t, row in _rows(loader):
         image_id = ex.image_id
         gold = {tuple(b) for boxes in flickr.annotation(image_id).boxes.values() for b in boxes}
         boxes = feats[image_id].boxes
@@ -153,8 +186,15 @@ def test_coref_gold_in_features_links_the_gold_boxes_themselves(demo):
 
 
 def test_coref_npz_features_give_the_same_targets(demo, coref):
-    npz = CorefLoader(demo.flickr_root, demo.flickr_features_npz, demo.vocab_uncased, lowercase=True,
-                      split="val", batch_size=4, seed=0)
+    npz = CorefLoader(
+        demo.flickr_root,
+        demo.flickr_features_npz,
+        demo.vocab_uncased,
+        lowercase=True,
+        split="val",
+        batch_size=4,
+        seed=0,
+    )
     assert [e.id for e in npz.examples] == [e.id for e in coref.examples]
     for a, b in zip(npz.examples, coref.examples):
         for k in a.targets:
@@ -175,7 +215,9 @@ def test_coref_report_counts(demo, coref, tmp_path):
         for line in src:
             if not line.startswith(dropped + "\t"):
                 dst.write(line)
-    loader = CorefLoader(demo.flickr_root, str(path), demo.vocab_uncased, lowercase=True, batch_size=4)
+    loader = CorefLoader(
+        demo.flickr_root, str(path), demo.vocab_uncased, lowercase=True, batch_size=4
+    )
     assert loader.report["images_without_features"] == 1
     assert loader.report.examples("images_without_features") == [dropped]
     assert dropped not in {e.image_id for e in loader.examples}
@@ -185,24 +227,51 @@ def test_coref_report_counts(demo, coref, tmp_path):
     for a, b in zip(loader.examples, kept):
         np.testing.assert_array_equal(a.targets["coref.region"], b.targets["coref.region"])
     # truncation is counted, and cut phrases are dropped
-    short = CorefLoader(demo.flickr_root, demo.flickr_features_tsv, demo.vocab_uncased, lowercase=True,
-                        batch_size=4, max_text_len=6)
+    short = CorefLoader(
+        demo.flickr_root,
+        demo.flickr_features_tsv,
+        demo.vocab_uncased,
+        lowercase=True,
+        batch_size=4,
+        max_text_len=6,
+    )
     assert short.report["truncated_sentences"] > 0 and short.report["phrases_truncated"] > 0
     assert all(len(e.input_ids) <= 6 for e in short.examples)
     with pytest.raises(ValueError, match="max_text_len"):
-        CorefLoader(demo.flickr_root, demo.flickr_features_tsv, demo.vocab_uncased, lowercase=True,
-                    max_text_len=65)
+        CorefLoader(
+            demo.flickr_root,
+            demo.flickr_features_tsv,
+            demo.vocab_uncased,
+            lowercase=True,
+            max_text_len=65,
+        )
 
 
 def test_coref_is_deterministic_and_seeded(demo, coref):
-    again = CorefLoader(demo.flickr_root, demo.flickr_features_tsv, demo.vocab_uncased, lowercase=True,
-                        split="val", batch_size=4, seed=0)
+    again = CorefLoader(
+        demo.flickr_root,
+        demo.flickr_features_tsv,
+        demo.vocab_uncased,
+        lowercase=True,
+        split="val",
+        batch_size=4,
+        seed=0,
+    )
     assert _batches_equal(coref, again)
-    other = CorefLoader(demo.flickr_root, demo.flickr_features_tsv, demo.vocab_uncased, lowercase=True,
-                        split="val", batch_size=4, seed=1)
+    other = CorefLoader(
+        demo.flickr_root,
+        demo.flickr_features_tsv,
+        demo.vocab_uncased,
+        lowercase=True,
+        split="val",
+        batch_size=4,
+        seed=1,
+    )
     assert not _batches_equal(coref, other)
     # the gold links do not depend on the seed, only the sampled pairs do
-    pos = lambda ld: [sorted(e.targets["coref.region"][e.targets["coref.linked"]]) for e in ld.examples]
+    pos = lambda ld: [
+        sorted(e.targets["coref.region"][e.targets["coref.linked"]]) for e in ld.examples
+    ]
     assert pos(coref) == pos(other)
 
 
@@ -217,7 +286,7 @@ def test_relation_targets_match_the_vg_boxes(demo, rel):
         subj_boxes = np.array([r.subject.box_xyxy for r in rels[image_id]])
         obj_boxes = np.array([r.object.box_xyxy for r in rels[image_id]])
         preds = [r.predicate_norm for r in rels[image_id]]
-        text = _decode(rel.tokenizer, batch.input_ids[row, 1:batch.text_mask[row].sum() - 1])
+        text = _decode(rel.tokenizer, batch.input_ids[row, 1 : batch.text_mask[row].sum() - 1])
         assert text in {"".join(c.phrase.split()) for c in captions[image_id]}
         for q in np.flatnonzero(t["rel.mask"][row]):
             s, o = t["rel.subj"][row, q], t["rel.obj"][row, q]
@@ -226,8 +295,10 @@ def test_relation_targets_match_the_vg_boxes(demo, rel):
             o_iou = iou(boxes[o][None], obj_boxes)[0]
             if t["rel.related"][row, q]:
                 pred = rel.predicates[t["rel.pred"][row, q]]
-                assert any(s_iou[k] >= THRESHOLD and o_iou[k] >= THRESHOLD and preds[k] == pred
-                           for k in range(len(preds)))
+                assert any(
+                    s_iou[k] >= THRESHOLD and o_iou[k] >= THRESHOLD and preds[k] == pred
+                    for k in range(len(preds))
+                )
                 n_pos += 1
             else:
                 assert t["rel.pred"][row, q] == -1
@@ -269,8 +340,14 @@ def test_senteval_labels_and_splits_match_the_file(demo):
     path = os.path.join(demo.senteval_dir, "past_present.txt")
     with open(path, encoding="utf-8") as f:
         lines = [ln.rstrip("\n").split("\t") for ln in f]
-    loader = SentEvalLoader(demo.senteval_dir, "past_present", demo.vocab_uncased, True, batch_size=16,
-                            feat_dim=FEAT_DIM)
+    loader = SentEvalLoader(
+        demo.senteval_dir,
+        "past_present",
+        demo.vocab_uncased,
+        True,
+        batch_size=16,
+        feat_dim=FEAT_DIM,
+    )
     assert loader.labels == ("PAST", "PRES")
     seen = set()
     for ex, batch, t, row in _rows(loader):
@@ -279,19 +356,37 @@ def test_senteval_labels_and_splits_match_the_file(demo):
         assert t["senteval.split"][row] == SPLITS.index(split)
         assert loader.labels[t["senteval.label"][row]] == label
         assert t["senteval.mask"][row]
-        assert _decode(loader.tokenizer, batch.input_ids[row, 1:batch.text_mask[row].sum() - 1]) == \
-            "".join(sentence.split()).lower()
+        assert (
+            _decode(loader.tokenizer, batch.input_ids[row, 1 : batch.text_mask[row].sum() - 1])
+            == "".join(sentence.split()).lower()
+        )
         assert batch.num_regions == 1 and not batch.region_mask[row].any()
         seen.add(line)
     assert seen == set(range(1, len(lines) + 1))
-    for batch, t in loader:
+    for _batch, t in loader:
         assert not t["senteval.mask"][t["example_index"] < 0].any()
-    sample = SentEvalLoader(demo.senteval_dir, "past_present", demo.vocab_uncased, True, batch_size=16,
-                            per_split=10, seed=0, feat_dim=FEAT_DIM)
+    sample = SentEvalLoader(
+        demo.senteval_dir,
+        "past_present",
+        demo.vocab_uncased,
+        True,
+        batch_size=16,
+        per_split=10,
+        seed=0,
+        feat_dim=FEAT_DIM,
+    )
     splits = np.concatenate([t["senteval.split"][t["senteval.mask"]] for _, t in sample])
     assert np.bincount(splits).tolist() == [10, 10, 10]
-    other = SentEvalLoader(demo.senteval_dir, "past_present", demo.vocab_uncased, True, batch_size=16,
-                           per_split=10, seed=1, feat_dim=FEAT_DIM)
+    other = SentEvalLoader(
+        demo.senteval_dir,
+        "past_present",
+        demo.vocab_uncased,
+        True,
+        batch_size=16,
+        per_split=10,
+        seed=1,
+        feat_dim=FEAT_DIM,
+    )
     assert [e.id for e in other.examples] != [e.id for e in sample.examples]
 
 
@@ -319,17 +414,27 @@ def test_demo_is_cached_and_rebuilt_when_parameters_change(tmp_path):
     assert (other / "keep.txt").read_text() == "precious"
     assert sorted(p for p in os.listdir(tmp_path) if p.startswith(".")) == []  # no temp trees left
     for vocab, lowercase in ((d.vocab_cased, False), (d.vocab_uncased, True)):
-        assert any(any("A" <= ch <= "Z" for ch in t) for t in read_vocab(vocab) if not t.startswith("[")) \
+        assert (
+            any(
+                any("A" <= ch <= "Z" for ch in t)
+                for t in read_vocab(vocab)
+                if not t.startswith("[")
+            )
             != lowercase
+        )
 
 
 @pytest.mark.parametrize("model_type", ["uniter", "lxmert"])
 def test_one_batch_of_each_loader_runs_through_a_tiny_model(demo, coref, rel, model_type):
-    senteval = SentEvalLoader(demo.senteval_dir, "subj_number", demo.vocab_cased, False, batch_size=4,
-                              feat_dim=FEAT_DIM)
+    senteval = SentEvalLoader(
+        demo.senteval_dir, "subj_number", demo.vocab_cased, False, batch_size=4, feat_dim=FEAT_DIM
+    )
     vocab = max(len(read_vocab(demo.vocab_cased)), len(read_vocab(demo.vocab_uncased)))
-    config = (UniterConfig.tiny(vocab_size=vocab, img_dim=FEAT_DIM) if model_type == "uniter"
-              else LxmertConfig.tiny(vocab_size=vocab, visual_feat_dim=FEAT_DIM))
+    config = (
+        UniterConfig.tiny(vocab_size=vocab, img_dim=FEAT_DIM)
+        if model_type == "uniter"
+        else LxmertConfig.tiny(vocab_size=vocab, visual_feat_dim=FEAT_DIM)
+    )
     model = build_model(config)
     params = init_params(model, jax.random.PRNGKey(0))
     for loader in (coref, rel, senteval):
@@ -344,8 +449,9 @@ def test_one_batch_of_each_loader_runs_through_a_tiny_model(demo, coref, rel, mo
 
 # ---- what filtering can leave: non-finite features, nothing at all ---------------------------
 
+
 def _all_finite(loader):
-    for batch, targets in loader:
+    for batch, _targets in loader:
         assert np.isfinite(batch.region_feats).all() and np.isfinite(batch.region_boxes).all()
 
 
@@ -358,11 +464,16 @@ def test_coref_drops_an_image_with_a_nan_feature(demo, coref, tmp_path):
     rec.features[3, 5] = np.nan
     path = tmp_path / "with_nan.tsv"
     write_lxmert_tsv(path, records)
-    loader = CorefLoader(demo.flickr_root, str(path), demo.vocab_uncased, lowercase=True, batch_size=4)
+    loader = CorefLoader(
+        demo.flickr_root, str(path), demo.vocab_uncased, lowercase=True, batch_size=4
+    )
     assert loader.report["images_with_nonfinite_features"] == 1
     (example,) = loader.report.examples("images_with_nonfinite_features")
     line = [r.image_id for r in records].index(bad) + 1
-    assert example.startswith(f"{path}:{line} image {bad!r}: features: 1 non-finite") and "at box 3" in example
+    assert (
+        example.startswith(f"{path}:{line} image {bad!r}: features: 1 non-finite")
+        and "at box 3" in example
+    )
     assert bad not in {e.image_id for e in loader.examples}
     assert [e.id for e in loader.examples] == [e.id for e in coref.examples if e.image_id != bad]
     _all_finite(loader)
@@ -371,9 +482,16 @@ def test_coref_drops_an_image_with_a_nan_feature(demo, coref, tmp_path):
 @pytest.mark.parametrize("max_images", [0, -1])
 def test_coref_with_no_image_left_says_so(demo, max_images):
     # --max_images=-1 used to give an empty loader and KeyError: 'v2t.sum' in the probes.
-    with pytest.raises(NoExamplesError, match=rf"no examples left .*max_images={max_images} keeps no image"):
-        CorefLoader(demo.flickr_root, demo.flickr_features_tsv, demo.vocab_uncased, lowercase=True,
-                    max_images=max_images)
+    with pytest.raises(
+        NoExamplesError, match=rf"no examples left .*max_images={max_images} keeps no image"
+    ):
+        CorefLoader(
+            demo.flickr_root,
+            demo.flickr_features_tsv,
+            demo.vocab_uncased,
+            lowercase=True,
+            max_images=max_images,
+        )
 
 
 def test_coref_with_every_image_dropped_lists_the_report(demo, tmp_path):
@@ -404,8 +522,11 @@ def test_relations_negative_max_images_keeps_none(demo, rel):
 def test_senteval_empty_file_says_so(demo, tmp_path):
     # Before: ValueError: axes don't match array, far from the cause.
     (tmp_path / "past_present.txt").write_text("")
-    with pytest.raises(NoExamplesError, match=r"no examples left from SentEval task past_present in .*"
-                                              r"past_present\.txt") as err:
+    with pytest.raises(
+        NoExamplesError,
+        match=r"no examples left from SentEval task past_present in .*"
+        r"past_present\.txt",
+    ) as err:
         SentEvalLoader(tmp_path, "past_present", demo.vocab_uncased, True, feat_dim=FEAT_DIM)
     assert err.value.report["empty_probing_splits"] == 3
 
@@ -415,5 +536,7 @@ def test_example_ids_cite_one_based_lines(demo, coref):
     file, line = ex.id.split(":")
     sentences = Flickr30kEntities(demo.flickr_root).sentences(ex.image_id)
     assert file == f"{ex.image_id}.txt" and int(line) - 1 in {s.index for s in sentences}
-    loader = SentEvalLoader(demo.senteval_dir, "past_present", demo.vocab_uncased, True, feat_dim=FEAT_DIM)
+    loader = SentEvalLoader(
+        demo.senteval_dir, "past_present", demo.vocab_uncased, True, feat_dim=FEAT_DIM
+    )
     assert loader.examples[0].id == "past_present.txt:1"

@@ -1,4 +1,5 @@
 """SentEval probing files: real subsets, generated files, malformed lines, stratified sampling."""
+
 import collections
 import pathlib
 
@@ -7,8 +8,14 @@ import pytest
 
 from value_jax.data.errors import DataFormatError, DataReport
 from value_jax.data.fixtures.annotations import write_senteval
-from value_jax.data.senteval import (TASK_LABELS, TASKS, _allocate, read_probing_task, sort_labels,
-                                     stratified_sample)
+from value_jax.data.senteval import (
+    TASK_LABELS,
+    TASKS,
+    _allocate,
+    read_probing_task,
+    sort_labels,
+    stratified_sample,
+)
 
 DATA = pathlib.Path(__file__).resolve().parents[2].parent / "shared" / "data"
 SENTEVAL = DATA / "senteval_probing"
@@ -23,14 +30,23 @@ def real():
 
 def test_task_table():
     assert len(TASKS) == 9 and len(TASK_LABELS["top_constituents"]) == 20
-    assert "NP_ADVP_VP_." in TASK_LABELS["top_constituents"] and "OTHER" in TASK_LABELS["top_constituents"]
+    assert (
+        "NP_ADVP_VP_." in TASK_LABELS["top_constituents"]
+        and "OTHER" in TASK_LABELS["top_constituents"]
+    )
     assert sort_labels(["10", "5", "11", "7"]) == ["5", "7", "10", "11"]
     assert sort_labels(["PRES", "PAST"]) == ["PAST", "PRES"]
 
 
-@pytest.mark.parametrize("task, labels", [("bigram_shift", ("I", "O")), ("past_present", ("PAST", "PRES")),
-                                          ("subj_number", ("NN", "NNS")),
-                                          ("tree_depth", ("5", "6", "7", "8", "9", "10", "11"))])
+@pytest.mark.parametrize(
+    "task, labels",
+    [
+        ("bigram_shift", ("I", "O")),
+        ("past_present", ("PAST", "PRES")),
+        ("subj_number", ("NN", "NNS")),
+        ("tree_depth", ("5", "6", "7", "8", "9", "10", "11")),
+    ],
+)
 def test_real_files(real, task, labels):
     report = DataReport()
     data = read_probing_task(real / f"{task}.txt", report=report)
@@ -40,9 +56,19 @@ def test_real_files(real, task, labels):
     tr = data.splits["tr"]
     assert [data.label_names[i] for i in tr.label_ids] == tr.labels
     if task == "tree_depth":
-        assert collections.Counter(tr.labels) == {"5": 14, "6": 14, "7": 14, "8": 14, "9": 14, "10": 15, "11": 15}
+        assert collections.Counter(tr.labels) == {
+            "5": 14,
+            "6": 14,
+            "7": 14,
+            "8": 14,
+            "9": 14,
+            "10": 15,
+            "11": 15,
+        }
         assert data.label_to_id["5"] == 0 and data.label_to_id["11"] == 6
-        assert report["known_labels_absent"] == 1 and report.examples("known_labels_absent") == ["tree_depth: 12"]
+        assert report["known_labels_absent"] == 1 and report.examples("known_labels_absent") == [
+            "tree_depth: 12"
+        ]
     else:
         assert collections.Counter(tr.labels) == {labels[0]: 50, labels[1]: 50}
         assert len(report) == 0
@@ -55,15 +81,23 @@ def test_real_tokens(real):
     assert tr.sentences[0][:4] == ["She", "shone", "her", "light"] and "'s" in tr.sentences[0]
     assert tr.sentences[1] == ['"', "Okay", "now", ",", "okay", ",", "settle", "down", "."]
     te = read_probing_task(real / "tree_depth.txt").splits["te"]
-    assert (te.labels[-1], " ".join(te.sentences[-1])) == ("5", "From the rack hung a plain white bath towel .")
+    assert (te.labels[-1], " ".join(te.sentences[-1])) == (
+        "5",
+        "From the rack hung a plain white bath towel .",
+    )
 
 
 def test_fixture_round_trip_and_not_first_lines(tmp_path):
-    rows = write_senteval(tmp_path, ["bigram_shift", "tree_depth"], n_per_split={"tr": 40, "va": 14, "te": 14}, seed=5)
+    rows = write_senteval(
+        tmp_path, ["bigram_shift", "tree_depth"], n_per_split={"tr": 40, "va": 14, "te": 14}, seed=5
+    )
     for task in ("bigram_shift", "tree_depth"):
         data = read_probing_task(tmp_path / f"{task}.txt")
-        got = [(s, l, t) for s in ("tr", "va", "te")
-               for l, t in zip(data.splits[s].labels, data.splits[s].sentences)]
+        got = [
+            (s, l, t)
+            for s in ("tr", "va", "te")
+            for l, t in zip(data.splits[s].labels, data.splits[s].sentences)
+        ]
         assert got == rows[task]
     data = read_probing_task(tmp_path / "bigram_shift.txt")
     tr = data.splits["tr"]
@@ -78,7 +112,9 @@ def test_stratified_sample_proportional_seeded(real):
     a = stratified_sample(data, "tr", 30, seed=1)
     b = stratified_sample(data, "tr", 30, seed=1)
     c = stratified_sample(data, "tr", 30, seed=2)
-    assert list(a.line_numbers) == list(b.line_numbers) and list(a.line_numbers) != list(c.line_numbers)
+    assert list(a.line_numbers) == list(b.line_numbers) and list(a.line_numbers) != list(
+        c.line_numbers
+    )
     counts = collections.Counter(a.labels)
     assert sum(counts.values()) == 30 and set(counts) == set(data.label_names)
     full = collections.Counter(data.splits["tr"].labels)
@@ -104,13 +140,16 @@ def test_allocate_sums_and_respects_sizes():
         assert np.all(np.abs(q - counts * n / counts.sum()) < 1)
 
 
-@pytest.mark.parametrize("line, found", [
-    ("tr\tPRES", "2 tab-separated fields"),
-    ("tr\tPRES\ta\tb", "4 tab-separated fields"),
-    ("xx\tPRES\tSome words .", "split 'xx'"),
-    ("tr\tFUTURE\tSome words .", "label 'FUTURE'"),
-    ("tr\tPRES\t", "an empty sentence"),
-])
+@pytest.mark.parametrize(
+    "line, found",
+    [
+        ("tr\tPRES", "2 tab-separated fields"),
+        ("tr\tPRES\ta\tb", "4 tab-separated fields"),
+        ("xx\tPRES\tSome words .", "split 'xx'"),
+        ("tr\tFUTURE\tSome words .", "label 'FUTURE'"),
+        ("tr\tPRES\t", "an empty sentence"),
+    ],
+)
 def test_malformed_lines(tmp_path, line, found):
     path = tmp_path / "past_present.txt"
     path.write_text("tr\tPAST\tHe ran .\n" + line + "\n")

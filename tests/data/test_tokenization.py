@@ -1,4 +1,5 @@
 """WordPiece with word -> piece spans: real bert-base-uncased vocab and generated vocabularies."""
+
 import pathlib
 
 import numpy as np
@@ -7,8 +8,14 @@ import pytest
 from value_jax.data.errors import DataFormatError, DataReport
 from value_jax.data.fixtures.annotations import write_flickr30k, write_vocab
 from value_jax.data.flickr30k import parse_sentences
-from value_jax.data.tokenization import (BERT_BASE_UNCASED_SHA256, SPECIAL_TOKENS, WordPieceTokenizer, file_sha256,
-                                         phrase_piece_span, read_vocab)
+from value_jax.data.tokenization import (
+    BERT_BASE_UNCASED_SHA256,
+    SPECIAL_TOKENS,
+    WordPieceTokenizer,
+    file_sha256,
+    phrase_piece_span,
+    read_vocab,
+)
 
 DATA = pathlib.Path(__file__).resolve().parents[2].parent / "shared" / "data"
 VOCAB = DATA / "bert_base_uncased" / "vocab.txt"
@@ -23,16 +30,25 @@ def uncased():
 
 
 def _joined(tok, ids):
-    return "".join(tok.id_to_token(i)[2:] if tok.id_to_token(i).startswith("##") else " " + tok.id_to_token(i)
-                   for i in ids).strip()
+    return "".join(
+        tok.id_to_token(i)[2:] if tok.id_to_token(i).startswith("##") else " " + tok.id_to_token(i)
+        for i in ids
+    ).strip()
 
 
 # ---- real vocabulary --------------------------------------------------------------------------
 
+
 def test_real_vocab_hash_and_specials(uncased):
     assert file_sha256(VOCAB) == BERT_BASE_UNCASED_SHA256
     assert uncased.vocab_size == 30522 and not uncased.vocab_is_cased
-    assert uncased.special_ids == {"[PAD]": 0, "[UNK]": 100, "[CLS]": 101, "[SEP]": 102, "[MASK]": 103}
+    assert uncased.special_ids == {
+        "[PAD]": 0,
+        "[UNK]": 100,
+        "[CLS]": 101,
+        "[SEP]": 102,
+        "[MASK]": 103,
+    }
     assert uncased.vocab["the"] == 1996
 
 
@@ -42,7 +58,19 @@ def test_real_encode_words(uncased):
     assert enc.word_to_pieces == [(1, 2), (2, 3), (3, 4), (4, 5), (5, 6), (6, 7)]
     assert not enc.truncated and enc.num_words_kept == enc.num_words == 6
     enc = uncased.encode_words(["a", "Texas", "A&M", "xenophobic", "player"], max_len=32)
-    assert enc.tokens == ["[CLS]", "a", "texas", "a", "&", "m", "x", "##eno", "##phobic", "player", "[SEP]"]
+    assert enc.tokens == [
+        "[CLS]",
+        "a",
+        "texas",
+        "a",
+        "&",
+        "m",
+        "x",
+        "##eno",
+        "##phobic",
+        "player",
+        "[SEP]",
+    ]
     assert enc.word_to_pieces == [(1, 2), (2, 3), (3, 6), (6, 9), (9, 10)]
     assert phrase_piece_span(enc, 1, 3) == (2, 9)
 
@@ -57,20 +85,28 @@ def test_real_pieces_equal_whole_sentence_tokenisation_on_flickr(uncased):
             assert enc.ids[1:-1].tolist() == whole
             for p in s.phrases:
                 a, b = phrase_piece_span(enc, p.first_word_index, p.num_words)
-                assert _joined(uncased, enc.ids[a:b]).replace(" ", "") == p.text.lower().replace(" ", "")
+                assert _joined(uncased, enc.ids[a:b]).replace(" ", "") == p.text.lower().replace(
+                    " ", ""
+                )
 
 
 def test_same_ids_as_transformers_bert_tokenizer(uncased):
     transformers = pytest.importorskip("transformers")
     ref = transformers.BertTokenizer(str(VOCAB), do_lower_case=True)
-    texts = ["Texas A&M xenophobic \u00b4 h * ps caf\u00e9 na\u00efve don 't \" Ugh ... \" he mumbled ."]
+    texts = [
+        'Texas A&M xenophobic \u00b4 h * ps caf\u00e9 na\u00efve don \'t " Ugh ... " he mumbled .'
+    ]
     if SENTENCES.is_dir():
         texts += [s.text for path in sorted(SENTENCES.glob("*.txt")) for s in parse_sentences(path)]
     senteval = DATA / "senteval_probing" / "past_present.txt"
     if senteval.exists():
-        texts += [line.split("\t")[2] for line in senteval.read_text(encoding="utf-8").splitlines()[:60]]
+        texts += [
+            line.split("\t")[2] for line in senteval.read_text(encoding="utf-8").splitlines()[:60]
+        ]
     for text in texts:
-        assert uncased.encode_words(text.split(" "), 512).ids.tolist() == ref(text)["input_ids"], text
+        assert uncased.encode_words(text.split(" "), 512).ids.tolist() == ref(text)["input_ids"], (
+            text
+        )
 
 
 def test_truncation_is_counted_and_spans_kept(uncased):
@@ -78,8 +114,13 @@ def test_truncation_is_counted_and_spans_kept(uncased):
     report = DataReport()
     enc = uncased.encode_words(words, max_len=14, report=report)
     assert enc.truncated and len(enc.ids) <= 14 and enc.ids[-1] == 102
-    assert enc.num_words_kept == 11 and len(enc.word_to_pieces) == 11  # "xenophobic" (3 pieces) does not fit
-    assert report["truncated_sentences"] == 1 and "11/13 words" in report.examples("truncated_sentences")[0]
+    assert (
+        enc.num_words_kept == 11 and len(enc.word_to_pieces) == 11
+    )  # "xenophobic" (3 pieces) does not fit
+    assert (
+        report["truncated_sentences"] == 1
+        and "11/13 words" in report.examples("truncated_sentences")[0]
+    )
     assert phrase_piece_span(enc, 10, 1) == (11, 12)
     assert phrase_piece_span(enc, 10, 2) is None
     with pytest.raises(IndexError):
@@ -94,7 +135,13 @@ def test_words_without_pieces_and_unknown(uncased):
     report = DataReport()
     enc = uncased.encode_words(["a", "\u200b", "dog", "x" * 101], 32, report)
     assert enc.word_to_pieces == [(1, 2), (2, 2), (2, 3), (3, 4)]
-    assert enc.tokens == ["[CLS]", "a", "dog", "[UNK]", "[SEP]"]  # > 100 characters: [UNK], as in BERT
+    assert enc.tokens == [
+        "[CLS]",
+        "a",
+        "dog",
+        "[UNK]",
+        "[SEP]",
+    ]  # > 100 characters: [UNK], as in BERT
     assert report["words_without_pieces"] == 1 and report["unknown_pieces"] == 1
     assert phrase_piece_span(enc, 1, 1) is None and phrase_piece_span(enc, 1, 2) == (2, 3)
 
@@ -112,6 +159,7 @@ def test_sha_mismatch(tmp_path, uncased):
 
 
 # ---- generated vocabularies -------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("cased", [False, True])
 def test_generated_vocab_covers_fixture_words(tmp_path, cased):

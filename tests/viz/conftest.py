@@ -1,6 +1,7 @@
 """Explorer stores built once per test session from the planted demo (tiny models whose
 coreference heads are known: UNITER layer 3 head 2 and LXMERT cross1.l2v head 2 send each key word
 to the regions of its phrase)."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -15,7 +16,7 @@ from value_jax.data.tokenization import WordPieceTokenizer
 from value_jax.viz import compute, sources
 from value_jax.viz.store import open_store
 
-MAX_IMAGES = 2          # val images of the planted data: 5 captions each
+MAX_IMAGES = 2  # val images of the planted data: 5 captions each
 
 
 @dataclasses.dataclass
@@ -43,8 +44,9 @@ def build(root, model_type: str) -> Built:
     model, params = value_jax.load(demo.checkpoint)
     tok = WordPieceTokenizer(demo.vocab, demo.lowercase)
     regions = sources.open_regions(demo.features, labels=demo.region_labels)
-    infos = sources.flickr_examples(demo.flickr_root, regions, tok, demo.images,
-                                    max_images=MAX_IMAGES)
+    infos = sources.flickr_examples(
+        demo.flickr_root, regions, tok, demo.images, max_images=MAX_IMAGES
+    )
     session = compute.Session(model, params, tok, regions, batch_size=8)
     store_dir = str(root / "store")
     compute.write_store(session, infos, store_dir)

@@ -1,5 +1,6 @@
 """The explorer store: what it holds equals the Trace, it opens lazily, and the app's statistics
 are the probes' (equal to what the runner writes to results.json)."""
+
 from __future__ import annotations
 
 import json
@@ -27,19 +28,24 @@ def test_store_holds_the_trace(which, request):
         assert rec["tokens"][0] == "[CLS]" and rec["tokens"][-1] == "[SEP]"
         assert len(rec["tokens"]) == n_text and len(rec["regions"]) == n_reg
         t_slot = batch.text_len
-        keep = {"text": np.arange(n_text), "image": np.arange(n_reg),
-                "joint": np.concatenate([np.arange(n_text), t_slot + np.arange(n_reg)])}
+        keep = {
+            "text": np.arange(n_text),
+            "image": np.arange(n_reg),
+            "joint": np.concatenate([np.arange(n_text), t_slot + np.arange(n_reg)]),
+        }
         assert list(rec["attention"]) == store.map_names
         for name, stored in rec["attention"].items():
             axes = store.meta["maps"][name]
-            want = np.asarray(trace.attention[name][0])[:, keep[axes["query"]]][:, :, keep[axes["key"]]]
+            want = np.asarray(trace.attention[name][0])[:, keep[axes["query"]]][
+                :, :, keep[axes["key"]]
+            ]
             assert stored.dtype == np.float16 and stored.shape == want.shape
             np.testing.assert_allclose(stored.astype(np.float32), want, atol=1e-3, rtol=1e-2)
         for name in trace.hidden:
             states, where = store.example_hidden(index, group_of(name))
             h = np.asarray(trace.hidden[name][0])
             if store.model_type == "uniter":
-                want = np.concatenate([h[:n_text], h[t_slot:t_slot + n_reg]])
+                want = np.concatenate([h[:n_text], h[t_slot : t_slot + n_reg]])
             else:
                 kind = 0 if (name.startswith("lang") or name.endswith(".lang")) else 1
                 want = h[:n_text] if kind == 0 else h[:n_reg]
@@ -51,7 +57,7 @@ def test_store_opens_lazily(lxmert_built):
     start = time.perf_counter()
     store = Store(lxmert_built.store_dir)
     assert time.perf_counter() - start < 1.0
-    assert not store._cache and not store._tables      # nothing read until asked for
+    assert not store._cache and not store._tables  # nothing read until asked for
     store.record(3)
     assert list(store._cache) == [3]
 
@@ -69,6 +75,7 @@ def test_app_statistics_equal_the_runner_results(lxmert_built, uniter_built):
         for name, result in want.items():
             a = json.loads(json.dumps(result.to_json()))
             from value_jax.probes.results import Result
+
             b = json.loads(json.dumps(Result(name, got[name]).to_json()))
             _close(a, b)
         # z-scores of a head whose mean barely varies over layers amplify float noise (sums
@@ -79,7 +86,9 @@ def test_app_statistics_equal_the_runner_results(lxmert_built, uniter_built):
             spread = np.asarray(entry["mean"]).std(axis=0) > 1e-4
             np.testing.assert_allclose(
                 np.asarray(got["head_summary"][block]["zscore_across_layers"])[:, spread],
-                np.asarray(entry["zscore_across_layers"])[:, spread], atol=1e-3)
+                np.asarray(entry["zscore_across_layers"])[:, spread],
+                atol=1e-3,
+            )
 
 
 def _close(a, b, path=""):
@@ -104,7 +113,7 @@ def _delete_specials_then_slice(joint, tokens):
     txt_len = len(tokens)
     drop = [i for i, t in enumerate(tokens) if t in ("[CLS]", "[SEP]")]
     a = np.delete(np.delete(joint, drop, axis=1), drop, axis=2)
-    return a[:, :txt_len, txt_len:].mean(axis=(1, 2))        # its "image-to-text" = t2v block
+    return a[:, :txt_len, txt_len:].mean(axis=(1, 2))  # its "image-to-text" = t2v block
 
 
 def test_vl_interpret_block_shift_is_not_reproduced(uniter_built):
@@ -120,15 +129,15 @@ def test_vl_interpret_block_shift_is_not_reproduced(uniter_built):
     shift = []
     for layer, name in enumerate(rows):
         joint = rec["attention"][name].astype(np.float64)
-        exact = joint[:, 1:n_text - 1, n_text:].mean(axis=(1, 2))    # words → regions
+        exact = joint[:, 1 : n_text - 1, n_text:].mean(axis=(1, 2))  # words → regions
         np.testing.assert_allclose(m[layer], exact, atol=2e-3)
         buggy = _delete_specials_then_slice(joint, rec["tokens"])
         shift.append(np.abs(buggy - exact).max())
-    assert max(shift) > 1e-3        # the planted layer-3 head tells the two apart
+    assert max(shift) > 1e-3  # the planted layer-3 head tells the two apart
     # v2t too: region queries → word keys.
     m, rows, _ = stats.head_matrix(store, data, "v2t")
     joint = rec["attention"][rows[0]].astype(np.float64)
-    np.testing.assert_allclose(m[0], joint[:, n_text:, 1:n_text - 1].mean(axis=(1, 2)), atol=2e-3)
+    np.testing.assert_allclose(m[0], joint[:, n_text:, 1 : n_text - 1].mean(axis=(1, 2)), atol=2e-3)
 
 
 def test_mean_over_heads_is_over_heads_not_layers(lxmert_built):
@@ -137,7 +146,7 @@ def test_mean_over_heads_is_over_heads_not_layers(lxmert_built):
     store = lxmert_built.open()
     rec = store.record(1)
     trace, _ = lxmert_built.trace(1)
-    names = store.meta["directions"]["t2v"]            # cross1..3.l2v; cross1 head 2 planted
+    names = store.meta["directions"]["t2v"]  # cross1..3.l2v; cross1 head 2 planted
     assert len(names) != store.meta["num_heads"]
     name = names[0]
     n, r = rec["info"]["n_text"], rec["info"]["n_regions"]
@@ -146,8 +155,8 @@ def test_mean_over_heads_is_over_heads_not_layers(lxmert_built):
     text_w, region_w = views.attention_from(store, rec, name, "mean", ("text", 2))
     np.testing.assert_allclose(region_w, want[2], atol=1e-3)
     assert text_w is None
-    stacked = np.stack([rec["attention"][x].astype(np.float32) for x in names])   # [L, H, Q, K]
-    over_layers = stacked[:, 0].mean(axis=0)            # one head position across the layers
+    stacked = np.stack([rec["attention"][x].astype(np.float32) for x in names])  # [L, H, Q, K]
+    over_layers = stacked[:, 0].mean(axis=0)  # one head position across the layers
     assert np.abs(over_layers - want).max() > 1e-2
 
 
@@ -181,6 +190,7 @@ def test_nearest_neighbours_come_from_other_examples(lxmert_built):
 
 def test_typed_caption_is_added_and_projected(tmp_path, lxmert_built):
     import shutil
+
     copy = tmp_path / "store"
     shutil.copytree(lxmert_built.store_dir, copy)
     store = Store(copy)
@@ -190,7 +200,7 @@ def test_typed_caption_is_added_and_projected(tmp_path, lxmert_built):
     rec = store.record(index)
     assert rec["info"]["added"] and rec["tokens"][1:3] == ["a", "guitar"]
     assert len(rec["regions"]) == store.examples[0]["n_regions"]
-    trace, _ = lxmert_built.trace(0)      # shapes only: the typed caption has its own pass
+    trace, _ = lxmert_built.trace(0)  # shapes only: the typed caption has its own pass
     group = store.groups[-1]
     states, _ = store.example_hidden(index, group)
     _, _, coords = store.hidden(group)
@@ -219,8 +229,16 @@ def test_export_data_round_trip(tmp_path, uniter_built):
 
 def test_export_views_png_and_svg(tmp_path, lxmert_built):
     store = lxmert_built.open()
-    paths = export.export_views(store, 0, tmp_path, map_name="cross1.l2v", head=1,
-                                source=("text", 2), stat="cross_modal", zscore=True)
+    paths = export.export_views(
+        store,
+        0,
+        tmp_path,
+        map_name="cross1.l2v",
+        head=1,
+        source=("text", 2),
+        stat="cross_modal",
+        zscore=True,
+    )
     assert len(paths) == 8
     for p in paths:
         data = open(p, "rb").read()
@@ -230,6 +248,7 @@ def test_export_views_png_and_svg(tmp_path, lxmert_built):
 
 def test_demo_images_match_the_boxes(lxmert_built):
     from PIL import Image
+
     store = lxmert_built.open()
     rec = store.record(0)
     info = rec["info"]
@@ -240,16 +259,19 @@ def test_demo_images_match_the_boxes(lxmert_built):
     assert named
     for r in named:
         x1, y1, x2, y2 = np.round(rec["boxes"][r]).astype(int)
-        edge = pixels[y1 + 1, (x1 + x2) // 2]       # the box outline, in the box's colour
-        assert np.ptp(edge) > 40                   # coloured, not the grey background
+        edge = pixels[y1 + 1, (x1 + x2) // 2]  # the box outline, in the box's colour
+        assert np.ptp(edge) > 40  # coloured, not the grey background
     assert store_bytes(store.path) > 0
 
 
 def test_app_serves_images_and_region_crops(lxmert_built):
     """The routes the overlay and the hidden-state hover use (no browser needed)."""
     import io
+
     from PIL import Image
+
     from value_jax.viz.app import make_app
+
     store = lxmert_built.open()
     client = make_app(store).server.test_client()
     image = client.get("/explore/image/0")
@@ -275,7 +297,8 @@ def test_attention_from_a_region(uniter_built, lxmert_built):
     store = lxmert_built.open()
     rec = store.record(0)
     text_w, region_w = views.attention_from(store, rec, "cross2.v2l", "mean", ("region", 1))
-    np.testing.assert_allclose(text_w, rec["attention"]["cross2.v2l"].astype(np.float32)
-                               .mean(0)[1], rtol=1e-6)
+    np.testing.assert_allclose(
+        text_w, rec["attention"]["cross2.v2l"].astype(np.float32).mean(0)[1], rtol=1e-6
+    )
     assert region_w is None
     assert views.attention_from(store, rec, "cross1.l2v", 0, ("region", 1)) == (None, None)

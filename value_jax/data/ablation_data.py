@@ -36,6 +36,7 @@ phrases_without_box, images_without_features, truncated_sentences, ...), `phrase
 (a phrase cut off by max_text_len), `phrases_of_unknown_type`, `images_without_regions`,
 `images_without_object_ids`, `lang4vis_no_region_masked`.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -45,7 +46,13 @@ from typing import Optional, Sequence, Union
 import numpy as np
 
 from value_jax.data.alignment import phrase_overlap
-from value_jax.data.errors import DataFormatError, DataReport, PathLike, read_text_lines, report_or_new
+from value_jax.data.errors import (
+    DataFormatError,
+    DataReport,
+    PathLike,
+    read_text_lines,
+    report_or_new,
+)
 from value_jax.data.features import NUM_OBJECT_CLASSES, RegionFeatureReader, dataset_mean_feature
 from value_jax.data.flickr30k import PHRASE_TYPES, Flickr30kEntities, coref_links, sentence_place
 from value_jax.data.loaders import open_features, pixel_boxes
@@ -55,9 +62,17 @@ VISION_ABLATIONS = ("none", "object", "all", "outside")
 TEXT_ABLATIONS = ("none", "phrase", "all")
 # The reference task config (`xm-influence_test_tasks.yml`): max_seq_length 38.
 DEFAULT_MAX_TEXT_LEN = 38
-_COUNTERS = ("notvisual_phrases", "phrases_without_box", "images_without_features",
-             "examples_without_features", "images_without_regions", "images_without_object_ids",
-             "phrases_of_unknown_type", "phrases_truncated", "truncated_sentences")
+_COUNTERS = (
+    "notvisual_phrases",
+    "phrases_without_box",
+    "images_without_features",
+    "examples_without_features",
+    "images_without_regions",
+    "images_without_object_ids",
+    "phrases_of_unknown_type",
+    "phrases_truncated",
+    "truncated_sentences",
+)
 
 
 @dataclasses.dataclass
@@ -122,7 +137,9 @@ class AblationData:
     def label_match_subset(self) -> "AblationData":
         """The LabelMatch examples only (the mean feature stays the full set's)."""
         if not self.label_match_vocab:
-            raise ValueError("LabelMatch needs the detector's objects_vocab.txt (pass objects_vocab)")
+            raise ValueError(
+                "LabelMatch needs the detector's objects_vocab.txt (pass objects_vocab)"
+            )
         return dataclasses.replace(self, examples=[e for e in self.examples if e.label_match])
 
 
@@ -165,17 +182,30 @@ def match_label(noun: str, vocab: dict[str, int]) -> int:
 
 def _image_regions(rec, annotation, report) -> ImageRegions:
     boxes = pixel_boxes(rec, annotation.width, annotation.height, report)
-    return ImageRegions(annotation.image_id, rec.features.astype(np.float32), boxes,
-                        rec.normalized_boxes(),
-                        rec.cls_prob, rec.object_ids, rec.object_conf)
+    return ImageRegions(
+        annotation.image_id,
+        rec.features.astype(np.float32),
+        boxes,
+        rec.normalized_boxes(),
+        rec.cls_prob,
+        rec.object_ids,
+        rec.object_conf,
+    )
 
 
-def prepare_ablation(flickr_root: PathLike, features: Union[PathLike, RegionFeatureReader],
-                     tokenizer: WordPieceTokenizer, *, split: str = "val",
-                     max_text_len: int = DEFAULT_MAX_TEXT_LEN, max_images: Optional[int] = None,
-                     objects_vocab: Optional[PathLike] = None, pixel_inclusive: bool = True,
-                     features_options: Optional[dict] = None,
-                     report: Optional[DataReport] = None) -> AblationData:
+def prepare_ablation(
+    flickr_root: PathLike,
+    features: Union[PathLike, RegionFeatureReader],
+    tokenizer: WordPieceTokenizer,
+    *,
+    split: str = "val",
+    max_text_len: int = DEFAULT_MAX_TEXT_LEN,
+    max_images: Optional[int] = None,
+    objects_vocab: Optional[PathLike] = None,
+    pixel_inclusive: bool = True,
+    features_options: Optional[dict] = None,
+    report: Optional[DataReport] = None,
+) -> AblationData:
     """Every (sentence, phrase with >= 1 gold box) example of `split`, with its regions.
 
     `max_images` keeps the first N images of the split file. `objects_vocab` enables the
@@ -221,22 +251,42 @@ def prepare_ablation(flickr_root: PathLike, features: Union[PathLike, RegionFeat
                 gold = [np.asarray(link.boxes, np.float64)]
                 iot = phrase_overlap(gold, regions.boxes, "iot", pixel_inclusive)[0]
                 iou = phrase_overlap(gold, regions.boxes, "iou", pixel_inclusive)[0]
-                noun = head_noun(s.words[p.word_span[0]:p.word_span[1]])
+                noun = head_noun(s.words[p.word_span[0] : p.word_span[1]])
                 label = match_label(noun, vocab) if vocab is not None else -1
-                examples.append(AblationExample(
-                    f"{sentence_place(s)} phrase {link.phrase_index + 1}", s.image_id, s.index,
-                    link.phrase_index, p.text, p.type, enc.ids, span, regions,
-                    iot.astype(np.float32), iou.astype(np.float32), noun, label >= 0, label))
+                examples.append(
+                    AblationExample(
+                        f"{sentence_place(s)} phrase {link.phrase_index + 1}",
+                        s.image_id,
+                        s.index,
+                        link.phrase_index,
+                        p.text,
+                        p.type,
+                        enc.ids,
+                        span,
+                        regions,
+                        iot.astype(np.float32),
+                        iou.astype(np.float32),
+                        noun,
+                        label >= 0,
+                        label,
+                    )
+                )
         if not examples:
-            raise ValueError(f"no ablation example in {flickr_root} split {split!r} with features "
-                             f"{getattr(reader, 'path', reader)}; data report: {report.summary_lines()}")
+            raise ValueError(
+                f"no ablation example in {flickr_root} split {split!r} with features "
+                f"{getattr(reader, 'path', reader)}; data report: {report.summary_lines()}"
+            )
         mean = dataset_mean_feature(reader, [e.image_id for e in examples], report)
-        for name in _COUNTERS:  # listed even at zero, so a reader of the report sees they were checked
+        for (
+            name
+        ) in _COUNTERS:  # listed even at zero, so a reader of the report sees they were checked
             report.count(name, 0)
     finally:
         if reader is not features:
             reader.close()
-    return AblationData(examples, mean, tokenizer.mask_id, tokenizer.pad_id, report, vocab is not None)
+    return AblationData(
+        examples, mean, tokenizer.mask_id, tokenizer.pad_id, report, vocab is not None
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -250,7 +300,9 @@ class Vis4Lang:
 
     def __post_init__(self):
         if self.kind not in VISION_ABLATIONS:
-            raise ValueError(f"vision ablation must be one of {VISION_ABLATIONS}, got {self.kind!r}")
+            raise ValueError(
+                f"vision ablation must be one of {VISION_ABLATIONS}, got {self.kind!r}"
+            )
 
     @property
     def name(self) -> str:
@@ -295,7 +347,7 @@ def target_region(ex: AblationExample, masked: np.ndarray) -> int:
 def masked_text(ex: AblationExample, what: str, mask_id: int) -> np.ndarray:
     ids = ex.input_ids.copy()
     if what == "phrase":
-        ids[ex.span[0]:ex.span[1]] = mask_id
+        ids[ex.span[0] : ex.span[1]] = mask_id
     elif what == "all":
         ids[1:-1] = mask_id
     return ids
@@ -326,8 +378,11 @@ def summary(data: AblationData) -> dict:
         if ex.label_match and ex.regions.object_ids is not None:
             n_scored += 1
             agree += int(ex.regions.object_ids[int(np.argmax(ex.iou))] == ex.label_class)
-    out = {"examples": len(data.examples), "per_type": types,
-           "images": len({e.image_id for e in data.examples})}
+    out = {
+        "examples": len(data.examples),
+        "per_type": types,
+        "images": len({e.image_id for e in data.examples}),
+    }
     if data.label_match_vocab:
         out["label_match_examples"] = n_match
         out["detector_top1_agrees_with_label"] = agree / n_scored if n_scored else math.nan

@@ -6,6 +6,7 @@
 `data` comes from `value_jax.data.ablation_data.prepare_ablation`; the settings and what they
 ablate or mask are defined there too.
 """
+
 from __future__ import annotations
 
 from typing import Iterator, Optional, Sequence, Union
@@ -14,11 +15,16 @@ import numpy as np
 
 from value_jax.batch import Batch
 from value_jax.data import collate as C
+from value_jax.data.ablation_data import (
+    AblationData,
+    Lang4Vis,
+    Vis4Lang,
+    fold_classes,
+    masked_text,
+    target_region,
+)
 from value_jax.data.features import NUM_OBJECT_CLASSES
 from value_jax.data.flickr30k import PHRASE_TYPES
-
-from value_jax.data.ablation_data import (AblationData, Lang4Vis, Vis4Lang, fold_classes,
-                                          masked_text, target_region)
 from value_jax.models.configs import CONFIGS
 
 
@@ -37,13 +43,22 @@ class AblationLoader:
     background at 0) or 1600 (LXMERT `obj`). A smaller head (the demo) needs `fold=True`.
     """
 
-    def __init__(self, data: AblationData, settings: Sequence[Union[Vis4Lang, Lang4Vis]],
-                 batch_size: int, model_type: str, *, head_classes: Optional[int] = None,
-                 fold: bool = False, buckets: C.Buckets = C.DEFAULT_BUCKETS):
+    def __init__(
+        self,
+        data: AblationData,
+        settings: Sequence[Union[Vis4Lang, Lang4Vis]],
+        batch_size: int,
+        model_type: str,
+        *,
+        head_classes: Optional[int] = None,
+        fold: bool = False,
+        buckets: C.Buckets = C.DEFAULT_BUCKETS,
+    ):
         kinds = {type(s) for s in settings}
         if len(kinds) != 1:
-            raise ValueError("one loader takes settings of one kind, got "
-                             f"{sorted(k.__name__ for k in kinds)}")
+            raise ValueError(
+                f"one loader takes settings of one kind, got {sorted(k.__name__ for k in kinds)}"
+            )
         self.data, self.settings, self.batch_size = data, list(settings), batch_size
         self.model_type, self.buckets = model_type, buckets
         self.vision = kinds.pop() is Vis4Lang
@@ -51,19 +66,25 @@ class AblationLoader:
         if not self.vision:
             background = CONFIGS[model_type].mrc_background
             if head_classes is None:
-                raise ValueError("Lang4Vis needs head_classes (the model's region-classification head size)")
+                raise ValueError(
+                    "Lang4Vis needs head_classes (the model's region-classification head size)"
+                )
             self.num_foreground = head_classes - int(background)
             self.background = background
             if self.num_foreground != NUM_OBJECT_CLASSES and not fold:
-                raise ValueError(f"the {model_type} head has {self.num_foreground} foreground classes, "
-                                 f"the detector {NUM_OBJECT_CLASSES}; pass fold=True only for a demo model")
+                raise ValueError(
+                    f"the {model_type} head has {self.num_foreground} foreground classes, "
+                    f"the detector {NUM_OBJECT_CLASSES}; pass fold=True only for a demo model"
+                )
         rows = []
         for s_idx, setting in enumerate(self.settings):
             for e_idx, ex in enumerate(data.examples):
                 if not self.vision:
                     if ex.regions.object_ids is None:
-                        raise ValueError(f"image {ex.image_id}: the features hold no object ids "
-                                         "(objects_id / cls_prob), needed for MRC targets")
+                        raise ValueError(
+                            f"image {ex.image_id}: the features hold no object ids "
+                            "(objects_id / cls_prob), needed for MRC targets"
+                        )
                     if not setting.masked(ex).any():
                         if s_idx == 0:
                             data.report.count("lang4vis_no_region_masked", example=ex.id)
@@ -74,15 +95,22 @@ class AblationLoader:
         groups: dict[tuple, list] = {}
         for s_idx, e_idx in rows:
             ex = data.examples[e_idx]
-            shape = (C.Buckets.smallest(buckets.text, len(ex.input_ids)),
-                     C.Buckets.smallest(buckets.regions, ex.regions.num_regions))
+            shape = (
+                C.Buckets.smallest(buckets.text, len(ex.input_ids)),
+                C.Buckets.smallest(buckets.regions, ex.regions.num_regions),
+            )
             if None in shape:
-                raise ValueError(f"example {ex.id}: {len(ex.input_ids)} ids / {ex.regions.num_regions} "
-                                 f"regions exceed the largest bucket {buckets.text[-1]} / "
-                                 f"{buckets.regions[-1]}")
+                raise ValueError(
+                    f"example {ex.id}: {len(ex.input_ids)} ids / {ex.regions.num_regions} "
+                    f"regions exceed the largest bucket {buckets.text[-1]} / "
+                    f"{buckets.regions[-1]}"
+                )
             groups.setdefault(shape, []).append((s_idx, e_idx))
-        self.plans = [(shape, members[i:i + batch_size]) for shape, members in sorted(groups.items())
-                      for i in range(0, len(members), batch_size)]
+        self.plans = [
+            (shape, members[i : i + batch_size])
+            for shape, members in sorted(groups.items())
+            for i in range(0, len(members), batch_size)
+        ]
 
     def __len__(self) -> int:
         return len(self.plans)
@@ -91,8 +119,10 @@ class AblationLoader:
         """Lang4Vis: per setting, the examples left out because no region is masked, as
         `{"count": [S][len(types)] per entity type, "label_match": [S] LabelMatch examples}`."""
         if self.vision:
-            raise ValueError("unmasked_counts is for Lang4Vis settings (vision-for-language "
-                             "ablates, it masks no region)")
+            raise ValueError(
+                "unmasked_counts is for Lang4Vis settings (vision-for-language "
+                "ablates, it masks no region)"
+            )
         count = np.zeros((len(self.settings), len(types)), np.int64)
         label_match = np.zeros(len(self.settings), np.int64)
         for s_idx, setting in enumerate(self.settings):
@@ -115,17 +145,29 @@ class AblationLoader:
         boxes = np.zeros((b, r, 4), np.float32)
         region_mask = np.zeros((b, r), np.int32)
         region_masked = np.zeros((b, r), np.int32)
-        tg = {"setting": np.full(b, -1, np.int32), "type": np.zeros(b, np.int32),
-              "valid": np.zeros(b, bool), "label_match": np.zeros(b, bool),
-              C.EXAMPLE_INDEX: np.full(b, -1, np.int32)}
+        tg = {
+            "setting": np.full(b, -1, np.int32),
+            "type": np.zeros(b, np.int32),
+            "valid": np.zeros(b, bool),
+            "label_match": np.zeros(b, bool),
+            C.EXAMPLE_INDEX: np.full(b, -1, np.int32),
+        }
         if self.vision:
-            tg.update(labels=np.zeros((b, t), np.int32), label_mask=np.zeros((b, t), bool),
-                      num_ablated=np.zeros(b, np.float32))
+            tg.update(
+                labels=np.zeros((b, t), np.int32),
+                label_mask=np.zeros((b, t), bool),
+                num_ablated=np.zeros(b, np.float32),
+            )
         else:
             n_probs = self.head_classes if self.background else 1
-            tg.update(target_region=np.zeros(b, np.int32), target_object=np.zeros(b, np.int32),
-                      target_conf=np.zeros(b, np.float32), has_probs=np.zeros(b, bool),
-                      target_probs=np.zeros((b, n_probs), np.float32), num_masked=np.zeros(b, np.float32))
+            tg.update(
+                target_region=np.zeros(b, np.int32),
+                target_object=np.zeros(b, np.int32),
+                target_conf=np.zeros(b, np.float32),
+                has_probs=np.zeros(b, bool),
+                target_probs=np.zeros((b, n_probs), np.float32),
+                num_masked=np.zeros(b, np.float32),
+            )
         for i, (s_idx, e_idx) in enumerate(members):
             ex, setting = self.data.examples[e_idx], self.settings[s_idx]
             reg = ex.regions
@@ -136,15 +178,15 @@ class AblationLoader:
                 text = masked_text(ex, "phrase", self.data.mask_id)
                 ablate = setting.ablated(ex)
                 row_feats[ablate] = self.data.mean_feature
-                tg["labels"][i, ex.span[0]:ex.span[1]] = ex.input_ids[ex.span[0]:ex.span[1]]
-                tg["label_mask"][i, ex.span[0]:ex.span[1]] = True
+                tg["labels"][i, ex.span[0] : ex.span[1]] = ex.input_ids[ex.span[0] : ex.span[1]]
+                tg["label_mask"][i, ex.span[0] : ex.span[1]] = True
                 tg["num_ablated"][i] = ablate.sum()
             else:
                 text = masked_text(ex, setting.text, self.data.mask_id)
                 masked = setting.masked(ex)
                 row_feats[masked] = 0.0
                 if CONFIGS[self.model_type].region_mask_embedding:
-                    region_masked[i, :reg.num_regions] = masked
+                    region_masked[i, : reg.num_regions] = masked
                 k = target_region(ex, masked)
                 probs = reg.cls_prob[k] if (self.background and reg.cls_prob is not None) else None
                 probs, obj = fold_classes(probs, int(reg.object_ids[k]), self.num_foreground)
@@ -156,5 +198,3 @@ class AblationLoader:
             ids[i], text_mask[i] = C.pad_text(text, t, self.data.pad_id)
             feats[i], boxes[i], region_mask[i] = C.pad_regions(row_feats, reg.normalized_boxes, r)
         return Batch.create(ids, text_mask, feats, boxes, region_mask, region_masked), tg
-
-

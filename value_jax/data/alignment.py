@@ -7,6 +7,7 @@ Boxes are `[..., 4]` arrays `x1, y1, x2, y2` in pixels. Areas are continuous by 
 reproduce Frank et al. exactly. Degenerate boxes (x2 < x1) have area 0; an overlap whose
 denominator is 0 is 0.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -62,8 +63,10 @@ def iot(regions, gold, pixel_inclusive: bool = False) -> np.ndarray:
     return _safe_div(inter, box_areas(gold, pixel_inclusive)[None, :])
 
 
-_MEASURES = {"iou": lambda regions, gold, inc: iou(regions, gold, inc),
-             "iot": lambda regions, gold, inc: iot(regions, gold, inc)}
+_MEASURES = {
+    "iou": lambda regions, gold, inc: iou(regions, gold, inc),
+    "iot": lambda regions, gold, inc: iot(regions, gold, inc),
+}
 
 
 @dataclasses.dataclass
@@ -83,8 +86,9 @@ class GoldAlignment:
         return np.flatnonzero(self.linked[g])
 
 
-def align_gold_to_regions(gold_boxes, region_boxes, iou_threshold: float = 0.5,
-                          pixel_inclusive: bool = False) -> GoldAlignment:
+def align_gold_to_regions(
+    gold_boxes, region_boxes, iou_threshold: float = 0.5, pixel_inclusive: bool = False
+) -> GoldAlignment:
     """Per gold box, the regions with IoU >= `iou_threshold` and the best-IoU region."""
     ov = iou(gold_boxes, region_boxes, pixel_inclusive)
     if ov.shape[1] == 0:
@@ -94,8 +98,9 @@ def align_gold_to_regions(gold_boxes, region_boxes, iou_threshold: float = 0.5,
     return GoldAlignment(ov, ov >= iou_threshold, best, ov[np.arange(ov.shape[0]), best])
 
 
-def phrase_overlap(phrase_boxes: Sequence, region_boxes, measure: str = "iou",
-                   pixel_inclusive: bool = False) -> np.ndarray:
+def phrase_overlap(
+    phrase_boxes: Sequence, region_boxes, measure: str = "iou", pixel_inclusive: bool = False
+) -> np.ndarray:
     """`[P, R]`: per phrase, the max over its chain's gold boxes of `measure(region, gold)`.
 
     `phrase_boxes[p]` is `[k_p, 4]` (k_p >= 1): a Flickr30k chain can have several boxes, and
@@ -115,8 +120,14 @@ def phrase_overlap(phrase_boxes: Sequence, region_boxes, measure: str = "iou",
     return np.maximum.reduceat(ov, starts, axis=1).T
 
 
-def phrase_regions(phrase_boxes: Sequence, region_boxes, threshold: float = 0.5, measure: str = "iou",
-                   inclusive: bool = True, pixel_inclusive: bool = False) -> list[np.ndarray]:
+def phrase_regions(
+    phrase_boxes: Sequence,
+    region_boxes,
+    threshold: float = 0.5,
+    measure: str = "iou",
+    inclusive: bool = True,
+    pixel_inclusive: bool = False,
+) -> list[np.ndarray]:
     """Per phrase, the sorted indices of regions linked to it: overlap >= threshold (VALUE,
     `inclusive=True`) or > threshold (Frank et al.'s IoT ablation, `inclusive=False`)."""
     ov = phrase_overlap(phrase_boxes, region_boxes, measure, pixel_inclusive)
@@ -124,8 +135,9 @@ def phrase_regions(phrase_boxes: Sequence, region_boxes, threshold: float = 0.5,
     return [np.flatnonzero(row) for row in hit]
 
 
-def match_gold_boxes(gold_boxes, region_boxes, atol: float = 0.5,
-                     report: Optional[DataReport] = None) -> np.ndarray:
+def match_gold_boxes(
+    gold_boxes, region_boxes, atol: float = 0.5, report: Optional[DataReport] = None
+) -> np.ndarray:
     """For features files that already contain the gold boxes (VALUE adds them to the 36
     detections): `[G]` index of the region whose 4 corners equal the gold box within `atol`,
     -1 when none does (counted as `gold_boxes_not_in_regions`). When a box appears several times
@@ -166,8 +178,9 @@ def derangement(n: int, rng: np.random.Generator) -> np.ndarray:
             return perm
 
 
-def mismatched_caption_pairs(image_ids: Sequence, captions_by_image: Mapping[object, Sequence[str]],
-                             seed: int) -> list[CaptionPair]:
+def mismatched_caption_pairs(
+    image_ids: Sequence, captions_by_image: Mapping[object, Sequence[str]], seed: int
+) -> list[CaptionPair]:
     """VALUE's mismatched-caption baseline: every image paired with a caption of a different
     image (seeded derangement of the images, then a seeded caption of the donor)."""
     ids = list(image_ids)

@@ -3,6 +3,7 @@
 `plan_batches` is what `value_jax.data.collate` describes (buckets, overflow, split examples);
 `collate.collate` then pads each planned batch.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -10,10 +11,17 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from value_jax.data.collate import (
+    DEFAULT_BUCKETS,
+    OVERFLOW_POLICIES,
+    REGION_INDEX_TARGETS,
+    TARGETS,
+    TOKEN_TARGETS,
+    BatchShape,
+    Buckets,
+    Example,
+)
 from value_jax.data.errors import DataReport, report_or_new
-
-from value_jax.data.collate import (DEFAULT_BUCKETS, OVERFLOW_POLICIES, REGION_INDEX_TARGETS, TARGETS,
-                                     TOKEN_TARGETS, BatchShape, Buckets, Example)
 
 
 def _keep_items(ex: Example, keep: np.ndarray) -> Example:
@@ -41,18 +49,23 @@ def _truncate(ex: Example, buckets: Buckets, report: DataReport) -> Optional[Exa
     need = ex.needed()
     new = ex
     if need.text > t_max:
-        ids = np.concatenate([ex.input_ids[:t_max - 1], ex.input_ids[-1:]])
+        ids = np.concatenate([ex.input_ids[: t_max - 1], ex.input_ids[-1:]])
         report.count("examples_truncated_text", example=f"{ex.id}: {need.text} > {t_max} ids")
         new = dataclasses.replace(new, input_ids=ids)
     if need.regions > r_max:
-        report.count("examples_truncated_regions", example=f"{ex.id}: {need.regions} > {r_max} regions")
+        report.count(
+            "examples_truncated_regions", example=f"{ex.id}: {need.regions} > {r_max} regions"
+        )
         new = dataclasses.replace(new, num_regions=r_max)
         if new.region_feats is not None:
-            new = dataclasses.replace(new, region_feats=new.region_feats[:r_max],
-                                      region_boxes=new.region_boxes[:r_max])
+            new = dataclasses.replace(
+                new, region_feats=new.region_feats[:r_max], region_boxes=new.region_boxes[:r_max]
+            )
     m_max = buckets.tokens[-1]
     if need.tokens > m_max:
-        report.count("examples_truncated_token_sets", example=f"{ex.id}: {need.tokens} > {m_max} slots")
+        report.count(
+            "examples_truncated_token_sets", example=f"{ex.id}: {need.tokens} > {m_max} slots"
+        )
     if new.num_items:
         keep = _items_within(new, len(new.input_ids) - 1, new.num_regions)
         for name, mask_name in TOKEN_TARGETS.items():
@@ -65,8 +78,12 @@ def _truncate(ex: Example, buckets: Buckets, report: DataReport) -> Optional[Exa
                 return None
             new = _keep_items(new, keep)
         if need.tokens > m_max:
-            new = new.with_targets({k: (v[:, :m_max] if TARGETS[k].axes == "PM" else v)
-                                    for k, v in new.targets.items()})
+            new = new.with_targets(
+                {
+                    k: (v[:, :m_max] if TARGETS[k].axes == "PM" else v)
+                    for k, v in new.targets.items()
+                }
+            )
     return new
 
 
@@ -85,12 +102,17 @@ def bucket_of(ex: Example, buckets: Buckets) -> Optional[BatchShape]:
 def _too_large(ex: Example, buckets: Buckets) -> str:
     need = ex.needed()
     parts = []
-    for name, n, sizes in (("text ids", need.text, buckets.text), ("regions", need.regions, buckets.regions),
-                           ("tokens per item", need.tokens, buckets.tokens)):
+    for name, n, sizes in (
+        ("text ids", need.text, buckets.text),
+        ("regions", need.regions, buckets.regions),
+        ("tokens per item", need.tokens, buckets.tokens),
+    ):
         if n > sizes[-1]:
             parts.append(f"{n} {name} > {sizes[-1]}")
-    return (f"example {ex.id!r} does not fit the largest bucket ({'; '.join(parts)}); raise the "
-            "limit (max_text_len, Buckets) or pass overflow='truncate' to cut it, counted")
+    return (
+        f"example {ex.id!r} does not fit the largest bucket ({'; '.join(parts)}); raise the "
+        "limit (max_text_len, Buckets) or pass overflow='truncate' to cut it, counted"
+    )
 
 
 @dataclasses.dataclass
@@ -102,8 +124,13 @@ class BatchPlan:
     indices: list[int]
 
 
-def plan_batches(examples: Sequence[Example], batch_size: int, buckets: Buckets = DEFAULT_BUCKETS,
-                 overflow: str = "error", report: Optional[DataReport] = None) -> list[BatchPlan]:
+def plan_batches(
+    examples: Sequence[Example],
+    batch_size: int,
+    buckets: Buckets = DEFAULT_BUCKETS,
+    overflow: str = "error",
+    report: Optional[DataReport] = None,
+) -> list[BatchPlan]:
     """Assigns each example its smallest text, region and item bucket and cuts each bucket's
     examples, in input order, into batches of at most `batch_size` (padded to exactly that by
     `collate`); the token width M is one for the whole plan, the smallest token bucket that fits
@@ -124,8 +151,11 @@ def plan_batches(examples: Sequence[Example], batch_size: int, buckets: Buckets 
         parts = [ex]
         if ex.num_items > p_max:
             n_parts = -(-ex.num_items // p_max)
-            report.count("examples_split_over_items", n_parts - 1,
-                         example=f"{ex.id}: {ex.num_items} items > {p_max}")
+            report.count(
+                "examples_split_over_items",
+                n_parts - 1,
+                example=f"{ex.id}: {ex.num_items} items > {p_max}",
+            )
             parts = []
             for k in range(n_parts):
                 part = _keep_items(ex, np.arange(k * p_max, min((k + 1) * p_max, ex.num_items)))
@@ -152,7 +182,7 @@ def plan_batches(examples: Sequence[Example], batch_size: int, buckets: Buckets 
     for shape in sorted(groups):
         exs, idx = groups[shape]
         for start in range(0, len(exs), batch_size):
-            plans.append(BatchPlan(shape, exs[start:start + batch_size], idx[start:start + batch_size]))
+            plans.append(
+                BatchPlan(shape, exs[start : start + batch_size], idx[start : start + batch_size])
+            )
     return plans
-
-

@@ -11,15 +11,15 @@ data at hand: small data gets few shapes.
 The fit is a pure function of the examples, so every process of a multi-process run, and every
 rerun, computes the same buckets.
 """
+
 from __future__ import annotations
 
 from typing import Sequence
 
 import numpy as np
 
-from value_jax.data import collate as C
-
 from value_jax.data import batch_plan as BP
+from value_jax.data import collate as C
 
 
 def fit_sizes(values: Sequence[int], k: int) -> tuple[int, ...]:
@@ -32,7 +32,7 @@ def fit_sizes(values: Sequence[int], k: int) -> tuple[int, ...]:
     n_below = np.concatenate([[0], np.cumsum(count)])
     sum_below = np.concatenate([[0], np.cumsum(count * u)])
 
-    def cost(i, j):                      # values u[i..j] padded to u[j]
+    def cost(i, j):  # values u[i..j] padded to u[j]
         return u[j] * (n_below[j + 1] - n_below[i]) - (sum_below[j + 1] - sum_below[i])
 
     n = len(u)
@@ -44,7 +44,7 @@ def fit_sizes(values: Sequence[int], k: int) -> tuple[int, ...]:
             options = [best[m - 1, i - 1] + cost(i, j) for i in range(m - 1, j + 1)]
             i = int(np.argmin(options))
             best[m, j], start[m, j] = options[i], i + m - 1
-    m = int(np.argmin(best[1:, n - 1])) + 1          # fewer sizes when more do not help
+    m = int(np.argmin(best[1:, n - 1])) + 1  # fewer sizes when more do not help
     sizes, j = [], n - 1
     while m >= 1 and j >= 0:
         sizes.append(int(u[j]))
@@ -53,10 +53,16 @@ def fit_sizes(values: Sequence[int], k: int) -> tuple[int, ...]:
     return tuple(sorted(sizes))
 
 
-def fit_buckets(examples: Sequence[C.Example], batch_size: int, *,
-                base: C.Buckets = C.DEFAULT_BUCKETS, max_text_sizes: int = 4,
-                max_region_sizes: int = 7, tolerance: float = 0.01,
-                min_batches_per_shape: int = 4) -> C.Buckets:
+def fit_buckets(
+    examples: Sequence[C.Example],
+    batch_size: int,
+    *,
+    base: C.Buckets = C.DEFAULT_BUCKETS,
+    max_text_sizes: int = 4,
+    max_region_sizes: int = 7,
+    tolerance: float = 0.01,
+    min_batches_per_shape: int = 4,
+) -> C.Buckets:
     """Buckets for `examples`: text and region sizes fitted to them. Every count of sizes up to
     4 text × 7 region sizes is tried, scoring the padding of whole batches (a shape's last batch
     is filled with masked rows, which small data pays for); the fewest shapes within
@@ -75,8 +81,13 @@ def fit_buckets(examples: Sequence[C.Example], batch_size: int, *,
         for kr in range(1, (max_region_sizes if has_regions.any() else 1) + 1):
             r_sizes = fit_sizes(regions[has_regions], kr) if has_regions.any() else (0,)
             t_of = np.asarray(t_sizes)[np.searchsorted(t_sizes, text)]
-            r_of = np.where(has_regions, np.asarray(r_sizes)[
-                np.minimum(np.searchsorted(r_sizes, regions), len(r_sizes) - 1)], 0)
+            r_of = np.where(
+                has_regions,
+                np.asarray(r_sizes)[
+                    np.minimum(np.searchsorted(r_sizes, regions), len(r_sizes) - 1)
+                ],
+                0,
+            )
             cells, counts = np.unique(np.stack([t_of, r_of]), axis=1, return_counts=True)
             computed = (np.ceil(counts / batch_size) * batch_size * cells.sum(0)).sum()
             efficiency = (text.sum() + regions.sum()) / computed
@@ -84,21 +95,26 @@ def fit_buckets(examples: Sequence[C.Example], batch_size: int, *,
     most_shapes = max(1, len(examples) // (min_batches_per_shape * batch_size))
     options = [o for o in options if o[1] <= most_shapes] or [min(options, key=lambda o: o[1])]
     best = max(o[0] for o in options)
-    _, _, t_sizes, r_sizes = min((o for o in options if o[0] >= best - tolerance),
-                                 key=lambda o: (o[1], -o[0]))
+    _, _, t_sizes, r_sizes = min(
+        (o for o in options if o[0] >= best - tolerance), key=lambda o: (o[1], -o[0])
+    )
     if t_sizes[-1] < 2:
         t_sizes = (2,)
     cap = base.items[-1]
     items = [min(e.num_items, cap) for e in examples if e.num_items]
     tokens = tuple(s for s in base.tokens if s < t_sizes[-1]) + (max(t_sizes[-1], base.tokens[0]),)
-    return C.Buckets(text=t_sizes, regions=r_sizes if has_regions.any() else base.regions,
-                     items=(max(items),) if items else base.items,
-                     tokens=tuple(sorted(set(tokens))))
+    return C.Buckets(
+        text=t_sizes,
+        regions=r_sizes if has_regions.any() else base.regions,
+        items=(max(items),) if items else base.items,
+        tokens=tuple(sorted(set(tokens))),
+    )
 
 
 def padding_efficiency(plans: Sequence[BP.BatchPlan], batch_size: int) -> float:
     """Real text tokens + regions over computed ones (every row of every batch, padded)."""
     useful = sum(len(e.input_ids) + e.num_regions for p in plans for e in p.examples)
-    computed = sum(batch_size * (p.shape.text + (p.shape.regions if p.shape.regions > 1 else 0))
-                   for p in plans)
+    computed = sum(
+        batch_size * (p.shape.text + (p.shape.regions if p.shape.regions > 1 else 0)) for p in plans
+    )
     return useful / max(computed, 1)

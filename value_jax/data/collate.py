@@ -30,6 +30,7 @@ bucket is an error naming it (`overflow="error"`), or is truncated with every dr
 counted (`overflow="truncate"`); an example with more items than the largest items bucket is
 split into several rows sharing its text and regions (counted, nothing lost).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -93,7 +94,9 @@ class Buckets:
         for name in ("text", "regions", "items", "tokens"):
             sizes = tuple(int(s) for s in getattr(self, name))
             if not sizes or any(s < 1 for s in sizes) or list(sizes) != sorted(set(sizes)):
-                raise ValueError(f"Buckets.{name} must be positive and strictly ascending, got {sizes}")
+                raise ValueError(
+                    f"Buckets.{name} must be positive and strictly ascending, got {sizes}"
+                )
             object.__setattr__(self, name, sizes)
         if self.text[-1] < 2:
             raise ValueError("the largest text bucket must hold [CLS] and [SEP]")
@@ -147,8 +150,10 @@ class Example:
 
     def __post_init__(self):
         self.input_ids = np.asarray(self.input_ids, np.int32)
-        self.targets = {k: np.asarray(v, TARGETS[k].dtype) if k in TARGETS else v
-                        for k, v in self.targets.items()}
+        self.targets = {
+            k: np.asarray(v, TARGETS[k].dtype) if k in TARGETS else v
+            for k, v in self.targets.items()
+        }
         if self.region_feats is not None:
             self.region_feats = np.asarray(self.region_feats, np.float32)
             self.region_boxes = np.asarray(self.region_boxes, np.float32)
@@ -172,7 +177,9 @@ class Example:
 
     def needed(self) -> BatchShape:
         """The sizes this example needs (regions 1 for text-only: the dummy region)."""
-        return BatchShape(len(self.input_ids), max(self.num_regions, 1), self.num_items, self.num_tokens)
+        return BatchShape(
+            len(self.input_ids), max(self.num_regions, 1), self.num_items, self.num_tokens
+        )
 
     def with_targets(self, targets: dict[str, np.ndarray]) -> "Example":
         return dataclasses.replace(self, targets=targets)
@@ -182,7 +189,9 @@ def check_example(ex: Example) -> None:
     """Raises ValueError naming the example when its arrays disagree in shape or name."""
     where = f"example {ex.id!r}"
     if ex.input_ids.ndim != 1 or len(ex.input_ids) < 2:
-        raise ValueError(f"{where}: input_ids must be [T >= 2] ([CLS] ... [SEP]), got {ex.input_ids.shape}")
+        raise ValueError(
+            f"{where}: input_ids must be [T >= 2] ([CLS] ... [SEP]), got {ex.input_ids.shape}"
+        )
     unknown = sorted(set(ex.targets) - set(TARGETS))
     if unknown:
         raise ValueError(f"{where}: unknown targets {unknown} (known: {sorted(TARGETS)})")
@@ -193,7 +202,9 @@ def check_example(ex: Example) -> None:
     for name, arr in ex.targets.items():
         axes = TARGETS[name].axes
         if arr.ndim != len(axes):
-            raise ValueError(f"{where}: {name} must have axes [{', '.join(axes)}], got shape {arr.shape}")
+            raise ValueError(
+                f"{where}: {name} must have axes [{', '.join(axes)}], got shape {arr.shape}"
+            )
         if axes:
             p = len(arr) if p is None else p
             if len(arr) != p:
@@ -201,11 +212,15 @@ def check_example(ex: Example) -> None:
         if axes == "PM":
             m = arr.shape[1] if m is None else m
             if arr.shape[1] != m:
-                raise ValueError(f"{where}: {name} has {arr.shape[1]} token slots, other targets {m}")
+                raise ValueError(
+                    f"{where}: {name} has {arr.shape[1]} token slots, other targets {m}"
+                )
     feats, boxes = ex.region_feats, ex.region_boxes
     if feats is not None and (feats.ndim != 2 or boxes.shape != (len(feats), 4)):
-        raise ValueError(f"{where}: region_feats {ex.region_feats.shape} / region_boxes "
-                         f"{ex.region_boxes.shape} (expected [R, F] and [R, 4])")
+        raise ValueError(
+            f"{where}: region_feats {ex.region_feats.shape} / region_boxes "
+            f"{ex.region_boxes.shape} (expected [R, F] and [R, 4])"
+        )
 
 
 def image_key(image_id: str) -> int:
@@ -229,14 +244,15 @@ def pad_text(ids: np.ndarray, length: int, pad_id: int = 0) -> tuple[np.ndarray,
     if len(ids) > length:
         raise ValueError(f"{len(ids)} ids do not fit a text slot of {length}")
     out = np.full(length, pad_id, np.int32)
-    out[:len(ids)] = ids
+    out[: len(ids)] = ids
     mask = np.zeros(length, np.int32)
-    mask[:len(ids)] = 1
+    mask[: len(ids)] = 1
     return out, mask
 
 
-def pad_regions(feats: np.ndarray, boxes: np.ndarray, length: int
-                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def pad_regions(
+    feats: np.ndarray, boxes: np.ndarray, length: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """`[R, F]` features and `[R, 4]` normalised boxes -> `[length, F]`, `[length, 4]` (zeros on
     padding) and the `[length]` int32 region mask."""
     feats, boxes = np.asarray(feats, np.float32), np.asarray(boxes, np.float32)
@@ -285,10 +301,16 @@ def empty_targets(names: Sequence[str], items: int, tokens: int) -> dict[str, np
 RegionFetch = Callable[[str], tuple[np.ndarray, np.ndarray]]
 
 
-def collate(examples: Sequence[Example], shape: BatchShape, batch_size: int, *,
-            regions: Optional[RegionFetch] = None, feat_dim: Optional[int] = None,
-            indices: Optional[Sequence[int]] = None, pad_id: int = 0
-            ) -> tuple[Batch, dict[str, np.ndarray]]:
+def collate(
+    examples: Sequence[Example],
+    shape: BatchShape,
+    batch_size: int,
+    *,
+    regions: Optional[RegionFetch] = None,
+    feat_dim: Optional[int] = None,
+    indices: Optional[Sequence[int]] = None,
+    pad_id: int = 0,
+) -> tuple[Batch, dict[str, np.ndarray]]:
     """Pads `examples` (all fitting `shape`) into a Batch of exactly `batch_size` rows plus the
     targets dict; rows past the examples are padding: text, regions and every target masked.
 
@@ -299,19 +321,23 @@ def collate(examples: Sequence[Example], shape: BatchShape, batch_size: int, *,
         raise ValueError(f"{len(examples)} examples for a batch of {batch_size}")
     names = sorted({k for ex in examples for k in ex.targets})
     if any(set(ex.targets) != set(names) for ex in examples):
-        raise ValueError("examples of one batch must carry the same targets: "
-                         f"{sorted({tuple(sorted(ex.targets)) for ex in examples})}")
+        raise ValueError(
+            "examples of one batch must carry the same targets: "
+            f"{sorted({tuple(sorted(ex.targets)) for ex in examples})}"
+        )
     fetched = []
     for ex in examples:
         if ex.num_regions == 0:
             fetched.append(None)
         elif ex.region_feats is not None:
-            fetched.append((ex.region_feats[:ex.num_regions], ex.region_boxes[:ex.num_regions]))
+            fetched.append((ex.region_feats[: ex.num_regions], ex.region_boxes[: ex.num_regions]))
         elif regions is None:
-            raise ValueError(f"example {ex.id!r} has no region features and no region source was given")
+            raise ValueError(
+                f"example {ex.id!r} has no region features and no region source was given"
+            )
         else:
             feats, boxes = regions(ex.image_id)
-            fetched.append((feats[:ex.num_regions], boxes[:ex.num_regions]))
+            fetched.append((feats[: ex.num_regions], boxes[: ex.num_regions]))
     dims = {f[0].shape[1] for f in fetched if f is not None}
     if len(dims) > 1:
         raise ValueError(f"region features of one batch have different widths {sorted(dims)}")
@@ -333,7 +359,7 @@ def collate(examples: Sequence[Example], shape: BatchShape, batch_size: int, *,
     rows += [empty_targets(names, shape.items, shape.tokens)] * (b - len(examples))
     targets = {name: np.stack([row[name] for row in rows]) for name in names}
     index = np.full(b, -1, np.int32)
-    index[:len(examples)] = list(indices) if indices is not None else range(len(examples))
+    index[: len(examples)] = list(indices) if indices is not None else range(len(examples))
     targets[EXAMPLE_INDEX] = index
     first = np.zeros(b, bool)
     image = np.zeros(b, np.int32)

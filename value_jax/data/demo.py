@@ -28,6 +28,7 @@ Built once: `DEMO.json` holds the parameters, and a call with other parameters (
 marker) rebuilds the tree in a temporary directory that replaces `root` in one rename. A
 non-empty `root` without a marker is not a demo tree and is never replaced.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -41,9 +42,17 @@ from pathlib import Path
 import numpy as np
 
 from value_jax.data.errors import PathLike
-from value_jax.data.fixtures.annotations import (write_flickr30k, write_senteval, write_visual_genome,
-                                                write_vocab)
-from value_jax.data.fixtures.features import iter_random_records, write_lxmert_tsv, write_uniter_npz_dir
+from value_jax.data.fixtures.annotations import (
+    write_flickr30k,
+    write_senteval,
+    write_visual_genome,
+    write_vocab,
+)
+from value_jax.data.fixtures.features import (
+    iter_random_records,
+    write_lxmert_tsv,
+    write_uniter_npz_dir,
+)
 
 MARKER = "DEMO.json"
 # Bump when the generated content changes, so cached demo trees are rebuilt.
@@ -81,18 +90,26 @@ class DemoPaths:
 
 def _paths(root: Path, params: dict) -> DemoPaths:
     return DemoPaths(
-        root=str(root), flickr_root=str(root / "flickr30k"),
+        root=str(root),
+        flickr_root=str(root / "flickr30k"),
         flickr_features_tsv=str(root / "flickr30k_obj36.tsv"),
         flickr_features_npz=str(root / "flickr30k_npz"),
         flickr_features_gold_tsv=str(root / "flickr30k_gold.tsv"),
-        vg_root=str(root / "visual_genome"), vg_features_tsv=str(root / "visual_genome" / "vg_obj36.tsv"),
-        senteval_dir=str(root / "senteval"), senteval_tasks=tuple(params["senteval_tasks"]),
-        vocab_cased=str(root / "vocab_cased.txt"), vocab_uncased=str(root / "vocab_uncased.txt"),
-        feat_dim=params["feat_dim"], num_boxes=params["num_boxes"], seed=params["seed"])
+        vg_root=str(root / "visual_genome"),
+        vg_features_tsv=str(root / "visual_genome" / "vg_obj36.tsv"),
+        senteval_dir=str(root / "senteval"),
+        senteval_tasks=tuple(params["senteval_tasks"]),
+        vocab_cased=str(root / "vocab_cased.txt"),
+        vocab_uncased=str(root / "vocab_uncased.txt"),
+        feat_dim=params["feat_dim"],
+        num_boxes=params["num_boxes"],
+        seed=params["seed"],
+    )
 
 
-def detections(gold: np.ndarray, width: int, height: int, num_boxes: int,
-               rng: np.random.Generator) -> np.ndarray:
+def detections(
+    gold: np.ndarray, width: int, height: int, num_boxes: int, rng: np.random.Generator
+) -> np.ndarray:
     """`[num_boxes, 4]` float32 pixel boxes: each gold box with every side moved by at most 5% of
     its size (IoU with the gold box > 0.7), then random boxes, in a random order."""
     gold = np.asarray(gold, np.float64).reshape(-1, 4)
@@ -135,8 +152,9 @@ def _build(root: Path, params: dict) -> None:
         gold_boxes.append(np.concatenate([det, gold.astype(np.float32)]))
 
     def records(box_list):
-        return iter_random_records(len(ids), seed=seed, image_sizes=sizes, boxes=box_list,
-                                   feat_dim=feat_dim, image_ids=ids)
+        return iter_random_records(
+            len(ids), seed=seed, image_sizes=sizes, boxes=box_list, feat_dim=feat_dim, image_ids=ids
+        )
 
     write_lxmert_tsv(root / "flickr30k_obj36.tsv", records(boxes))
     write_uniter_npz_dir(root / "flickr30k_npz", records(boxes), prefix="flickr30k_")
@@ -149,12 +167,24 @@ def _build(root: Path, params: dict) -> None:
         vg_ids.append(str(image_id))
         vg_sizes.append((info.width, info.height))
         vg_boxes.append(detections(obj, info.width, info.height, num_boxes, rng))
-    write_lxmert_tsv(root / "visual_genome" / "vg_obj36.tsv",
-                     iter_random_records(len(vg_ids), seed=seed + 1, image_sizes=vg_sizes, boxes=vg_boxes,
-                                         feat_dim=feat_dim, image_ids=vg_ids))
+    write_lxmert_tsv(
+        root / "visual_genome" / "vg_obj36.tsv",
+        iter_random_records(
+            len(vg_ids),
+            seed=seed + 1,
+            image_sizes=vg_sizes,
+            boxes=vg_boxes,
+            feat_dim=feat_dim,
+            image_ids=vg_ids,
+        ),
+    )
 
-    rows = write_senteval(root / "senteval", tasks=params["senteval_tasks"],
-                          n_per_split=params["n_senteval"], seed=seed)
+    rows = write_senteval(
+        root / "senteval",
+        tasks=params["senteval_tasks"],
+        n_per_split=params["n_senteval"],
+        seed=seed,
+    )
     words = set(flickr.words)
     for regions in vg.regions.values():
         for r in regions:
@@ -167,7 +197,9 @@ def _build(root: Path, params: dict) -> None:
             words.update(tokens)
     write_vocab(root / "vocab_cased.txt", sorted(words), cased=True)
     write_vocab(root / "vocab_uncased.txt", sorted(words), cased=False)
-    (root / MARKER).write_text(json.dumps(params, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    (root / MARKER).write_text(
+        json.dumps(params, indent=2, sort_keys=True) + "\n", encoding="utf-8"
+    )
 
 
 def _read_marker(root: Path):
@@ -177,9 +209,17 @@ def _read_marker(root: Path):
         return None
 
 
-def make_demo_data(root: PathLike, seed: int = 0, n_images: int = 12, feat_dim: int = 2048, *,
-                   n_vg_images: int = 8, n_senteval: int = 60, num_boxes: int = 36,
-                   senteval_tasks=SENTEVAL_TASKS) -> DemoPaths:
+def make_demo_data(
+    root: PathLike,
+    seed: int = 0,
+    n_images: int = 12,
+    feat_dim: int = 2048,
+    *,
+    n_vg_images: int = 8,
+    n_senteval: int = 60,
+    num_boxes: int = 36,
+    senteval_tasks=SENTEVAL_TASKS,
+) -> DemoPaths:
     """Builds (or reuses) the demo dataset under `root` and returns its paths.
 
     Args:
@@ -189,15 +229,24 @@ def make_demo_data(root: PathLike, seed: int = 0, n_images: int = 12, feat_dim: 
       num_boxes: detected regions per image (the gold file adds the gold boxes to them).
     """
     root = Path(root).absolute()
-    params = {"version": _FORMAT_VERSION, "seed": int(seed), "n_images": int(n_images),
-              "feat_dim": int(feat_dim), "n_vg_images": int(n_vg_images), "n_senteval": int(n_senteval),
-              "num_boxes": int(num_boxes), "senteval_tasks": list(senteval_tasks)}
+    params = {
+        "version": _FORMAT_VERSION,
+        "seed": int(seed),
+        "n_images": int(n_images),
+        "feat_dim": int(feat_dim),
+        "n_vg_images": int(n_vg_images),
+        "n_senteval": int(n_senteval),
+        "num_boxes": int(num_boxes),
+        "senteval_tasks": list(senteval_tasks),
+    }
     marker = _read_marker(root)
     if marker == params:
         return _paths(root, params)
     if root.exists() and not (root / MARKER).exists() and any(root.iterdir()):
-        raise FileExistsError(f"{root} exists and holds no demo dataset ({MARKER} missing); "
-                              "refusing to replace it: pass an empty or new directory")
+        raise FileExistsError(
+            f"{root} exists and holds no demo dataset ({MARKER} missing); "
+            "refusing to replace it: pass an empty or new directory"
+        )
     root.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp-", dir=root.parent))
     try:
@@ -219,8 +268,18 @@ def make_demo_data(root: PathLike, seed: int = 0, n_images: int = 12, feat_dim: 
 
 # ---- the explorer's demo: planted heads and images drawn from the boxes ----------------------
 
-_PALETTE = ((230, 97, 1), (94, 60, 153), (27, 158, 119), (217, 95, 2), (117, 112, 179),
-            (231, 41, 138), (102, 166, 30), (166, 118, 29), (31, 120, 180), (227, 26, 28))
+_PALETTE = (
+    (230, 97, 1),
+    (94, 60, 153),
+    (27, 158, 119),
+    (217, 95, 2),
+    (117, 112, 179),
+    (231, 41, 138),
+    (102, 166, 30),
+    (166, 118, 29),
+    (31, 120, 180),
+    (227, 26, 28),
+)
 
 
 def draw_box_images(records, labels: dict, out_dir: PathLike, seed: int = 0) -> dict[str, str]:
@@ -230,6 +289,7 @@ def draw_box_images(records, labels: dict, out_dir: PathLike, seed: int = 0) -> 
     visible). `labels[image_id][r]` is region r's label ("" draws nothing). Returns
     {image_id: path}."""
     from PIL import Image, ImageDraw
+
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {}
@@ -267,7 +327,7 @@ class ExploreDemo:
     lowercase: bool
     images: str
     checkpoint: str
-    region_labels: dict          # image id -> one label per region ("" for background boxes)
+    region_labels: dict  # image id -> one label per region ("" for background boxes)
 
 
 def make_explore_demo(root: PathLike, model_type: str, n_images: int = 12) -> ExploreDemo:
@@ -279,23 +339,39 @@ def make_explore_demo(root: PathLike, model_type: str, n_images: int = 12) -> Ex
     phrase's words. Region labels are the key words linked to each region."""
     from value_jax.data.features import LxmertTsvReader
     from value_jax.testing import planted as P
+
     root = Path(root).absolute()
     data = P.write_planted_flickr(root / "data", n_images=n_images)
     builder = P.uniter_coref if model_type == "uniter" else P.lxmert_coref
     config, params = builder(data)
     ckpt = P.save_checkpoint(root / "checkpoints" / model_type, config, params)
     # A region linked to a phrase keys all of the phrase's own words: its two longest name it.
-    labels = {i: [" ".join(sorted(sorted(s), key=len, reverse=True)[:2]) for s in sets]
-              for i, sets in data.region_keys.items()}
+    labels = {
+        i: [" ".join(sorted(sorted(s), key=len, reverse=True)[:2]) for s in sets]
+        for i, sets in data.region_keys.items()
+    }
     with LxmertTsvReader(data.features) as reader:
         records = [reader[i] for i in reader.image_ids()]
     images = root / "images"
     draw_box_images(records, labels, images)
     lower = config.lowercase
-    return ExploreDemo(data.flickr_root, data.features,
-                       data.vocab_uncased if lower else data.vocab_cased, lower, str(images),
-                       ckpt, labels)
+    return ExploreDemo(
+        data.flickr_root,
+        data.features,
+        data.vocab_uncased if lower else data.vocab_cased,
+        lower,
+        str(images),
+        ckpt,
+        labels,
+    )
 
 
-__all__ = ["DemoPaths", "make_demo_data", "detections", "SENTEVAL_TASKS", "draw_box_images",
-           "ExploreDemo", "make_explore_demo"]
+__all__ = [
+    "DemoPaths",
+    "make_demo_data",
+    "detections",
+    "SENTEVAL_TASKS",
+    "draw_box_images",
+    "ExploreDemo",
+    "make_explore_demo",
+]

@@ -9,6 +9,7 @@ One line numbering everywhere: a line cited in a `DataFormatError` or a report e
 1-based, as an editor shows it, and examples write it `<file name>:<line>` (`file_line`), e.g.
 `36979.txt:3`, `past_present.txt:12`, `val.txt:4`.
 """
+
 from __future__ import annotations
 
 import os
@@ -32,8 +33,15 @@ class DataFormatError(ValueError):
       found: what the file holds there.
     """
 
-    def __init__(self, path: PathLike, found: str, expected: str, *, line: Optional[int] = None,
-                 key: Optional[str] = None):
+    def __init__(
+        self,
+        path: PathLike,
+        found: str,
+        expected: str,
+        *,
+        line: Optional[int] = None,
+        key: Optional[str] = None,
+    ):
         self.path = os.fspath(path)
         self.line = line
         self.key = key
@@ -68,7 +76,11 @@ class NoExamplesError(ValueError):
         if hint:
             msg += f" ({hint})"
         msg += " after reading and filtering."
-        msg += ("\nData report:\n  " + "\n  ".join(lines)) if lines else "\nData report: nothing counted."
+        msg += (
+            ("\nData report:\n  " + "\n  ".join(lines))
+            if lines
+            else "\nData report: nothing counted."
+        )
         super().__init__(msg)
 
 
@@ -125,8 +137,10 @@ class DataReport:
 
     def to_dict(self) -> dict[str, dict[str, object]]:
         """`{name: {"count": int, "examples": [str, ...]}}`, names sorted (JSON-ready)."""
-        return {name: {"count": self._counts[name], "examples": list(self._examples.get(name, []))}
-                for name in sorted(self._counts)}
+        return {
+            name: {"count": self._counts[name], "examples": list(self._examples.get(name, []))}
+            for name in sorted(self._counts)
+        }
 
     @classmethod
     def from_dict(cls, d: dict[str, dict[str, object]], max_examples: int = 3) -> "DataReport":
@@ -168,9 +182,13 @@ def read_utf8(path: PathLike) -> str:
     except UnicodeDecodeError as e:
         line = data.count(b"\n", 0, e.start) + 1
         column = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
-        bad = data[e.start:e.end]
-        raise DataFormatError(path, f"bytes {bad!r} at column {column} that are not UTF-8 ({e.reason})",
-                              "UTF-8 text", line=line) from None
+        bad = data[e.start : e.end]
+        raise DataFormatError(
+            path,
+            f"bytes {bad!r} at column {column} that are not UTF-8 ({e.reason})",
+            "UTF-8 text",
+            line=line,
+        ) from None
 
 
 def read_text_lines(path: PathLike) -> list[str]:

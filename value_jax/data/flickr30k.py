@@ -15,6 +15,7 @@ Conventions:
   * `Annotation.boxes` are `[x1, y1, x2, y2]` ints, 0-based: 1 is subtracted from each file
     coordinate, as the reference parser does.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -24,12 +25,26 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Iterable, Iterator, Optional
 
-from value_jax.data.errors import (DataFormatError, DataReport, PathLike, file_line, read_text_lines,
-                                   report_or_new)
+from value_jax.data.errors import (
+    DataFormatError,
+    DataReport,
+    PathLike,
+    file_line,
+    read_text_lines,
+    report_or_new,
+)
 
 # The 8 types VALUE's coreference table uses ("other" included) plus the box-less `notvisual`.
-PHRASE_TYPES = ("people", "clothing", "bodyparts", "animals", "vehicles", "instruments", "scene",
-                "other")
+PHRASE_TYPES = (
+    "people",
+    "clothing",
+    "bodyparts",
+    "animals",
+    "vehicles",
+    "instruments",
+    "scene",
+    "other",
+)
 ALL_PHRASE_TYPES = PHRASE_TYPES + ("notvisual",)
 NOTVISUAL_CHAIN = "0"
 
@@ -106,7 +121,9 @@ def sentence_place(s: "Sentence") -> str:
     return f"{s.image_id}.txt:{s.index + 1}"
 
 
-def _parse_line(path: PathLike, line_no: int, line: str, report: DataReport) -> tuple[list[str], list[Phrase]]:
+def _parse_line(
+    path: PathLike, line_no: int, line: str, report: DataReport
+) -> tuple[list[str], list[Phrase]]:
     words: list[str] = []
     phrases: list[Phrase] = []
     open_header: Optional[tuple[str, tuple[str, ...], str]] = None  # chain, types, header token
@@ -127,25 +144,39 @@ def _parse_line(path: PathLike, line_no: int, line: str, report: DataReport) -> 
         if open_header is None:
             if "]" in token:
                 # The reference parser would fold it into a word and skew every word index.
-                raise DataFormatError(path, f"{token!r} outside any phrase",
-                                      "']' only to close a '[/EN#...' phrase", line=line_no)
+                raise DataFormatError(
+                    path,
+                    f"{token!r} outside any phrase",
+                    "']' only to close a '[/EN#...' phrase",
+                    line=line_no,
+                )
             words.append(token)
             continue
         closes = token.endswith("]")
         word = token[:-1] if closes else token
         if not word:
-            raise DataFormatError(path, f"empty word before ']' in phrase {open_header[2]!r}",
-                                  "']' attached to the phrase's last word", line=line_no)
+            raise DataFormatError(
+                path,
+                f"empty word before ']' in phrase {open_header[2]!r}",
+                "']' attached to the phrase's last word",
+                line=line_no,
+            )
         if "]" in word:
-            raise DataFormatError(path, f"word {word!r} in phrase {open_header[2]!r}",
-                                  "one ']', at the end of the phrase's last word", line=line_no)
+            raise DataFormatError(
+                path,
+                f"word {word!r} in phrase {open_header[2]!r}",
+                "one ']', at the end of the phrase's last word",
+                line=line_no,
+            )
         open_words.append(word)
         words.append(word)
         if closes:
             chain, types, _ = open_header
             phrases.append(Phrase(chain, types, " ".join(open_words), open_start, len(open_words)))
             if len(types) > 1:
-                report.count("multi_type_phrases", example=f"{file_line(path, line_no)} {'/'.join(types)}")
+                report.count(
+                    "multi_type_phrases", example=f"{file_line(path, line_no)} {'/'.join(types)}"
+                )
             open_header = None
     if open_header is not None:
         raise unclosed()
@@ -154,17 +185,26 @@ def _parse_line(path: PathLike, line_no: int, line: str, report: DataReport) -> 
 
 def _parse_header(path, line_no, token, report) -> tuple[str, tuple[str, ...], str]:
     if token.endswith("]"):
-        raise DataFormatError(path, f"empty phrase {token!r}", "at least one word after the header",
-                              line=line_no)
+        raise DataFormatError(
+            path, f"empty phrase {token!r}", "at least one word after the header", line=line_no
+        )
     if not token.startswith(_HEADER_PREFIX):
-        raise DataFormatError(path, f"phrase header {token!r}", "'[/EN#<chain id>/<type>'", line=line_no)
-    parts = token[len(_HEADER_PREFIX):].split("/")
+        raise DataFormatError(
+            path, f"phrase header {token!r}", "'[/EN#<chain id>/<type>'", line=line_no
+        )
+    parts = token[len(_HEADER_PREFIX) :].split("/")
     chain, types = parts[0], tuple(parts[1:])
     if not _CHAIN_ID.match(chain):
-        raise DataFormatError(path, f"chain id {chain!r} in {token!r}", "a decimal chain id", line=line_no)
+        raise DataFormatError(
+            path, f"chain id {chain!r} in {token!r}", "a decimal chain id", line=line_no
+        )
     if not types or not all(_TYPE.match(t) for t in types):
-        raise DataFormatError(path, f"phrase types {'/'.join(types)!r} in {token!r}",
-                              "one or more '/<type>' names", line=line_no)
+        raise DataFormatError(
+            path,
+            f"phrase types {'/'.join(types)!r} in {token!r}",
+            "one or more '/<type>' names",
+            line=line_no,
+        )
     for t in types:
         if t not in ALL_PHRASE_TYPES:
             report.count("unknown_phrase_types", example=f"{file_line(path, line_no)} {t}")
@@ -197,8 +237,10 @@ def parse_sentences(path: PathLike, report: Optional[DataReport] = None) -> list
                 types_by_chain.setdefault(p.chain_id, set()).add(p.type)
     for chain, types in sorted(types_by_chain.items()):
         if len(types) > 1:
-            report.count("chain_ids_with_several_types",
-                         example=f"{image_id} chain {chain}: {'/'.join(sorted(types))}")
+            report.count(
+                "chain_ids_with_several_types",
+                example=f"{image_id} chain {chain}: {'/'.join(sorted(types))}",
+            )
     if not sentences:
         report.count("empty_sentence_files", example=Path(path).name)
     return sentences
@@ -229,18 +271,24 @@ def parse_annotations(path: PathLike, report: Optional[DataReport] = None) -> An
     try:
         root = ET.parse(os.fspath(path)).getroot()
     except ET.ParseError as e:
-        raise DataFormatError(path, f"malformed XML ({e})", "well-formed XML",
-                              line=e.position[0]) from None
+        raise DataFormatError(
+            path, f"malformed XML ({e})", "well-formed XML", line=e.position[0]
+        ) from None
     if root.tag != "annotation":
         raise DataFormatError(path, f"root element <{root.tag}>", "<annotation>")
     size = root.find("size")
     if size is None:
-        raise DataFormatError(path, "no <size>", "<size> with <width>, <height>, <depth>", key="size")
-    width, height, depth = (_int_text(path, size.find(k), f"size/{k}") for k in ("width", "height", "depth"))
+        raise DataFormatError(
+            path, "no <size>", "<size> with <width>, <height>, <depth>", key="size"
+        )
+    width, height, depth = (
+        _int_text(path, size.find(k), f"size/{k}") for k in ("width", "height", "depth")
+    )
     if width <= 0 or height <= 0:
         # Features without a size (UNITER npz) are scaled by it: every box would be wrong.
-        raise DataFormatError(path, f"image size {width}x{height}", "a positive width and height",
-                              key="size")
+        raise DataFormatError(
+            path, f"image size {width}x{height}", "a positive width and height", key="size"
+        )
     boxes: dict[str, list[list[int]]] = {}
     scene: set[str] = set()
     nobox: set[str] = set()
@@ -248,24 +296,35 @@ def parse_annotations(path: PathLike, report: Optional[DataReport] = None) -> An
         key = f"object[{n}]"
         names = [(e.text or "").strip() for e in obj.findall("name")]
         if not names or not all(_CHAIN_ID.match(x) for x in names):
-            raise DataFormatError(path, f"names {names}", "one or more <name> decimal chain ids", key=key)
+            raise DataFormatError(
+                path, f"names {names}", "one or more <name> decimal chain ids", key=key
+            )
         bndboxes = obj.findall("bndbox")
         if bndboxes:
             if len(bndboxes) > 1:
                 report.count("objects_with_several_bndbox", example=f"{image_id} {key}")
             b = bndboxes[0]
-            box = [_int_text(path, b.find(k), f"{key}/bndbox/{k}") - 1 for k in ("xmin", "ymin", "xmax", "ymax")]
+            box = [
+                _int_text(path, b.find(k), f"{key}/bndbox/{k}") - 1
+                for k in ("xmin", "ymin", "xmax", "ymax")
+            ]
             if box[2] < box[0] or box[3] < box[1]:
                 report.count("degenerate_boxes", example=f"{image_id} {key} {box}")
             if min(box) < 0 or box[2] >= width or box[3] >= height:
-                report.count("boxes_outside_image", example=f"{image_id} {key} {box} in {width}x{height}")
+                report.count(
+                    "boxes_outside_image", example=f"{image_id} {key} {box} in {width}x{height}"
+                )
             for name in names:
                 boxes.setdefault(name, []).append(list(box))
             continue
         nob, sc = obj.find("nobndbox"), obj.find("scene")
         if nob is None and sc is None:
-            raise DataFormatError(path, "object with neither <bndbox> nor <nobndbox>/<scene>",
-                                  "<bndbox> or the <nobndbox>/<scene> flags", key=key)
+            raise DataFormatError(
+                path,
+                "object with neither <bndbox> nor <nobndbox>/<scene>",
+                "<bndbox> or the <nobndbox>/<scene> flags",
+                key=key,
+            )
         nob_v = 0 if nob is None else _int_text(path, nob, f"{key}/nobndbox")
         sc_v = 0 if sc is None else _int_text(path, sc, f"{key}/scene")
         if nob_v > 0:
@@ -312,9 +371,12 @@ def read_unrelated_captions(path: PathLike) -> list[tuple[str, int]]:
     return pairs
 
 
-def coref_links(sentences: Iterable[Sentence], annotation: Annotation,
-                report: Optional[DataReport] = None,
-                unrelated: frozenset = frozenset()) -> list[CorefLink]:
+def coref_links(
+    sentences: Iterable[Sentence],
+    annotation: Annotation,
+    report: Optional[DataReport] = None,
+    unrelated: frozenset = frozenset(),
+) -> list[CorefLink]:
     """Every (sentence, phrase) whose chain has >= 1 gold box, with that chain's boxes.
 
     Counts `notvisual_phrases`, `phrases_without_box` (chain in `nobox`/`scene` or absent from the
@@ -364,8 +426,9 @@ class Flickr30kEntities:
         path = self.root / "UNRELATED_CAPTIONS"
         return frozenset(read_unrelated_captions(path)) if path.exists() else frozenset()
 
-    def iter_images(self, split: str, report: Optional[DataReport] = None
-                    ) -> Iterator[tuple[list[Sentence], Annotation]]:
+    def iter_images(
+        self, split: str, report: Optional[DataReport] = None
+    ) -> Iterator[tuple[list[Sentence], Annotation]]:
         """Yields `(sentences, annotation)` per image of `split`; images missing either file are
         counted (`images_without_sentences`, `images_without_annotations`) and skipped."""
         report = report_or_new(report)
@@ -378,8 +441,9 @@ class Flickr30kEntities:
                 continue
             yield self.sentences(image_id, report), self.annotation(image_id, report)
 
-    def coref_links(self, split: str, report: Optional[DataReport] = None,
-                    skip_unrelated: bool = False) -> list[CorefLink]:
+    def coref_links(
+        self, split: str, report: Optional[DataReport] = None, skip_unrelated: bool = False
+    ) -> list[CorefLink]:
         """`coref_links` over every image of `split` (Frank et al. use `val`: 14,433 links).
         The references keep unrelated captions, hence `skip_unrelated=False` by default."""
         report = report_or_new(report)

@@ -23,6 +23,7 @@ The Visual Genome relations loader (`RelationLoader`, `prepare_relations`) is in
 Example ids cite their source as `<file>:<1-based line>` where there is one (a caption:
 `<image id>.txt:<line>`, a SentEval sentence: `<task>.txt:<line>`), else the image id.
 """
+
 from __future__ import annotations
 
 import collections
@@ -31,13 +32,17 @@ from typing import Iterator, Optional, Sequence, Union
 
 import numpy as np
 
-from value_jax.data import collate as C
-
 from value_jax.data import batch_plan as BP
+from value_jax.data import collate as C
 from value_jax.data.alignment import match_gold_boxes, phrase_overlap
 from value_jax.data.errors import DataReport, NoExamplesError, PathLike, file_line, report_or_new
-from value_jax.data.features import (RegionFeatureReader, RegionRecord, detect_format,
-                                     open_region_features, uniter_name_to_image_id)
+from value_jax.data.features import (
+    RegionFeatureReader,
+    RegionRecord,
+    detect_format,
+    open_region_features,
+    uniter_name_to_image_id,
+)
 from value_jax.data.flickr30k import PHRASE_TYPES, Flickr30kEntities, coref_links, sentence_place
 from value_jax.data.senteval import SPLITS, read_probing_task, stratified_sample
 from value_jax.data.tokenization import WordPieceTokenizer, phrase_piece_span
@@ -49,8 +54,9 @@ REGION_SOURCES = ("iou", "gold_in_features")
 # Region features.
 
 
-def open_features(features: Union[PathLike, RegionFeatureReader], options: Optional[dict] = None
-                  ) -> RegionFeatureReader:
+def open_features(
+    features: Union[PathLike, RegionFeatureReader], options: Optional[dict] = None
+) -> RegionFeatureReader:
     """A reader for a path (or the reader itself). UNITER databases name images by npz file
     (`flickr30k_1000092795.npz`), so they default to `key_to_image_id=uniter_name_to_image_id`."""
     if isinstance(features, RegionFeatureReader):
@@ -69,9 +75,11 @@ def pixel_boxes(rec: RegionRecord, width: int, height: int, report: DataReport) 
     if rec.box_units == "normalized":
         return rec.boxes.astype(np.float64) * np.array([width, height, width, height], np.float64)
     if (rec.image_w, rec.image_h) != (width, height):
-        report.count("image_size_mismatch",
-                     example=f"{rec.image_id}: features {rec.image_w}x{rec.image_h}, "
-                             f"annotation {width}x{height}")
+        report.count(
+            "image_size_mismatch",
+            example=f"{rec.image_id}: features {rec.image_w}x{rec.image_h}, "
+            f"annotation {width}x{height}",
+        )
     return rec.boxes.astype(np.float64)
 
 
@@ -113,11 +121,17 @@ class ExampleLoader:
       report: counts go here (also `loader.report`).
     """
 
-    def __init__(self, examples: Sequence[C.Example], batch_size: int, *,
-                 buckets: Union[C.Buckets, str] = C.DEFAULT_BUCKETS,
-                 regions: Optional[C.RegionFetch] = None,
-                 feat_dim: Optional[int] = None, overflow: str = "error",
-                 report: Optional[DataReport] = None):
+    def __init__(
+        self,
+        examples: Sequence[C.Example],
+        batch_size: int,
+        *,
+        buckets: Union[C.Buckets, str] = C.DEFAULT_BUCKETS,
+        regions: Optional[C.RegionFetch] = None,
+        feat_dim: Optional[int] = None,
+        overflow: str = "error",
+        report: Optional[DataReport] = None,
+    ):
         self.report = report_or_new(report)
         self.examples = list(examples)
         self.batch_size = batch_size
@@ -125,6 +139,7 @@ class ExampleLoader:
             if buckets != "fit":
                 raise ValueError(f"buckets must be a collate.Buckets or 'fit', got {buckets!r}")
             from value_jax.data.bucketing import fit_buckets
+
             buckets = fit_buckets(self.examples, batch_size)
         self.buckets = buckets
         self.feat_dim = feat_dim
@@ -141,8 +156,14 @@ class ExampleLoader:
     def collate_plan(self, i: int) -> tuple:
         """Batch `i` of the plan alone (a process of a multi-process run collates only its own)."""
         plan = self.plans[i]
-        return C.collate(plan.examples, plan.shape, self.batch_size, regions=self._regions,
-                         feat_dim=self.feat_dim, indices=plan.indices)
+        return C.collate(
+            plan.examples,
+            plan.shape,
+            self.batch_size,
+            regions=self._regions,
+            feat_dim=self.feat_dim,
+            indices=plan.indices,
+        )
 
     @property
     def shapes(self) -> list[C.BatchShape]:
@@ -171,38 +192,56 @@ class _FeatureLoader(ExampleLoader):
 
     def _require_examples(self, examples, what: str, report: DataReport, max_images) -> None:
         try:
-            _require_examples(examples, f"{what} with features {self.features.path}", report, max_images)
+            _require_examples(
+                examples, f"{what} with features {self.features.path}", report, max_images
+            )
         except NoExamplesError:
             self.close()
             raise
 
 
-def _require_examples(examples: Sequence, what: str, report: DataReport,
-                      max_images: Optional[int] = None) -> None:
+def _require_examples(
+    examples: Sequence, what: str, report: DataReport, max_images: Optional[int] = None
+) -> None:
     """Raises `NoExamplesError` (with the report) when filtering left nothing: an empty loader
     would otherwise fail far away, in the probes' accumulators."""
     if not examples:
-        hint = (f"max_images={max_images} keeps no image"
-                if max_images is not None and max_images <= 0 else "")
+        hint = (
+            f"max_images={max_images} keeps no image"
+            if max_images is not None and max_images <= 0
+            else ""
+        )
         raise NoExamplesError(what, report, hint)
 
 
 def _check_text_len(max_text_len: int, buckets) -> None:
-    if isinstance(buckets, str):            # fitted to the examples: any length they have fits
+    if isinstance(buckets, str):  # fitted to the examples: any length they have fits
         buckets = C.DEFAULT_BUCKETS
     if not 2 <= max_text_len <= buckets.text[-1]:
-        raise ValueError(f"max_text_len={max_text_len} must lie in [2, {buckets.text[-1]}] (the "
-                         "largest text bucket); widen Buckets.text for longer inputs")
+        raise ValueError(
+            f"max_text_len={max_text_len} must lie in [2, {buckets.text[-1]}] (the "
+            "largest text bucket); widen Buckets.text for longer inputs"
+        )
 
 
 # ---------------------------------------------------------------------------------------------
 # Coreference (Flickr30k Entities).
 
 
-def prepare_coref(flickr_root: PathLike, features: RegionFeatureReader, tokenizer: WordPieceTokenizer, *,
-                  split: str = "val", seed: int = 0, region_source: str = "iou",
-                  iou_threshold: float = 0.5, max_text_len: int = 64, max_images: Optional[int] = None,
-                  negative_ratio: float = 1.0, report: Optional[DataReport] = None) -> list[C.Example]:
+def prepare_coref(
+    flickr_root: PathLike,
+    features: RegionFeatureReader,
+    tokenizer: WordPieceTokenizer,
+    *,
+    split: str = "val",
+    seed: int = 0,
+    region_source: str = "iou",
+    iou_threshold: float = 0.5,
+    max_text_len: int = 64,
+    max_images: Optional[int] = None,
+    negative_ratio: float = 1.0,
+    report: Optional[DataReport] = None,
+) -> list[C.Example]:
     """One example per caption with >= 1 usable link: the `coref.*` targets of VALUE §3.3.
 
     A link is a (region, phrase) pair: `region_source="iou"` links a phrase to every detected
@@ -236,8 +275,18 @@ def prepare_coref(flickr_root: PathLike, features: RegionFeatureReader, tokenize
         for link in coref_links(sentences, annotation, report):
             links_of[link.sentence_index].append(link)
         for s in sentences:
-            ex = _coref_caption(s, links_of[s.index], boxes, tokenizer, seed, region_source,
-                                iou_threshold, max_text_len, negative_ratio, report)
+            ex = _coref_caption(
+                s,
+                links_of[s.index],
+                boxes,
+                tokenizer,
+                seed,
+                region_source,
+                iou_threshold,
+                max_text_len,
+                negative_ratio,
+                report,
+            )
             if ex is None:
                 if links_of[s.index]:
                     report.count("captions_without_links", example=sentence_place(s))
@@ -246,8 +295,9 @@ def prepare_coref(flickr_root: PathLike, features: RegionFeatureReader, tokenize
     return examples
 
 
-def _coref_caption(s, links, boxes, tokenizer, seed, region_source, threshold, max_text_len,
-                   negative_ratio, report) -> Optional[C.Example]:
+def _coref_caption(
+    s, links, boxes, tokenizer, seed, region_source, threshold, max_text_len, negative_ratio, report
+) -> Optional[C.Example]:
     if not links:
         return None
     enc = tokenizer.encode_words(s.words, max_text_len, report)
@@ -279,10 +329,17 @@ def _coref_caption(s, links, boxes, tokenizer, seed, region_source, threshold, m
         if len(negatives) < n_neg:
             report.count("negatives_short", n_neg - len(negatives), example=where)
         not_linked = np.setdiff1d(np.arange(n_regions), linked)
-        others = [spans[k] for k, p in enumerate(s.phrases)
-                  if k != link.phrase_index and spans[k] is not None and p.chain_id != link.phrase.chain_id]
+        others = [
+            spans[k]
+            for k, p in enumerate(s.phrases)
+            if k != link.phrase_index
+            and spans[k] is not None
+            and p.chain_id != link.phrase.chain_id
+        ]
         type_id = PHRASE_TYPES.index(link.phrase.type)
-        for region, is_link in [(int(r), True) for r in linked] + [(int(r), False) for r in negatives]:
+        for region, is_link in [(int(r), True) for r in linked] + [
+            (int(r), False) for r in negatives
+        ]:
             pool = not_linked if len(not_linked) else np.arange(n_regions)
             rand_region = int(pool[rng.integers(len(pool))])
             rand_span = others[int(rng.integers(len(others)))] if others else None
@@ -304,12 +361,19 @@ def _coref_caption(s, links, boxes, tokenizer, seed, region_source, threshold, m
             n = rand_span[1] - rand_span[0]
             rand_tokens[i, :n], rand_mask[i, :n] = np.arange(*rand_span), True
     targets = {
-        "coref.region": [it[0] for it in items], "coref.tokens": tokens, "coref.token_mask": token_mask,
-        "coref.type": [it[2] for it in items], "coref.linked": [it[3] for it in items],
-        "coref.mask": np.ones(p, bool), "coref.rand_region": [it[4] for it in items],
-        "coref.rand_tokens": rand_tokens, "coref.rand_token_mask": rand_mask,
+        "coref.region": [it[0] for it in items],
+        "coref.tokens": tokens,
+        "coref.token_mask": token_mask,
+        "coref.type": [it[2] for it in items],
+        "coref.linked": [it[3] for it in items],
+        "coref.mask": np.ones(p, bool),
+        "coref.rand_region": [it[4] for it in items],
+        "coref.rand_tokens": rand_tokens,
+        "coref.rand_token_mask": rand_mask,
     }
-    return C.Example(sentence_place(s), enc.ids, targets, image_id=s.image_id, num_regions=n_regions)
+    return C.Example(
+        sentence_place(s), enc.ids, targets, image_id=s.image_id, num_regions=n_regions
+    )
 
 
 class CorefLoader(_FeatureLoader):
@@ -321,24 +385,54 @@ class CorefLoader(_FeatureLoader):
 
     types = PHRASE_TYPES
 
-    def __init__(self, flickr_root: PathLike, features_path, vocab_path: PathLike, lowercase: bool,
-                 split: str = "val", batch_size: int = 8, seed: int = 0, region_source: str = "iou",
-                 iou_threshold: float = 0.5, max_text_len: int = 64, max_images: Optional[int] = None,
-                 report: Optional[DataReport] = None, *, negative_ratio: float = 1.0,
-                 buckets: Union[C.Buckets, str] = C.DEFAULT_BUCKETS, overflow: str = "error",
-                 features_options: Optional[dict] = None):
+    def __init__(
+        self,
+        flickr_root: PathLike,
+        features_path,
+        vocab_path: PathLike,
+        lowercase: bool,
+        split: str = "val",
+        batch_size: int = 8,
+        seed: int = 0,
+        region_source: str = "iou",
+        iou_threshold: float = 0.5,
+        max_text_len: int = 64,
+        max_images: Optional[int] = None,
+        report: Optional[DataReport] = None,
+        *,
+        negative_ratio: float = 1.0,
+        buckets: Union[C.Buckets, str] = C.DEFAULT_BUCKETS,
+        overflow: str = "error",
+        features_options: Optional[dict] = None,
+    ):
         _check_text_len(max_text_len, buckets)
         report = report_or_new(report)
         reader = self._open(features_path, features_options)
         self.tokenizer = WordPieceTokenizer(vocab_path, lowercase)
-        examples = prepare_coref(flickr_root, reader, self.tokenizer, split=split, seed=seed,
-                                 region_source=region_source, iou_threshold=iou_threshold,
-                                 max_text_len=max_text_len, max_images=max_images,
-                                 negative_ratio=negative_ratio, report=report)
-        self._require_examples(examples, f"the Flickr30k Entities {split} split of {flickr_root}",
-                               report, max_images)
-        super().__init__(examples, batch_size, buckets=buckets, regions=_RegionCache(reader),
-                         overflow=overflow, report=report)
+        examples = prepare_coref(
+            flickr_root,
+            reader,
+            self.tokenizer,
+            split=split,
+            seed=seed,
+            region_source=region_source,
+            iou_threshold=iou_threshold,
+            max_text_len=max_text_len,
+            max_images=max_images,
+            negative_ratio=negative_ratio,
+            report=report,
+        )
+        self._require_examples(
+            examples, f"the Flickr30k Entities {split} split of {flickr_root}", report, max_images
+        )
+        super().__init__(
+            examples,
+            batch_size,
+            buckets=buckets,
+            regions=_RegionCache(reader),
+            overflow=overflow,
+            report=report,
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -351,9 +445,16 @@ def senteval_file(path: PathLike, task: str) -> Path:
     return path if path.is_file() else path / f"{task}.txt"
 
 
-def prepare_senteval(path: PathLike, task: str, tokenizer: WordPieceTokenizer, *, seed: int = 0,
-                     per_split: Optional[int] = None, max_text_len: int = 64,
-                     report: Optional[DataReport] = None) -> tuple[list[C.Example], tuple[str, ...]]:
+def prepare_senteval(
+    path: PathLike,
+    task: str,
+    tokenizer: WordPieceTokenizer,
+    *,
+    seed: int = 0,
+    per_split: Optional[int] = None,
+    max_text_len: int = 64,
+    report: Optional[DataReport] = None,
+) -> tuple[list[C.Example], tuple[str, ...]]:
     """One text-only example per sentence (`senteval.*` targets: label id, split 0 tr / 1 va /
     2 te), tr then va then te in file order; `per_split` draws a seeded stratified sample of each
     split. Returns the examples and the label names (label id = position)."""
@@ -362,12 +463,24 @@ def prepare_senteval(path: PathLike, task: str, tokenizer: WordPieceTokenizer, *
     data = read_probing_task(file, task, report)
     examples = []
     for split_id, split in enumerate(SPLITS):
-        part = (data.splits[split] if per_split is None
-                else stratified_sample(data, split, per_split, seed, report))
+        part = (
+            data.splits[split]
+            if per_split is None
+            else stratified_sample(data, split, per_split, seed, report)
+        )
         for tokens, label, line in zip(part.sentences, part.label_ids, part.line_numbers):
             ids = tokenizer.encode_words(tokens, max_text_len, report).ids
-            examples.append(C.Example(file_line(file, int(line)), ids, {
-                "senteval.label": int(label), "senteval.split": split_id, "senteval.mask": True}))
+            examples.append(
+                C.Example(
+                    file_line(file, int(line)),
+                    ids,
+                    {
+                        "senteval.label": int(label),
+                        "senteval.split": split_id,
+                        "senteval.mask": True,
+                    },
+                )
+            )
     return examples, data.label_names
 
 
@@ -375,20 +488,53 @@ class SentEvalLoader(ExampleLoader):
     """SentEval probing batches, text only: one dummy region of width `feat_dim` with
     region_mask 0 (the probes read only text states). `labels` names each label id."""
 
-    def __init__(self, path: PathLike, task: str, vocab_path: PathLike, lowercase: bool,
-                 batch_size: int = 8, seed: int = 0, per_split: Optional[int] = None,
-                 max_text_len: int = 64, report: Optional[DataReport] = None, *,
-                 feat_dim: int = 2048, buckets: Union[C.Buckets, str] = C.DEFAULT_BUCKETS, overflow: str = "error"):
+    def __init__(
+        self,
+        path: PathLike,
+        task: str,
+        vocab_path: PathLike,
+        lowercase: bool,
+        batch_size: int = 8,
+        seed: int = 0,
+        per_split: Optional[int] = None,
+        max_text_len: int = 64,
+        report: Optional[DataReport] = None,
+        *,
+        feat_dim: int = 2048,
+        buckets: Union[C.Buckets, str] = C.DEFAULT_BUCKETS,
+        overflow: str = "error",
+    ):
         _check_text_len(max_text_len, buckets)
         report = report_or_new(report)
         self.task = task
         self.tokenizer = WordPieceTokenizer(vocab_path, lowercase)
-        examples, self.labels = prepare_senteval(path, task, self.tokenizer, seed=seed, per_split=per_split,
-                                                 max_text_len=max_text_len, report=report)
+        examples, self.labels = prepare_senteval(
+            path,
+            task,
+            self.tokenizer,
+            seed=seed,
+            per_split=per_split,
+            max_text_len=max_text_len,
+            report=report,
+        )
         _require_examples(examples, f"SentEval task {task} in {senteval_file(path, task)}", report)
-        super().__init__(examples, batch_size, buckets=buckets, feat_dim=feat_dim, overflow=overflow,
-                         report=report)
+        super().__init__(
+            examples,
+            batch_size,
+            buckets=buckets,
+            feat_dim=feat_dim,
+            overflow=overflow,
+            report=report,
+        )
 
 
-__all__ = ["ExampleLoader", "CorefLoader", "SentEvalLoader", "prepare_coref", "prepare_senteval",
-           "open_features", "pixel_boxes", "senteval_file"]
+__all__ = [
+    "ExampleLoader",
+    "CorefLoader",
+    "SentEvalLoader",
+    "prepare_coref",
+    "prepare_senteval",
+    "open_features",
+    "pixel_boxes",
+    "senteval_file",
+]

@@ -7,6 +7,7 @@ features read per batch, deterministic draws, everything dropped counted in `loa
 Each image is paired with a caption (`captions`: its region descriptions, a mismatched image's,
 or none) and its sampled related / unrelated region pairs become the targets.
 """
+
 from __future__ import annotations
 
 import collections
@@ -18,11 +19,15 @@ import numpy as np
 from value_jax.data import collate as C
 from value_jax.data.alignment import iou, mismatched_caption_pairs
 from value_jax.data.errors import DataReport, PathLike, report_or_new
-from value_jax.data.features import (RegionFeatureReader)
-from value_jax.data.loaders import (_check_text_len, _FeatureLoader, _RegionCache, pixel_boxes)
+from value_jax.data.features import RegionFeatureReader
+from value_jax.data.loaders import _check_text_len, _FeatureLoader, _RegionCache, pixel_boxes
 from value_jax.data.tokenization import WordPieceTokenizer
-from value_jax.data.visual_genome import (read_image_data, read_region_descriptions, read_relationships,
-                                          sample_relation_pairs)
+from value_jax.data.visual_genome import (
+    read_image_data,
+    read_region_descriptions,
+    read_relationships,
+    sample_relation_pairs,
+)
 
 CAPTION_MODES = ("region", "mismatched", "none")
 
@@ -31,12 +36,22 @@ def _encode_caption(tokenizer, text: str, max_text_len: int, report) -> np.ndarr
     return tokenizer.encode_words(text.split(), max_text_len, report).ids
 
 
-def prepare_relations(vg_root: PathLike, features: RegionFeatureReader, tokenizer: WordPieceTokenizer, *,
-                      seed: int = 0, num_predicates: int = 32, max_pairs_per_predicate: int = 15000,
-                      max_same_type_per_image: int = 5, iou_threshold: float = 0.5,
-                      captions: str = "region", max_text_len: int = 64, max_images: Optional[int] = None,
-                      negative_ratio: float = 1.0, report: Optional[DataReport] = None
-                      ) -> tuple[list[C.Example], tuple[str, ...]]:
+def prepare_relations(
+    vg_root: PathLike,
+    features: RegionFeatureReader,
+    tokenizer: WordPieceTokenizer,
+    *,
+    seed: int = 0,
+    num_predicates: int = 32,
+    max_pairs_per_predicate: int = 15000,
+    max_same_type_per_image: int = 5,
+    iou_threshold: float = 0.5,
+    captions: str = "region",
+    max_text_len: int = 64,
+    max_images: Optional[int] = None,
+    negative_ratio: float = 1.0,
+    report: Optional[DataReport] = None,
+) -> tuple[list[C.Example], tuple[str, ...]]:
     """One example per image: VALUE §3.4's sampled relation pairs as `rel.*` targets, and the
     predicate names (class id = position).
 
@@ -58,15 +73,16 @@ def prepare_relations(vg_root: PathLike, features: RegionFeatureReader, tokenize
     root = Path(vg_root)
     images = read_image_data(root / "image_data.json", report)
     relations = read_relationships(root / "relationships.json", report)
-    sample = sample_relation_pairs(relations, num_predicates, max_pairs_per_predicate,
-                                   max_same_type_per_image, seed, report)
+    sample = sample_relation_pairs(
+        relations, num_predicates, max_pairs_per_predicate, max_same_type_per_image, seed, report
+    )
     pred_id = {p: i for i, p in enumerate(sample.predicates)}
     sampled = collections.defaultdict(list)
     for r in sample.relations:
         sampled[r.image_id].append(r)
     # max(.., 0): a negative count keeps no image, as in prepare_coref (a plain slice would keep
     # all but the last |max_images|).
-    image_ids = sorted(sampled)[:max(max_images, 0)] if max_images is not None else sorted(sampled)
+    image_ids = sorted(sampled)[: max(max_images, 0)] if max_images is not None else sorted(sampled)
 
     prepared = []  # (image_id, num_regions, targets)
     for image_id in image_ids:
@@ -77,22 +93,44 @@ def prepare_relations(vg_root: PathLike, features: RegionFeatureReader, tokenize
         if info is None and rec.box_units == "normalized":
             report.count("images_without_size", example=image_id)
             continue
-        boxes = pixel_boxes(rec, info.width, info.height, report) if info else rec.boxes.astype(np.float64)
-        targets = _relation_targets(image_id, sampled[image_id], relations.get(image_id, []), boxes,
-                                    pred_id, iou_threshold, negative_ratio, seed, report)
+        boxes = (
+            pixel_boxes(rec, info.width, info.height, report)
+            if info
+            else rec.boxes.astype(np.float64)
+        )
+        targets = _relation_targets(
+            image_id,
+            sampled[image_id],
+            relations.get(image_id, []),
+            boxes,
+            pred_id,
+            iou_threshold,
+            negative_ratio,
+            seed,
+            report,
+        )
         if targets is None:
             report.count("images_without_relation_pairs", example=image_id)
             continue
         prepared.append((image_id, len(boxes), targets))
 
     texts = _relation_captions([p[0] for p in prepared], root, captions, seed, report)
-    examples = [C.Example(str(image_id), _encode_caption(tokenizer, texts[image_id], max_text_len, report),
-                          targets, image_id=str(image_id), num_regions=n)
-                for image_id, n, targets in prepared]
+    examples = [
+        C.Example(
+            str(image_id),
+            _encode_caption(tokenizer, texts[image_id], max_text_len, report),
+            targets,
+            image_id=str(image_id),
+            num_regions=n,
+        )
+        for image_id, n, targets in prepared
+    ]
     return examples, sample.predicates
 
 
-def _relation_targets(image_id, rels, all_rels, boxes, pred_id, threshold, negative_ratio, seed, report):
+def _relation_targets(
+    image_id, rels, all_rels, boxes, pred_id, threshold, negative_ratio, seed, report
+):
     n = len(boxes)
     if n < 2:
         return None
@@ -121,7 +159,9 @@ def _relation_targets(image_id, rels, all_rels, boxes, pred_id, threshold, negat
     if not pos:
         return None
     # Every region pair that some annotated relation covers, either way round, is not a negative.
-    subj = iou(np.asarray([r.subject.box_xyxy for r in all_rels]).reshape(-1, 4), boxes) >= threshold
+    subj = (
+        iou(np.asarray([r.subject.box_xyxy for r in all_rels]).reshape(-1, 4), boxes) >= threshold
+    )
     obj = iou(np.asarray([r.object.box_xyxy for r in all_rels]).reshape(-1, 4), boxes) >= threshold
     covered = (subj.T.astype(np.int64) @ obj.astype(np.int64)) > 0
     covered |= covered.T
@@ -135,9 +175,13 @@ def _relation_targets(image_id, rels, all_rels, boxes, pred_id, threshold, negat
     if len(neg) < n_neg:
         report.count("negatives_short", n_neg - len(neg), example=f"image {image_id}")
     items = pos + [(int(k // n), int(k % n), -1) for k in neg]
-    return {"rel.subj": [it[0] for it in items], "rel.obj": [it[1] for it in items],
-            "rel.pred": [it[2] for it in items], "rel.related": [it[2] >= 0 for it in items],
-            "rel.mask": np.ones(len(items), bool)}
+    return {
+        "rel.subj": [it[0] for it in items],
+        "rel.obj": [it[1] for it in items],
+        "rel.pred": [it[2] for it in items],
+        "rel.related": [it[2] >= 0 for it in items],
+        "rel.mask": np.ones(len(items), bool),
+    }
 
 
 def _relation_captions(image_ids, root: Path, mode: str, seed: int, report) -> dict:
@@ -153,13 +197,17 @@ def _relation_captions(image_ids, root: Path, mode: str, seed: int, report) -> d
     have = [i for i in image_ids if by_image[i]]
     if mode == "region":
         for i in have:
-            texts[i] = by_image[i][int(C.example_rng(seed, "caption", i).integers(len(by_image[i])))]
+            texts[i] = by_image[i][
+                int(C.example_rng(seed, "caption", i).integers(len(by_image[i])))
+            ]
     elif len(have) >= 2:
         for pair in mismatched_caption_pairs(have, by_image, seed):
             texts[pair.image_id] = pair.caption
     else:
         for i in have:
-            report.count("images_without_captions", example=f"{i}: no other image to lend a caption")
+            report.count(
+                "images_without_captions", example=f"{i}: no other image to lend a caption"
+            )
             texts[i] = ""
     return texts
 
@@ -168,26 +216,58 @@ class RelationLoader(_FeatureLoader):
     """Visual Genome relation batches (targets `rel.*`); `predicates` names each `rel.pred` id.
     See `prepare_relations`."""
 
-    def __init__(self, vg_root: PathLike, features_path, vocab_path: PathLike, lowercase: bool,
-                 batch_size: int = 8, seed: int = 0, num_predicates: int = 32,
-                 max_pairs_per_predicate: int = 15000, max_same_type_per_image: int = 5,
-                 iou_threshold: float = 0.5, captions: str = "region", max_images: Optional[int] = None,
-                 report: Optional[DataReport] = None, *, max_text_len: int = 64,
-                 negative_ratio: float = 1.0, buckets: Union[C.Buckets, str] = C.DEFAULT_BUCKETS,
-                 overflow: str = "error", features_options: Optional[dict] = None):
+    def __init__(
+        self,
+        vg_root: PathLike,
+        features_path,
+        vocab_path: PathLike,
+        lowercase: bool,
+        batch_size: int = 8,
+        seed: int = 0,
+        num_predicates: int = 32,
+        max_pairs_per_predicate: int = 15000,
+        max_same_type_per_image: int = 5,
+        iou_threshold: float = 0.5,
+        captions: str = "region",
+        max_images: Optional[int] = None,
+        report: Optional[DataReport] = None,
+        *,
+        max_text_len: int = 64,
+        negative_ratio: float = 1.0,
+        buckets: Union[C.Buckets, str] = C.DEFAULT_BUCKETS,
+        overflow: str = "error",
+        features_options: Optional[dict] = None,
+    ):
         _check_text_len(max_text_len, buckets)
         report = report_or_new(report)
         reader = self._open(features_path, features_options)
         self.tokenizer = WordPieceTokenizer(vocab_path, lowercase)
         examples, self.predicates = prepare_relations(
-            vg_root, reader, self.tokenizer, seed=seed, num_predicates=num_predicates,
-            max_pairs_per_predicate=max_pairs_per_predicate, max_same_type_per_image=max_same_type_per_image,
-            iou_threshold=iou_threshold, captions=captions, max_text_len=max_text_len,
-            max_images=max_images, negative_ratio=negative_ratio, report=report)
-        self._require_examples(examples, f"the Visual Genome relations of {vg_root}", report,
-                               max_images)
-        super().__init__(examples, batch_size, buckets=buckets, regions=_RegionCache(reader),
-                         overflow=overflow, report=report)
+            vg_root,
+            reader,
+            self.tokenizer,
+            seed=seed,
+            num_predicates=num_predicates,
+            max_pairs_per_predicate=max_pairs_per_predicate,
+            max_same_type_per_image=max_same_type_per_image,
+            iou_threshold=iou_threshold,
+            captions=captions,
+            max_text_len=max_text_len,
+            max_images=max_images,
+            negative_ratio=negative_ratio,
+            report=report,
+        )
+        self._require_examples(
+            examples, f"the Visual Genome relations of {vg_root}", report, max_images
+        )
+        super().__init__(
+            examples,
+            batch_size,
+            buckets=buckets,
+            regions=_RegionCache(reader),
+            overflow=overflow,
+            report=report,
+        )
 
 
 __all__ = ["RelationLoader", "prepare_relations", "CAPTION_MODES"]

@@ -5,6 +5,7 @@ NOT shuffled within a partition (sentence_length.txt starts with hundreds of con
 sentences of one novel), so a subset must be drawn with `stratified_sample`, never by taking the
 first N lines.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -13,8 +14,14 @@ from typing import Optional
 
 import numpy as np
 
-from value_jax.data.errors import (DataFormatError, DataReport, PathLike, file_line, read_text_lines,
-                                   report_or_new)
+from value_jax.data.errors import (
+    DataFormatError,
+    DataReport,
+    PathLike,
+    file_line,
+    read_text_lines,
+    report_or_new,
+)
 
 SPLITS = ("tr", "va", "te")
 
@@ -30,9 +37,27 @@ TASK_LABELS: dict[str, tuple[str, ...]] = {
     "obj_number": ("NN", "NNS"),
     "tree_depth": tuple(str(d) for d in range(5, 13)),
     "top_constituents": (
-        "ADVP_NP_VP_.", "CC_ADVP_NP_VP_.", "CC_NP_VP_.", "IN_NP_VP_.", "NP_ADVP_VP_.", "NP_NP_VP_.",
-        "NP_PP_.", "NP_VP_.", "OTHER", "PP_NP_VP_.", "RB_NP_VP_.", "SBAR_NP_VP_.", "SBAR_VP_.",
-        "S_CC_S_.", "S_NP_VP_.", "S_VP_.", "VBD_NP_VP_.", "VP_.", "WHADVP_SQ_.", "WHNP_SQ_."),
+        "ADVP_NP_VP_.",
+        "CC_ADVP_NP_VP_.",
+        "CC_NP_VP_.",
+        "IN_NP_VP_.",
+        "NP_ADVP_VP_.",
+        "NP_NP_VP_.",
+        "NP_PP_.",
+        "NP_VP_.",
+        "OTHER",
+        "PP_NP_VP_.",
+        "RB_NP_VP_.",
+        "SBAR_NP_VP_.",
+        "SBAR_VP_.",
+        "S_CC_S_.",
+        "S_NP_VP_.",
+        "S_VP_.",
+        "VBD_NP_VP_.",
+        "VP_.",
+        "WHADVP_SQ_.",
+        "WHNP_SQ_.",
+    ),
     "sentence_length": tuple(str(b) for b in range(6)),
 }
 TASKS = tuple(TASK_LABELS)
@@ -75,8 +100,9 @@ class ProbingData:
         return len(self.label_names)
 
 
-def read_probing_task(path: PathLike, task: Optional[str] = None,
-                      report: Optional[DataReport] = None) -> ProbingData:
+def read_probing_task(
+    path: PathLike, task: Optional[str] = None, report: Optional[DataReport] = None
+) -> ProbingData:
     """Reads `<task>.txt`. `task` defaults to the file stem; for one of `TASKS` every label must
     belong to the task's label set (else DataFormatError at file:line).
 
@@ -96,13 +122,19 @@ def read_probing_task(path: PathLike, task: Optional[str] = None,
             continue
         fields = line.split("\t")
         if len(fields) != 3:
-            raise DataFormatError(path, f"{len(fields)} tab-separated fields", "3: split, label, sentence", line=i)
+            raise DataFormatError(
+                path, f"{len(fields)} tab-separated fields", "3: split, label, sentence", line=i
+            )
         split, label, sentence = fields
         if split not in rows:
             raise DataFormatError(path, f"split {split!r}", f"one of {SPLITS}", line=i)
         if not label or (known is not None and label not in known):
-            raise DataFormatError(path, f"label {label!r}",
-                                  f"one of {known}" if known else "a non-empty label", line=i)
+            raise DataFormatError(
+                path,
+                f"label {label!r}",
+                f"one of {known}" if known else "a non-empty label",
+                line=i,
+            )
         tokens = sentence.split(" ")
         if "" in tokens:
             report.count("repeated_spaces", example=file_line(path, i))
@@ -121,9 +153,12 @@ def read_probing_task(path: PathLike, task: Optional[str] = None,
             if x not in present:
                 report.count("known_labels_absent", example=f"{task}: {x}")
     to_id = {x: k for k, x in enumerate(present)}
-    splits = {s: ProbingSplit(sents, labels, np.array([to_id[x] for x in labels], np.int32),
-                              np.array(lines, np.int64))
-              for s, (sents, labels, lines) in rows.items()}
+    splits = {
+        s: ProbingSplit(
+            sents, labels, np.array([to_id[x] for x in labels], np.int32), np.array(lines, np.int64)
+        )
+        for s, (sents, labels, lines) in rows.items()
+    }
     return ProbingData(task, splits, tuple(present))
 
 
@@ -146,8 +181,9 @@ def _allocate(counts: np.ndarray, n: int) -> np.ndarray:
     return quota
 
 
-def stratified_sample(data: ProbingData, split: str, n: int, seed: int,
-                      report: Optional[DataReport] = None) -> ProbingSplit:
+def stratified_sample(
+    data: ProbingData, split: str, n: int, seed: int, report: Optional[DataReport] = None
+) -> ProbingSplit:
     """A seeded random subset of `n` lines of `split`, each label represented in proportion to its
     share of the split (largest-remainder rounding). Lines come back in file order.
     Asking for more lines than the split holds returns all of them, counted as
@@ -157,7 +193,9 @@ def stratified_sample(data: ProbingData, split: str, n: int, seed: int,
     src = data.splits[split]
     if n >= len(src):
         if n > len(src):
-            report.count("sample_smaller_than_requested", example=f"{data.task}/{split}: {len(src)} < {n}")
+            report.count(
+                "sample_smaller_than_requested", example=f"{data.task}/{split}: {len(src)} < {n}"
+            )
         return src
     rng = np.random.default_rng(seed)
     classes = np.unique(src.label_ids)
@@ -168,5 +206,9 @@ def stratified_sample(data: ProbingData, split: str, n: int, seed: int,
         idx = np.flatnonzero(src.label_ids == c)
         chosen.append(rng.choice(idx, int(q), replace=False))
     keep = np.sort(np.concatenate(chosen)) if chosen else np.zeros(0, np.int64)
-    return ProbingSplit([src.sentences[i] for i in keep], [src.labels[i] for i in keep],
-                        src.label_ids[keep], src.line_numbers[keep])
+    return ProbingSplit(
+        [src.sentences[i] for i in keep],
+        [src.labels[i] for i in keep],
+        src.label_ids[keep],
+        src.line_numbers[keep],
+    )

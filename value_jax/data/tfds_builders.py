@@ -17,6 +17,7 @@ Paths in a config are relative to `manual_dir` (see `MANUAL_DOWNLOAD_INSTRUCTION
 absolute. Records never hold empty 2-D arrays: TFDS 4.9 decodes an empty multi-dimensional
 tensor to the wrong shape, and every record has >= 1 item and >= 1 token slot.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -30,9 +31,9 @@ from etils import epath
 
 from value_jax.data import collate as C
 from value_jax.data import loaders as L
-from value_jax.data.relation_loader import prepare_relations
 from value_jax.data.errors import DataReport
 from value_jax.data.flickr30k import PHRASE_TYPES
+from value_jax.data.relation_loader import prepare_relations
 from value_jax.data.tokenization import WordPieceTokenizer
 
 _COMMON_INSTRUCTIONS = """
@@ -80,10 +81,17 @@ def _record(ex: C.Example, index: int, reader) -> dict:
     rec = reader[ex.image_id]
     feats, boxes = rec.features, rec.normalized_boxes()
     if len(feats) != ex.num_regions or len(feats) == 0:
-        raise ValueError(f"example {ex.id!r}: {len(feats)} regions in the features, "
-                         f"{ex.num_regions} prepared")
-    out = {"id": ex.id, "index": index, "image_id": ex.image_id, "input_ids": ex.input_ids,
-           "region_feats": feats.astype(np.float32), "region_boxes": boxes.astype(np.float32)}
+        raise ValueError(
+            f"example {ex.id!r}: {len(feats)} regions in the features, {ex.num_regions} prepared"
+        )
+    out = {
+        "id": ex.id,
+        "index": index,
+        "image_id": ex.image_id,
+        "input_ids": ex.input_ids,
+        "region_feats": feats.astype(np.float32),
+        "region_boxes": boxes.astype(np.float32),
+    }
     out.update(ex.targets)
     return out
 
@@ -95,14 +103,22 @@ def read_examples(builder: tfds.core.DatasetBuilder, split: str) -> list[C.Examp
     out = []
     for r in rows:
         targets = {k: np.asarray(v) for k, v in r.items() if k in C.TARGETS}
-        out.append(C.Example(_text(r["id"]), np.asarray(r["input_ids"]), targets,
-                             image_id=_text(r["image_id"]), region_feats=np.asarray(r["region_feats"]),
-                             region_boxes=np.asarray(r["region_boxes"])))
+        out.append(
+            C.Example(
+                _text(r["id"]),
+                np.asarray(r["input_ids"]),
+                targets,
+                image_id=_text(r["image_id"]),
+                region_feats=np.asarray(r["region_feats"]),
+                region_boxes=np.asarray(r["region_boxes"]),
+            )
+        )
     return out
 
 
-def prepared_loader(builder: tfds.core.DatasetBuilder, split: str, batch_size: int,
-                    lazy: bool = False, **kwargs) -> L.ExampleLoader:
+def prepared_loader(
+    builder: tfds.core.DatasetBuilder, split: str, batch_size: int, lazy: bool = False, **kwargs
+) -> L.ExampleLoader:
     """Batches of the prepared records (`kwargs` go to `ExampleLoader`: buckets, overflow).
 
     `lazy`: region features stay in the records and are read when a batch is collated (only
@@ -117,9 +133,18 @@ def prepared_loader(builder: tfds.core.DatasetBuilder, split: str, batch_size: i
         image_id = _text(r["image_id"])
         first_record.setdefault(image_id, i)
         targets = {k: np.asarray(v) for k, v in r.items() if k in C.TARGETS}
-        light.append((int(r["index"]), C.Example(_text(r["id"]), np.asarray(r["input_ids"]),
-                                                 targets, image_id=image_id,
-                                                 num_regions=len(r["region_feats"]))))
+        light.append(
+            (
+                int(r["index"]),
+                C.Example(
+                    _text(r["id"]),
+                    np.asarray(r["input_ids"]),
+                    targets,
+                    image_id=image_id,
+                    num_regions=len(r["region_feats"]),
+                ),
+            )
+        )
     examples = [e for _, e in sorted(light, key=lambda p: p[0])]
 
     @functools.lru_cache(maxsize=64)
@@ -133,10 +158,23 @@ def prepared_loader(builder: tfds.core.DatasetBuilder, split: str, batch_size: i
 
 def prepared_with(config: tfds.core.BuilderConfig) -> dict:
     """The preparation settings of a builder config (its fields but name/description/paths)."""
-    skip = {"name", "description", "version", "release_notes", "supported_versions", "tags",
-            "flickr_root", "vg_root", "features", "vocab"}
-    return {f.name: (list(v) if isinstance(v := getattr(config, f.name), tuple) else v)
-            for f in dataclasses.fields(config) if f.name not in skip}
+    skip = {
+        "name",
+        "description",
+        "version",
+        "release_notes",
+        "supported_versions",
+        "tags",
+        "flickr_root",
+        "vg_root",
+        "features",
+        "vocab",
+    }
+    return {
+        f.name: (list(v) if isinstance(v := getattr(config, f.name), tuple) else v)
+        for f in dataclasses.fields(config)
+        if f.name not in skip
+    }
 
 
 class _Builder(tfds.core.GeneratorBasedBuilder):
@@ -179,29 +217,45 @@ class ValueCoref(_Builder):
     VERSION = tfds.core.Version("1.0.0")
     RELEASE_NOTES = {"1.0.0": "Prepared coref.* targets with region features and boxes."}
     BUILDER_CONFIGS = [
-        CorefConfig(name="uniter", vocab="bert-base-cased-vocab.txt", lowercase=False,
-                    description="Cased word pieces (UNITER)."),
-        CorefConfig(name="lxmert", vocab="bert-base-uncased-vocab.txt", lowercase=True,
-                    description="Uncased word pieces (LXMERT)."),
+        CorefConfig(
+            name="uniter",
+            vocab="bert-base-cased-vocab.txt",
+            lowercase=False,
+            description="Cased word pieces (UNITER).",
+        ),
+        CorefConfig(
+            name="lxmert",
+            vocab="bert-base-uncased-vocab.txt",
+            lowercase=True,
+            description="Uncased word pieces (LXMERT).",
+        ),
     ]
-    MANUAL_DOWNLOAD_INSTRUCTIONS = """
+    MANUAL_DOWNLOAD_INSTRUCTIONS = (
+        """
 Place in manual_dir (names as in the builder config; defaults shown):
   flickr30k_entities/       the Flickr30k Entities release: Sentences/<id>.txt,
                             Annotations/<id>.xml and the split files train.txt / val.txt / test.txt
                             (github.com/BryanPlummer/flickr30k_entities, annotations.zip)
   flickr30k_features.tsv    region features of the Flickr30k images
   bert-base-cased-vocab.txt / bert-base-uncased-vocab.txt   the model's WordPiece vocabulary
-""" + _COMMON_INSTRUCTIONS
+"""
+        + _COMMON_INSTRUCTIONS
+    )
 
     def _info(self) -> tfds.core.DatasetInfo:
         return self.dataset_info_from_configs(
             description="Prepared VALUE coreference examples: [CLS] caption [SEP] word-piece ids, "
-                        "the image's regions and per-link targets (coref.*).",
-            features=_features("coref"), metadata=tfds.core.MetadataDict(), homepage=None)
+            "the image's regions and per-link targets (coref.*).",
+            features=_features("coref"),
+            metadata=tfds.core.MetadataDict(),
+            homepage=None,
+        )
 
     def _split_generators(self, dl_manager):
         cfg = self.builder_config
-        paths = {k: _resolve(dl_manager, getattr(cfg, k)) for k in ("flickr_root", "features", "vocab")}
+        paths = {
+            k: _resolve(dl_manager, getattr(cfg, k)) for k in ("flickr_root", "features", "vocab")
+        }
         return {split: self._generate_examples(split=split, **paths) for split in cfg.splits}
 
     def _generate_examples(self, split, flickr_root, features, vocab):
@@ -209,10 +263,18 @@ Place in manual_dir (names as in the builder config; defaults shown):
         report = DataReport()
         with L.open_features(features) as reader:
             examples = L.prepare_coref(
-                flickr_root, reader, WordPieceTokenizer(vocab, cfg.lowercase), split=split, seed=cfg.seed,
-                region_source=cfg.region_source, iou_threshold=cfg.iou_threshold,
-                max_text_len=cfg.max_text_len, max_images=cfg.max_images,
-                negative_ratio=cfg.negative_ratio, report=report)
+                flickr_root,
+                reader,
+                WordPieceTokenizer(vocab, cfg.lowercase),
+                split=split,
+                seed=cfg.seed,
+                region_source=cfg.region_source,
+                iou_threshold=cfg.iou_threshold,
+                max_text_len=cfg.max_text_len,
+                max_images=cfg.max_images,
+                negative_ratio=cfg.negative_ratio,
+                report=report,
+            )
             self.info.metadata["types"] = list(PHRASE_TYPES)
             self.info.metadata["prepared_with"] = prepared_with(cfg)
             self.info.metadata.setdefault("report", {})[split] = report.to_dict()
@@ -247,28 +309,52 @@ class ValueRelations(_Builder):
     RELEASE_NOTES = {"1.0.0": "Prepared rel.* targets with region features and boxes."}
     SPLIT = "full"
     BUILDER_CONFIGS = [
-        RelationConfig(name="uniter", vocab="bert-base-cased-vocab.txt", lowercase=False,
-                       description="Dense captions, cased word pieces (UNITER)."),
-        RelationConfig(name="lxmert", vocab="bert-base-uncased-vocab.txt", lowercase=True,
-                       description="Dense captions, uncased word pieces (LXMERT)."),
-        RelationConfig(name="uniter_mismatched", vocab="bert-base-cased-vocab.txt", lowercase=False,
-                       captions="mismatched", description="Mismatched-caption baseline (UNITER)."),
-        RelationConfig(name="lxmert_mismatched", vocab="bert-base-uncased-vocab.txt", lowercase=True,
-                       captions="mismatched", description="Mismatched-caption baseline (LXMERT)."),
+        RelationConfig(
+            name="uniter",
+            vocab="bert-base-cased-vocab.txt",
+            lowercase=False,
+            description="Dense captions, cased word pieces (UNITER).",
+        ),
+        RelationConfig(
+            name="lxmert",
+            vocab="bert-base-uncased-vocab.txt",
+            lowercase=True,
+            description="Dense captions, uncased word pieces (LXMERT).",
+        ),
+        RelationConfig(
+            name="uniter_mismatched",
+            vocab="bert-base-cased-vocab.txt",
+            lowercase=False,
+            captions="mismatched",
+            description="Mismatched-caption baseline (UNITER).",
+        ),
+        RelationConfig(
+            name="lxmert_mismatched",
+            vocab="bert-base-uncased-vocab.txt",
+            lowercase=True,
+            captions="mismatched",
+            description="Mismatched-caption baseline (LXMERT).",
+        ),
     ]
-    MANUAL_DOWNLOAD_INSTRUCTIONS = """
+    MANUAL_DOWNLOAD_INSTRUCTIONS = (
+        """
 Place in manual_dir (names as in the builder config; defaults shown):
   visual_genome/            Visual Genome v1.2 (or v1.0) JSON: image_data.json,
                             relationships.json, region_descriptions.json (dense captions)
   vg_features.tsv           region features of the Visual Genome images (ids = VG image ids)
   bert-base-cased-vocab.txt / bert-base-uncased-vocab.txt   the model's WordPiece vocabulary
-""" + _COMMON_INSTRUCTIONS
+"""
+        + _COMMON_INSTRUCTIONS
+    )
 
     def _info(self) -> tfds.core.DatasetInfo:
         return self.dataset_info_from_configs(
             description="Prepared VALUE relation examples: a caption's word-piece ids, the image's "
-                        "regions and per-pair targets (rel.*).",
-            features=_features("rel"), metadata=tfds.core.MetadataDict(), homepage=None)
+            "regions and per-pair targets (rel.*).",
+            features=_features("rel"),
+            metadata=tfds.core.MetadataDict(),
+            homepage=None,
+        )
 
     def _split_generators(self, dl_manager):
         cfg = self.builder_config
@@ -280,11 +366,20 @@ Place in manual_dir (names as in the builder config; defaults shown):
         report = DataReport()
         with L.open_features(features) as reader:
             examples, predicates = prepare_relations(
-                vg_root, reader, WordPieceTokenizer(vocab, cfg.lowercase), seed=cfg.seed,
-                num_predicates=cfg.num_predicates, max_pairs_per_predicate=cfg.max_pairs_per_predicate,
-                max_same_type_per_image=cfg.max_same_type_per_image, iou_threshold=cfg.iou_threshold,
-                captions=cfg.captions, max_text_len=cfg.max_text_len, max_images=cfg.max_images,
-                negative_ratio=cfg.negative_ratio, report=report)
+                vg_root,
+                reader,
+                WordPieceTokenizer(vocab, cfg.lowercase),
+                seed=cfg.seed,
+                num_predicates=cfg.num_predicates,
+                max_pairs_per_predicate=cfg.max_pairs_per_predicate,
+                max_same_type_per_image=cfg.max_same_type_per_image,
+                iou_threshold=cfg.iou_threshold,
+                captions=cfg.captions,
+                max_text_len=cfg.max_text_len,
+                max_images=cfg.max_images,
+                negative_ratio=cfg.negative_ratio,
+                report=report,
+            )
             self.info.metadata["predicates"] = list(predicates)
             self.info.metadata["prepared_with"] = prepared_with(cfg)
             self.info.metadata.setdefault("report", {})[self.SPLIT] = report.to_dict()
@@ -292,5 +387,12 @@ Place in manual_dir (names as in the builder config; defaults shown):
                 yield ex.id, _record(ex, index, reader)
 
 
-__all__ = ["ValueCoref", "ValueRelations", "CorefConfig", "RelationConfig", "read_examples",
-           "prepared_loader", "prepared_with"]
+__all__ = [
+    "ValueCoref",
+    "ValueRelations",
+    "CorefConfig",
+    "RelationConfig",
+    "read_examples",
+    "prepared_loader",
+    "prepared_with",
+]

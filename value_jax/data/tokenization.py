@@ -9,6 +9,7 @@ Words are encoded as a pre-tokenised sequence, so `tokenizers` reports which inp
 piece came from: a Flickr30k phrase's word span maps to a piece span without re-joining `##`
 pieces (VOLTA's way, which breaks when a word normalises to something else).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -18,7 +19,13 @@ from typing import Optional, Sequence
 import numpy as np
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
 
-from value_jax.data.errors import DataFormatError, DataReport, PathLike, read_text_lines, report_or_new
+from value_jax.data.errors import (
+    DataFormatError,
+    DataReport,
+    PathLike,
+    read_text_lines,
+    report_or_new,
+)
 
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 # Hash of the original Google/Hugging Face bert-base-uncased vocab.txt (30,522 lines). Edited
@@ -41,8 +48,12 @@ def read_vocab(path: PathLike) -> dict[str, int]:
         if not tok:
             raise DataFormatError(path, "an empty line", "one WordPiece token per line", line=i + 1)
         if tok in vocab:
-            raise DataFormatError(path, f"{tok!r} again (first on line {vocab[tok] + 1})",
-                                  "each token once", line=i + 1)
+            raise DataFormatError(
+                path,
+                f"{tok!r} again (first on line {vocab[tok] + 1})",
+                "each token once",
+                line=i + 1,
+            )
         vocab[tok] = i
     return vocab
 
@@ -69,13 +80,17 @@ class Encoding:
     num_words: int
 
 
-def phrase_piece_span(encoding: Encoding, first_word: int, num_words: int) -> Optional[tuple[int, int]]:
+def phrase_piece_span(
+    encoding: Encoding, first_word: int, num_words: int
+) -> Optional[tuple[int, int]]:
     """Half-open piece span of words `[first_word, first_word + num_words)`; None when truncation
     removed any of them or they have no piece at all. Raises IndexError for a span outside the
     encoded words."""
     end_word = first_word + num_words
     if first_word < 0 or num_words < 1 or end_word > encoding.num_words:
-        raise IndexError(f"word span [{first_word}, {end_word}) outside the {encoding.num_words} words")
+        raise IndexError(
+            f"word span [{first_word}, {end_word}) outside the {encoding.num_words} words"
+        )
     if end_word > encoding.num_words_kept:
         return None
     start, end = encoding.word_to_pieces[first_word][0], encoding.word_to_pieces[end_word - 1][1]
@@ -94,8 +109,13 @@ class WordPieceTokenizer:
         words into [UNK] or drops case information.
     """
 
-    def __init__(self, vocab_path: PathLike, lowercase: bool, expected_sha256: Optional[str] = None,
-                 check_case: bool = True):
+    def __init__(
+        self,
+        vocab_path: PathLike,
+        lowercase: bool,
+        expected_sha256: Optional[str] = None,
+        check_case: bool = True,
+    ):
         if expected_sha256 is not None:
             got = file_sha256(vocab_path)
             if got != expected_sha256:
@@ -103,20 +123,33 @@ class WordPieceTokenizer:
         self.vocab = read_vocab(vocab_path)
         missing = [t for t in SPECIAL_TOKENS if t not in self.vocab]
         if missing:
-            raise DataFormatError(vocab_path, f"no {', '.join(missing)}",
-                                  f"all special tokens {', '.join(SPECIAL_TOKENS)}")
+            raise DataFormatError(
+                vocab_path,
+                f"no {', '.join(missing)}",
+                f"all special tokens {', '.join(SPECIAL_TOKENS)}",
+            )
         self.lowercase = lowercase
-        self.vocab_is_cased = any(any("A" <= c <= "Z" for c in t) for t in self.vocab
-                                  if not (t.startswith("[") and t.endswith("]")))
+        self.vocab_is_cased = any(
+            any("A" <= c <= "Z" for c in t)
+            for t in self.vocab
+            if not (t.startswith("[") and t.endswith("]"))
+        )
         if check_case and self.vocab_is_cased == lowercase:
             kind = "cased" if self.vocab_is_cased else "uncased"
-            raise ValueError(f"{vocab_path}: the vocabulary is {kind} but lowercase={lowercase}; pass "
-                             f"lowercase={not self.vocab_is_cased} (or check_case=False to force)")
-        self.pad_id, self.unk_id, self.cls_id, self.sep_id, self.mask_id = (self.vocab[t] for t in SPECIAL_TOKENS)
+            raise ValueError(
+                f"{vocab_path}: the vocabulary is {kind} but lowercase={lowercase}; pass "
+                f"lowercase={not self.vocab_is_cased} (or check_case=False to force)"
+            )
+        self.pad_id, self.unk_id, self.cls_id, self.sep_id, self.mask_id = (
+            self.vocab[t] for t in SPECIAL_TOKENS
+        )
         self._inv = {i: t for t, i in self.vocab.items()}
-        tok = Tokenizer(models.WordPiece(vocab=self.vocab, unk_token="[UNK]", max_input_chars_per_word=100))
-        tok.normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True,
-                                                    strip_accents=None, lowercase=lowercase)
+        tok = Tokenizer(
+            models.WordPiece(vocab=self.vocab, unk_token="[UNK]", max_input_chars_per_word=100)
+        )
+        tok.normalizer = normalizers.BertNormalizer(
+            clean_text=True, handle_chinese_chars=True, strip_accents=None, lowercase=lowercase
+        )
         tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
         self._tok = tok
 
@@ -131,7 +164,9 @@ class WordPieceTokenizer:
     def id_to_token(self, i: int) -> str:
         return self._inv[int(i)]
 
-    def word_pieces(self, words: Sequence[str], report: Optional[DataReport] = None) -> list[list[int]]:
+    def word_pieces(
+        self, words: Sequence[str], report: Optional[DataReport] = None
+    ) -> list[list[int]]:
         """Piece ids of each word (no specials), exactly as BERT tokenises the joined sentence.
         A word that yields no piece (only control / zero-width characters, which BERT's
         normaliser deletes) keeps an empty list, counted as `words_without_pieces`: inserting
@@ -150,8 +185,9 @@ class WordPieceTokenizer:
                 report.count("words_without_pieces", example=repr(words[k]))
         return per_word
 
-    def encode_words(self, words: Sequence[str], max_len: int,
-                     report: Optional[DataReport] = None) -> Encoding:
+    def encode_words(
+        self, words: Sequence[str], max_len: int, report: Optional[DataReport] = None
+    ) -> Encoding:
         """`[CLS] pieces(w0) pieces(w1) ... [SEP]`, at most `max_len` ids including both specials.
 
         Truncation keeps whole words only, so every kept word has its full span; a truncated
@@ -173,5 +209,15 @@ class WordPieceTokenizer:
         kept = len(spans)
         truncated = kept < len(per_word)
         if truncated:
-            report.count("truncated_sentences", example=f"{kept}/{len(per_word)} words: {' '.join(words)[:60]!r}")
-        return Encoding(np.array(ids, np.int32), [self._inv[i] for i in ids], spans, truncated, kept, len(per_word))
+            report.count(
+                "truncated_sentences",
+                example=f"{kept}/{len(per_word)} words: {' '.join(words)[:60]!r}",
+            )
+        return Encoding(
+            np.array(ids, np.int32),
+            [self._inv[i] for i in ids],
+            spans,
+            truncated,
+            kept,
+            len(per_word),
+        )

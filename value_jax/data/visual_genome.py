@@ -14,6 +14,7 @@ frees each raw entry once converted, so the peak is about the raw objects plus t
 built so far. For the full v1.2 `relationships.json` (~0.7 GB of text) plan on several GB of
 RAM; the 5-image samples and fixtures are tiny.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -24,8 +25,14 @@ from typing import Iterable, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
-from value_jax.data.errors import (DataFormatError, DataReport, PathLike, read_text_lines, read_utf8,
-                                   report_or_new)
+from value_jax.data.errors import (
+    DataFormatError,
+    DataReport,
+    PathLike,
+    read_text_lines,
+    read_utf8,
+    report_or_new,
+)
 
 Box = tuple[float, float, float, float]
 
@@ -85,8 +92,12 @@ class _Entry:
 
     def child(self, name: str) -> "_Entry":
         if name not in self.d:
-            raise DataFormatError(self.path, f"no {name!r} among keys {sorted(self.d)}",
-                                  f"a {name!r} object", key=self.key)
+            raise DataFormatError(
+                self.path,
+                f"no {name!r} among keys {sorted(self.d)}",
+                f"a {name!r} object",
+                key=self.key,
+            )
         return _Entry(self.path, f"{self.key}.{name}", self.d[name])
 
     def get(self, names: Sequence[str], kind: str, optional: bool = False):
@@ -95,8 +106,12 @@ class _Entry:
                 return _check(self.path, f"{self.key}.{n}", self.d[n], kind)
         if optional:
             return None
-        raise DataFormatError(self.path, f"no {' / '.join(repr(n) for n in names)} among keys "
-                              f"{sorted(self.d)}", f"a {kind} field", key=self.key)
+        raise DataFormatError(
+            self.path,
+            f"no {' / '.join(repr(n) for n in names)} among keys {sorted(self.d)}",
+            f"a {kind} field",
+            key=self.key,
+        )
 
 
 def _check(path, key, v, kind):
@@ -110,7 +125,9 @@ def _check(path, key, v, kind):
         "list": isinstance(v, list),
     }[kind]
     if not ok:
-        raise DataFormatError(path, f"{v!r} ({type(v).__name__})", f"a {kind.rstrip('?')} value", key=key)
+        raise DataFormatError(
+            path, f"{v!r} ({type(v).__name__})", f"a {kind.rstrip('?')} value", key=key
+        )
     return v
 
 
@@ -119,14 +136,17 @@ def _load_json(path: PathLike, expected: str):
     try:
         return json.loads(read_utf8(path))
     except json.JSONDecodeError as e:
-        raise DataFormatError(path, f"invalid JSON ({e.msg}, column {e.colno})", expected,
-                              line=e.lineno) from None
+        raise DataFormatError(
+            path, f"invalid JSON ({e.msg}, column {e.colno})", expected, line=e.lineno
+        ) from None
 
 
 def _load_list(path: PathLike) -> list:
     data = _load_json(path, "a JSON list")
     if not isinstance(data, list):
-        raise DataFormatError(path, f"top-level {type(data).__name__}", "a JSON list (one entry per image)")
+        raise DataFormatError(
+            path, f"top-level {type(data).__name__}", "a JSON list (one entry per image)"
+        )
     return data
 
 
@@ -138,7 +158,9 @@ def _entries(path: PathLike):
         e = _Entry(path, f"[{i}]", data[i])
         image_id = e.get(("image_id", "id"), "int")
         if image_id in seen:
-            raise DataFormatError(path, f"image id {image_id} again", "one entry per image", key=f"[{i}]")
+            raise DataFormatError(
+                path, f"image id {image_id} again", "one entry per image", key=f"[{i}]"
+            )
         seen.add(image_id)
         e.key = f"[{i}] image {image_id}"
         yield i, e, image_id
@@ -165,7 +187,9 @@ def _object(e: _Entry, report: DataReport) -> VGObject:
     else:
         names = (e.get(("name",), "str"),)
     if not names or not all(isinstance(n, str) for n in names):
-        raise DataFormatError(e.path, f"names {list(names)!r}", "one or more name strings", key=e.key)
+        raise DataFormatError(
+            e.path, f"names {list(names)!r}", "one or more name strings", key=e.key
+        )
     synsets = tuple(e.get(("synsets",), "list", optional=True) or ())
     attributes = tuple(e.get(("attributes",), "list", optional=True) or ())
     merged = tuple(e.get(("merged_object_ids",), "list", optional=True) or ())
@@ -184,11 +208,17 @@ def read_relations_vocab(path: PathLike) -> dict[str, str]:
         syns = [normalize_predicate(s) for s in line.split(",")]
         syns = [s for s in syns if s]
         if not syns:
-            raise DataFormatError(path, "an empty line", "comma-separated synonyms, canonical first", line=i)
+            raise DataFormatError(
+                path, "an empty line", "comma-separated synonyms, canonical first", line=i
+            )
         for s in syns:
             if mapping.get(s, syns[0]) != syns[0]:
-                raise DataFormatError(path, f"{s!r} already maps to {mapping[s]!r}",
-                                      "each synonym on one line only", line=i)
+                raise DataFormatError(
+                    path,
+                    f"{s!r} already maps to {mapping[s]!r}",
+                    "each synonym on one line only",
+                    line=i,
+                )
             mapping[s] = syns[0]
     return mapping
 
@@ -212,12 +242,17 @@ def read_image_data(path: PathLike, report: Optional[DataReport] = None) -> dict
         width, height = e.get(("width",), "int"), e.get(("height",), "int")
         if width <= 0 or height <= 0:
             # Boxes are normalised by this size: no number computed from them could be right.
-            raise DataFormatError(path, f"image size {width}x{height}", "a positive width and height",
-                                  key=e.key)
-        out[image_id] = VGImage(image_id, width, height,
-                                e.get(("url",), "str?", optional=True),
-                                e.get(("coco_id",), "int?", optional=True),
-                                e.get(("flickr_id",), "int?", optional=True))
+            raise DataFormatError(
+                path, f"image size {width}x{height}", "a positive width and height", key=e.key
+            )
+        out[image_id] = VGImage(
+            image_id,
+            width,
+            height,
+            e.get(("url",), "str?", optional=True),
+            e.get(("coco_id",), "int?", optional=True),
+            e.get(("flickr_id",), "int?", optional=True),
+        )
     return out
 
 
@@ -228,12 +263,17 @@ def read_objects(path: PathLike, report: Optional[DataReport] = None) -> dict[in
     out = {}
     for _, e, image_id in _entries(path):
         objs = e.get(("objects", "attributes"), "list")
-        out[image_id] = [_object(_Entry(path, f"{e.key}: objects[{j}]", o), report) for j, o in enumerate(objs)]
+        out[image_id] = [
+            _object(_Entry(path, f"{e.key}: objects[{j}]", o), report) for j, o in enumerate(objs)
+        ]
     return out
 
 
-def read_relationships(path: PathLike, report: Optional[DataReport] = None,
-                       synonyms: Optional[Mapping[str, str]] = None) -> dict[int, list[VGRelation]]:
+def read_relationships(
+    path: PathLike,
+    report: Optional[DataReport] = None,
+    synonyms: Optional[Mapping[str, str]] = None,
+) -> dict[int, list[VGRelation]]:
     """`relationships.json` -> {image_id: [VGRelation]}; `predicate_norm` via `normalize_predicate`.
     Counts `degenerate_boxes` and `empty_predicates` (both kept)."""
     report = report_or_new(report)
@@ -247,13 +287,24 @@ def read_relationships(path: PathLike, report: Optional[DataReport] = None,
             if not norm:
                 report.count("empty_predicates", example=re_.key)
             subj, obj = (_object(re_.child(k), report) for k in ("subject", "object"))
-            rels.append(VGRelation(re_.get(("relationship_id", "id"), "int"), image_id, raw, norm, subj, obj,
-                                   tuple(re_.get(("synsets",), "list", optional=True) or ())))
+            rels.append(
+                VGRelation(
+                    re_.get(("relationship_id", "id"), "int"),
+                    image_id,
+                    raw,
+                    norm,
+                    subj,
+                    obj,
+                    tuple(re_.get(("synsets",), "list", optional=True) or ()),
+                )
+            )
         out[image_id] = rels
     return out
 
 
-def read_region_descriptions(path: PathLike, report: Optional[DataReport] = None) -> dict[int, list[VGRegion]]:
+def read_region_descriptions(
+    path: PathLike, report: Optional[DataReport] = None
+) -> dict[int, list[VGRegion]]:
     """`region_descriptions.json` -> {image_id: [VGRegion]} (dense captions; boxes from
     `x, y, width, height`). Counts `degenerate_boxes` (kept)."""
     report = report_or_new(report)
@@ -264,9 +315,17 @@ def read_region_descriptions(path: PathLike, report: Optional[DataReport] = None
             re_ = _Entry(path, f"{e.key}: regions[{j}]", r)
             rid = re_.get(("image_id",), "int", optional=True)
             if rid is not None and rid != image_id:
-                raise DataFormatError(path, f"image_id {rid}", f"the entry's image id {image_id}", key=re_.key)
-            regions.append(VGRegion(re_.get(("region_id", "id"), "int"), image_id,
-                                    re_.get(("phrase",), "str"), _box(re_, report, ("width", "height"))))
+                raise DataFormatError(
+                    path, f"image_id {rid}", f"the entry's image id {image_id}", key=re_.key
+                )
+            regions.append(
+                VGRegion(
+                    re_.get(("region_id", "id"), "int"),
+                    image_id,
+                    re_.get(("phrase",), "str"),
+                    _box(re_, report, ("width", "height")),
+                )
+            )
         out[image_id] = regions
     return out
 
@@ -284,10 +343,14 @@ class RelationSample:
     counts: dict[str, int]  # kept pairs per predicate
 
 
-def sample_relation_pairs(relations: Union[Mapping[int, Sequence[VGRelation]], Iterable[VGRelation]],
-                          num_predicates: int = 32, max_pairs_per_predicate: int = 15000,
-                          max_same_type_per_image: int = 5, seed: int = 0,
-                          report: Optional[DataReport] = None) -> RelationSample:
+def sample_relation_pairs(
+    relations: Union[Mapping[int, Sequence[VGRelation]], Iterable[VGRelation]],
+    num_predicates: int = 32,
+    max_pairs_per_predicate: int = 15000,
+    max_same_type_per_image: int = 5,
+    seed: int = 0,
+    report: Optional[DataReport] = None,
+) -> RelationSample:
     """VALUE's relation data (§3.4): the `num_predicates` most frequent `predicate_norm`s, at most
     `max_same_type_per_image` pairs of one predicate per image, at most `max_pairs_per_predicate`
     per predicate; random subsets drawn from `np.random.default_rng(seed)`.
@@ -300,7 +363,11 @@ def sample_relation_pairs(relations: Union[Mapping[int, Sequence[VGRelation]], I
     `relations_of_rare_predicates`, `over_per_image_cap`, `over_per_predicate_cap`.
     """
     report = report_or_new(report)
-    flat = list(r for rs in relations.values() for r in rs) if isinstance(relations, Mapping) else list(relations)
+    flat = (
+        list(r for rs in relations.values() for r in rs)
+        if isinstance(relations, Mapping)
+        else list(relations)
+    )
     flat.sort(key=lambda r: (r.image_id, r.relationship_id))
     clean, seen = [], set()
     for r in flat:
@@ -332,21 +399,29 @@ def sample_relation_pairs(relations: Union[Mapping[int, Sequence[VGRelation]], I
     per_pred: dict[str, list[int]] = {p: [] for p in predicates}
     for (image_id, pred), idx in sorted(groups.items(), key=lambda kv: (kv[0][0], rank[kv[0][1]])):
         if len(idx) > max_same_type_per_image:
-            report.count("over_per_image_cap", len(idx) - max_same_type_per_image,
-                         example=f"image {image_id} {pred!r}: {len(idx)}")
+            report.count(
+                "over_per_image_cap",
+                len(idx) - max_same_type_per_image,
+                example=f"image {image_id} {pred!r}: {len(idx)}",
+            )
             idx = sorted(rng.choice(idx, max_same_type_per_image, replace=False).tolist())
         per_pred[pred].extend(idx)
     kept = []
     for pred in predicates:
         idx = per_pred[pred]
         if len(idx) > max_pairs_per_predicate:
-            report.count("over_per_predicate_cap", len(idx) - max_pairs_per_predicate,
-                          example=f"{pred!r}: {len(idx)}")
+            report.count(
+                "over_per_predicate_cap",
+                len(idx) - max_pairs_per_predicate,
+                example=f"{pred!r}: {len(idx)}",
+            )
             idx = rng.choice(idx, max_pairs_per_predicate, replace=False).tolist()
         per_pred[pred] = idx
         kept.extend(idx)
     kept.sort()
-    return RelationSample([clean[i] for i in kept], predicates, {p: len(per_pred[p]) for p in predicates})
+    return RelationSample(
+        [clean[i] for i in kept], predicates, {p: len(per_pred[p]) for p in predicates}
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -379,21 +454,34 @@ def _index_maps(path, d: dict, kind: str, required: bool) -> tuple[dict[int, str
     idx_to: dict[int, str] = {}
     for k, v in i2x.items():
         if not (isinstance(k, str) and k.isdigit() and int(k) >= 1 and isinstance(v, str)):
-            raise DataFormatError(path, f"{k!r}: {v!r}", "a 1-based decimal string key -> name",
-                                  key=f"idx_to_{kind}[{k!r}]")
+            raise DataFormatError(
+                path,
+                f"{k!r}: {v!r}",
+                "a 1-based decimal string key -> name",
+                key=f"idx_to_{kind}[{k!r}]",
+            )
         idx_to[int(k)] = v
     if sorted(idx_to) != list(range(1, len(idx_to) + 1)):
-        raise DataFormatError(path, f"indices {sorted(idx_to)[:3]}...{sorted(idx_to)[-3:]}",
-                              f"1..{len(idx_to)} without gaps", key=f"idx_to_{kind}")
+        raise DataFormatError(
+            path,
+            f"indices {sorted(idx_to)[:3]}...{sorted(idx_to)[-3:]}",
+            f"1..{len(idx_to)} without gaps",
+            key=f"idx_to_{kind}",
+        )
     to_idx: dict[str, int] = {}
     for k, v in x2i.items():
         if not isinstance(v, int) or idx_to.get(v) != k:
-            raise DataFormatError(path, f"{k!r}: {v!r}", f"the inverse of idx_to_{kind}",
-                                  key=f"{kind}_to_idx[{k!r}]")
+            raise DataFormatError(
+                path, f"{k!r}: {v!r}", f"the inverse of idx_to_{kind}", key=f"{kind}_to_idx[{k!r}]"
+            )
         to_idx[k] = v
     if len(to_idx) != len(idx_to):
-        raise DataFormatError(path, f"{len(to_idx)} entries", f"{len(idx_to)} like idx_to_{kind}",
-                              key=f"{kind}_to_idx")
+        raise DataFormatError(
+            path,
+            f"{len(to_idx)} entries",
+            f"{len(idx_to)} like idx_to_{kind}",
+            key=f"{kind}_to_idx",
+        )
     return dict(sorted(idx_to.items())), to_idx
 
 
@@ -410,7 +498,15 @@ def load_sgg_dicts(path: PathLike) -> SGGDicts:
     for name in ("object_count", "predicate_count", "attribute_count"):
         c = d.get(name, {})
         if not isinstance(c, dict) or not all(isinstance(v, int) for v in c.values()):
-            raise DataFormatError(path, f"{type(c).__name__}", "a name -> int count object", key=name)
+            raise DataFormatError(
+                path, f"{type(c).__name__}", "a name -> int count object", key=name
+            )
         counts[name] = dict(c)
-    return SGGDicts(*labels, *predicates, *attributes, counts["object_count"], counts["predicate_count"],
-                    counts["attribute_count"])
+    return SGGDicts(
+        *labels,
+        *predicates,
+        *attributes,
+        counts["object_count"],
+        counts["predicate_count"],
+        counts["attribute_count"],
+    )

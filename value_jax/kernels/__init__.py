@@ -16,6 +16,7 @@ Pre-trained Vision-and-Language Models" (§3.1 fusion, Eq. 1 modality importance
 image-to-text heads, §3.3.2 coreference, §3.4 relations); VL-InterpreT = Aflalo et al. 2022
 (head-summary block means, `app/database/db_analyzer.py`).
 """
+
 from __future__ import annotations
 
 import functools
@@ -38,6 +39,7 @@ def over_layers(fn: Callable) -> Callable:
     operand around. Array arguments must have the batch axis first (true for every kernel here);
     scalars and other Python values pass through unchanged.
     """
+
     @functools.wraps(fn)
     def mapped(first, *args, **kwargs):
         layers, batch = first.shape[:2]
@@ -46,20 +48,28 @@ def over_layers(fn: Callable) -> Callable:
             if not isinstance(a, (jax.Array, np.ndarray)) or a.ndim == 0:
                 return a
             if a.shape[0] != batch:
-                raise ValueError(f"over_layers({fn.__name__}): shared argument of shape "
-                                 f"{a.shape} should start with the batch axis ({batch})")
-            return jnp.broadcast_to(a[None], (layers, *a.shape)).reshape(layers * batch,
-                                                                          *a.shape[1:])
+                raise ValueError(
+                    f"over_layers({fn.__name__}): shared argument of shape "
+                    f"{a.shape} should start with the batch axis ({batch})"
+                )
+            return jnp.broadcast_to(a[None], (layers, *a.shape)).reshape(
+                layers * batch, *a.shape[1:]
+            )
 
-        out = fn(first.reshape(layers * batch, *first.shape[2:]),
-                 *(repeat(a) for a in args), **{k: repeat(v) for k, v in kwargs.items()})
+        out = fn(
+            first.reshape(layers * batch, *first.shape[2:]),
+            *(repeat(a) for a in args),
+            **{k: repeat(v) for k, v in kwargs.items()},
+        )
         return jax.tree_util.tree_map(lambda o: o.reshape(layers, batch, *o.shape[1:]), out)
+
     return mapped
 
 
 # --------------------------------------------------------------------------------------------
 # Attention-block statistics.
 # --------------------------------------------------------------------------------------------
+
 
 def set_max(attn, q_idx, q_mask, k_idx, k_mask):
     """Per item and head, the largest attention from any of its queries to any of its keys.
@@ -84,12 +94,12 @@ def set_max(attn, q_idx, q_mask, k_idx, k_mask):
     def one_sample(a, qi, ki):  # a [H, Q, K], qi [P, M], ki [P, N] -> [H, P, M, N]
         return a[:, qi[:, :, None], ki[:, None, :]]
 
-    vals = jax.vmap(one_sample)(attn, q_idx, k_idx).astype(_F32)       # [B, H, P, M, N]
-    pair = q_mask[:, :, :, None] & k_mask[:, :, None, :]                # [B, P, M, N]
+    vals = jax.vmap(one_sample)(attn, q_idx, k_idx).astype(_F32)  # [B, H, P, M, N]
+    pair = q_mask[:, :, :, None] & k_mask[:, :, None, :]  # [B, P, M, N]
     vals = jnp.where(pair[:, None], vals, -jnp.inf)
-    best = jnp.max(vals, axis=(-2, -1))                                 # [B, H, P]
+    best = jnp.max(vals, axis=(-2, -1))  # [B, H, P]
     best = jnp.where(jnp.any(pair, axis=(-2, -1))[:, None], best, 0.0)
-    return jnp.swapaxes(best, 1, 2)                                     # [B, P, H]
+    return jnp.swapaxes(best, 1, 2)  # [B, P, H]
 
 
 def set_max_layers(attn_layers, q_idx, q_mask, k_idx, k_mask):
@@ -108,7 +118,7 @@ def cls_modality_sums(attn, text_key_mask, region_key_mask):
     regions (v1..vn); callers leave [CLS], [SEP] and padding out, so I_T + I_V ≤ 1.
     Returns `(I_T [B, H], I_V [B, H])` float32.
     """
-    cls_row = attn[:, :, 0, :].astype(_F32)                              # [B, H, N]
+    cls_row = attn[:, :, 0, :].astype(_F32)  # [B, H, N]
     i_t = jnp.sum(jnp.where(text_key_mask[:, None, :], cls_row, 0.0), axis=-1)
     i_v = jnp.sum(jnp.where(region_key_mask[:, None, :], cls_row, 0.0), axis=-1)
     return i_t, i_v
@@ -122,8 +132,9 @@ def image_to_text_indicator(v2t, region_query_mask, text_key_mask, threshold=0.5
     regions), text_key_mask `[B, T]` bool (the text tokens counted in T).
     Returns `[B, H]` bool. A sample without real regions is False for every head.
     """
-    text_mass = jnp.sum(jnp.where(text_key_mask[:, None, None, :], v2t.astype(_F32), 0.0),
-                        axis=-1)                                         # [B, H, R]
+    text_mass = jnp.sum(
+        jnp.where(text_key_mask[:, None, None, :], v2t.astype(_F32), 0.0), axis=-1
+    )  # [B, H, R]
     hit = (text_mass > threshold) & region_query_mask[:, None, :]
     return jnp.any(hit, axis=-1)
 
@@ -141,7 +152,7 @@ def block_mean(attn, q_mask, k_mask, band=None, band_counts_as_zero=False):
     entries). VL-InterpreT instead zeroes the band and still divides by the full block size;
     band_counts_as_zero=True reproduces that.
     """
-    keep = q_mask[:, :, None] & k_mask[:, None, :]                      # [B, Q, K]
+    keep = q_mask[:, :, None] & k_mask[:, None, :]  # [B, Q, K]
     count_mask = keep
     if band is not None:
         q_pos = jnp.arange(attn.shape[-2])[:, None]
@@ -151,12 +162,21 @@ def block_mean(attn, q_mask, k_mask, band=None, band_counts_as_zero=False):
         if not band_counts_as_zero:
             count_mask = keep
     total = jnp.sum(jnp.where(keep[:, None], attn.astype(_F32), 0.0), axis=(-2, -1))
-    count = jnp.sum(count_mask, axis=(-2, -1)).astype(_F32)            # [B]
+    count = jnp.sum(count_mask, axis=(-2, -1)).astype(_F32)  # [B]
     return jnp.where(count[:, None] > 0, total / jnp.maximum(count, 1.0)[:, None], 0.0)
 
 
 from value_jax.kernels.kmeans import kmeans2, kmeans2_nmi, nmi, restart_draws  # noqa: E402
 
-__all__ = ["over_layers", "set_max", "set_max_layers", "cls_modality_sums",
-           "image_to_text_indicator", "block_mean", "nmi", "kmeans2", "kmeans2_nmi",
-           "restart_draws"]
+__all__ = [
+    "over_layers",
+    "set_max",
+    "set_max_layers",
+    "cls_modality_sums",
+    "image_to_text_indicator",
+    "block_mean",
+    "nmi",
+    "kmeans2",
+    "kmeans2_nmi",
+    "restart_draws",
+]

@@ -5,6 +5,7 @@ clustering works on Gram matrices (centres as weights over the points), runs det
 restarts so that its mean NMI agrees with scikit-learn's `KMeans(n_init=10)` (tested), and on CPU
 compacts the restarts that still move after a few Lloyd steps.
 """
+
 from __future__ import annotations
 
 import jax
@@ -15,11 +16,11 @@ _F32 = jnp.float32
 # Gram matrices feed decisions (cluster assignment), so they must not silently drop to TF32 /
 # bf16 passes on accelerators whose default float32 matmul precision is reduced.
 _HIGHEST = jax.lax.Precision.HIGHEST
-_STEPS_PER_CHECK = 4      # Lloyd steps per k-means loop-exit test off CPU (1 on CPU)
-_CPU_STEPS_BEFORE_COMPACTING = 8   # then only the k-means restarts still moving go on (CPU)
-_CPU_COMPACT_SHARE = 8             # ... if at most 1/8 of them still move
-_PHI1 = (np.sqrt(5.0) - 1.0) / 2.0                   # golden ratio − 1
-_PHI2 = 1.0 / 1.324717957244746                      # 1 / plastic number
+_STEPS_PER_CHECK = 4  # Lloyd steps per k-means loop-exit test off CPU (1 on CPU)
+_CPU_STEPS_BEFORE_COMPACTING = 8  # then only the k-means restarts still moving go on (CPU)
+_CPU_COMPACT_SHARE = 8  # ... if at most 1/8 of them still move
+_PHI1 = (np.sqrt(5.0) - 1.0) / 2.0  # golden ratio − 1
+_PHI2 = 1.0 / 1.324717957244746  # 1 / plastic number
 
 
 def nmi(pred, labels, mask):
@@ -39,15 +40,21 @@ def nmi(pred, labels, mask):
     p0 = valid & (pred != 1)
     l1 = valid & (labels == 1)
     l0 = valid & (labels != 1)
+
     def count(a, b):
         return jnp.sum(a & b, axis=-1).astype(_F32)
 
-    table = jnp.stack([jnp.stack([count(l0, p0), count(l0, p1)], -1),
-                       jnp.stack([count(l1, p0), count(l1, p1)], -1)], -2)   # [B, 2, 2]
-    n = jnp.sum(table, axis=(-2, -1))                                        # [B]
-    rows = jnp.sum(table, axis=-1)                                           # [B, 2] labels
-    cols = jnp.sum(table, axis=-2)                                           # [B, 2] pred
-    outer = rows[:, :, None] * cols[:, None, :]                              # [B, 2, 2]
+    table = jnp.stack(
+        [
+            jnp.stack([count(l0, p0), count(l0, p1)], -1),
+            jnp.stack([count(l1, p0), count(l1, p1)], -1),
+        ],
+        -2,
+    )  # [B, 2, 2]
+    n = jnp.sum(table, axis=(-2, -1))  # [B]
+    rows = jnp.sum(table, axis=-1)  # [B, 2] labels
+    cols = jnp.sum(table, axis=-2)  # [B, 2] pred
+    outer = rows[:, :, None] * cols[:, None, :]  # [B, 2, 2]
     # Counts are exact integers in float32, so n·n_ij − a_i·b_j is exact; log1p of the ratio
     # keeps near-independent tables (MI ≈ 0) accurate where log(n·n_ij / (a_i·b_j)) is not.
     nz = table > 0
@@ -91,7 +98,7 @@ def _gram_one(x, mask):
     shifted = jnp.where(mask[:, None], x - origin, 0.0)
     gram = jnp.dot(shifted, shifted.T, precision=_HIGHEST)
     count = jnp.maximum(jnp.sum(mask), 1).astype(_F32)
-    row_mean = jnp.sum(gram, axis=-1) / count                                # padding adds 0
+    row_mean = jnp.sum(gram, axis=-1) / count  # padding adds 0
     grand_mean = jnp.sum(row_mean) / count
     centred = gram - row_mean[:, None] - row_mean[None, :] + grand_mean
     return jnp.where(mask[:, None] & mask[None, :], centred, 0.0)
@@ -150,8 +157,9 @@ def _lloyd(gram, valid, w0, w1, num_iters):
         first = _assign(gram, valid, w0, w1)
         w0, w1 = _group_means(first, valid, w0, w1)
         if _on_cpu() and num_iters > _CPU_STEPS_BEFORE_COMPACTING:
-            w0, w1, prev, moving = _lloyd_steps(gram, valid, w0, w1, first, 1,
-                                                _CPU_STEPS_BEFORE_COMPACTING)
+            w0, w1, prev, moving = _lloyd_steps(
+                gram, valid, w0, w1, first, 1, _CPU_STEPS_BEFORE_COMPACTING
+            )
             w0, w1 = _finish_moving(gram, valid, w0, w1, prev, moving, num_iters)
         else:
             w0, w1, _, _ = _lloyd_steps(gram, valid, w0, w1, first, 1, num_iters)
@@ -188,6 +196,7 @@ def _lloyd_steps(gram, valid, w0, w1, prev, done, stop):
     device-to-host round trip per iteration on GPUs, runs a few times per call, not 20. On CPU
     the test is free and the extra steps are not: one step per test.
     """
+
     def not_done(carry):
         i, changed = carry[:2]
         return (i < stop) & changed
@@ -226,12 +235,14 @@ def _finish_moving(gram, valid, w0, w1, prev, moving, num_iters):
 
     def compacted(args):
         w0, w1, prev = (a.reshape(batch * pairs, 1, n_tok) for a in args)
-        _, idx = jax.lax.top_k(moving.reshape(-1).astype(_F32), size)   # moving ones first
+        _, idx = jax.lax.top_k(moving.reshape(-1).astype(_F32), size)  # moving ones first
         sample = idx // pairs
-        sub = _lloyd_steps(gram[sample], valid[sample], w0[idx], w1[idx], prev[idx], start,
-                           num_iters)
-        return tuple(a.at[idx].set(b).reshape(batch, pairs, n_tok)
-                     for a, b in zip((w0, w1, prev), sub[:3]))
+        sub = _lloyd_steps(
+            gram[sample], valid[sample], w0[idx], w1[idx], prev[idx], start, num_iters
+        )
+        return tuple(
+            a.at[idx].set(b).reshape(batch, pairs, n_tok) for a, b in zip((w0, w1, prev), sub[:3])
+        )
 
     def together(args):
         return _lloyd_steps(gram, valid, *args, start, num_iters)[:3]
@@ -289,10 +300,10 @@ def kmeans2(x, mask, num_iters=20, num_starts=10):
     Cost per sample: the Gram matrix, O(N²·D), then O(N²) per restart and Lloyd step.
     """
     valid = mask.astype(bool)
-    gram = _gram(x, valid)                                           # [B, N, N]
-    sq_norm = jnp.diagonal(gram, axis1=-2, axis2=-1)                 # [B, N] = ||x_i − mean||²
+    gram = _gram(x, valid)  # [B, N, N]
+    sq_norm = jnp.diagonal(gram, axis1=-2, axis2=-1)  # [B, N] = ||x_i − mean||²
     n_tok = mask.shape[-1]
-    draws = jnp.asarray(restart_draws(num_starts), _F32)             # [S, 2]
+    draws = jnp.asarray(restart_draws(num_starts), _F32)  # [S, 2]
 
     def sq_dist(idx):  # idx [B, S] -> [B, S, N]: ||x_idx − x_n||², 0 at padding
         g_rows = jnp.take_along_axis(gram, idx[:, :, None], axis=1)
@@ -303,8 +314,8 @@ def kmeans2(x, mask, num_iters=20, num_starts=10):
         return jnp.argmax(cond & valid[:, None, :], axis=-1)
 
     count = jnp.sum(valid, axis=-1, keepdims=True, dtype=jnp.int32)  # [B, 1]
-    rank = (2 * jnp.arange(num_starts) + 1) * count // (2 * num_starts)   # [B, S], in integers
-    running = jnp.cumsum(valid, axis=-1)                             # valid tokens up to n
+    rank = (2 * jnp.arange(num_starts) + 1) * count // (2 * num_starts)  # [B, S], in integers
+    running = jnp.cumsum(valid, axis=-1)  # valid tokens up to n
     first = first_valid_where(running[:, None, :] > rank[:, :, None])
     d_first = sq_dist(first)
     cum = jnp.cumsum(d_first, axis=-1)
@@ -313,10 +324,10 @@ def kmeans2(x, mask, num_iters=20, num_starts=10):
     potential = [jnp.sum(jnp.minimum(d_first, sq_dist(t)), axis=-1) for t in trials]
     second = jnp.where(potential[1] < potential[0], trials[1], trials[0])
 
-    w0 = jax.nn.one_hot(first, n_tok, dtype=_F32)                    # [B, S, N]
+    w0 = jax.nn.one_hot(first, n_tok, dtype=_F32)  # [B, S, N]
     w1 = jax.nn.one_hot(second, n_tok, dtype=_F32)
     in1, inertia = _lloyd(gram, valid[:, None, :], w0, w1, num_iters)
-    best = jnp.argmin(inertia, axis=-1)                               # first minimum wins
+    best = jnp.argmin(inertia, axis=-1)  # first minimum wins
     in1 = jnp.take_along_axis(in1, best[:, None, None], axis=1)[:, 0]
     # Canonical names: cluster 0 holds the first valid token.
     first_token = jnp.argmax(valid, axis=-1)

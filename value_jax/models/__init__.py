@@ -4,6 +4,7 @@
 any part of the project; the Flax modules (`uniter`, `lxmert`, `layers`) load only when a model
 is built or one of their names is first used here.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -14,8 +15,10 @@ from value_jax.batch import Batch
 from value_jax.models.configs import LxmertConfig, UniterConfig
 
 # model_type -> (module, class name); `UNITER_OUTPUTS` etc. are the configs' `outputs`.
-MODEL_CLASSES = {"uniter": ("value_jax.models.uniter", "Uniter"),
-                 "lxmert": ("value_jax.models.lxmert", "Lxmert")}
+MODEL_CLASSES = {
+    "uniter": ("value_jax.models.uniter", "Uniter"),
+    "lxmert": ("value_jax.models.lxmert", "Lxmert"),
+}
 UNITER_OUTPUTS = UniterConfig.outputs
 LXMERT_OUTPUTS = LxmertConfig.outputs
 
@@ -42,9 +45,11 @@ def build_model(config, outputs=None):
 def dummy_batch(config, batch_size: int = 1, text_len: int = 4, num_regions: int = 3) -> Batch:
     feat_dim = config.feature_dim
     return Batch.create(
-        np.zeros((batch_size, text_len), np.int32), np.ones((batch_size, text_len), np.int32),
+        np.zeros((batch_size, text_len), np.int32),
+        np.ones((batch_size, text_len), np.int32),
         np.zeros((batch_size, num_regions, feat_dim), np.float32),
-        np.tile(np.array([0.0, 0.0, 1.0, 1.0], np.float32), (batch_size, num_regions, 1)))
+        np.tile(np.array([0.0, 0.0, 1.0, 1.0], np.float32), (batch_size, num_regions, 1)),
+    )
 
 
 def init_params(model, key):
@@ -55,8 +60,19 @@ def init_params(model, key):
 def param_shapes(model):
     """The params tree as `jax.ShapeDtypeStruct`s, without allocating (free at base size)."""
     import jax
+
     return jax.eval_shape(lambda: init_params(model, jax.random.PRNGKey(0)))
 
 
-__all__ = ["Uniter", "Lxmert", "UniterConfig", "LxmertConfig", "UNITER_OUTPUTS", "LXMERT_OUTPUTS",
-           "build_model", "init_params", "param_shapes", "dummy_batch"]
+__all__ = [
+    "Uniter",
+    "Lxmert",
+    "UniterConfig",
+    "LxmertConfig",
+    "UNITER_OUTPUTS",
+    "LXMERT_OUTPUTS",
+    "build_model",
+    "init_params",
+    "param_shapes",
+    "dummy_batch",
+]

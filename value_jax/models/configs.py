@@ -11,6 +11,7 @@ background), `region_mask_embedding` (whether a masked region also gets a learne
 `lowercase` (vocabulary casing of the released checkpoint) and `single_stream`.
 These are class constants or properties, so `config.json` holds the sizes only.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -38,9 +39,9 @@ class UniterConfig:
     display_name: ClassVar[str] = "UNITER"
     outputs: ClassVar[tuple[str, ...]] = ("mlm", "mrc", "mrfr", "itm")
     mrc_output: ClassVar[str] = "mrc"
-    mrc_background: ClassVar[bool] = True   # 1601-way: background at 0, then the VG classes
+    mrc_background: ClassVar[bool] = True  # 1601-way: background at 0, then the VG classes
     region_mask_embedding: ClassVar[bool] = True  # a masked region gets img mask_embedding[1]
-    lowercase: ClassVar[bool] = False       # bert-base-cased
+    lowercase: ClassVar[bool] = False  # bert-base-cased
     single_stream: ClassVar[bool] = True
 
     @property
@@ -53,8 +54,16 @@ class UniterConfig:
 
     @classmethod
     def tiny(cls, **kw) -> "UniterConfig":
-        base = dict(vocab_size=99, hidden_size=32, num_layers=3, num_heads=4, intermediate_size=37,
-                    max_position_embeddings=64, img_dim=24, num_region_labels=11)
+        base = dict(
+            vocab_size=99,
+            hidden_size=32,
+            num_layers=3,
+            num_heads=4,
+            intermediate_size=37,
+            max_position_embeddings=64,
+            img_dim=24,
+            num_region_labels=11,
+        )
         base.update(kw)
         return cls(**base)
 
@@ -85,7 +94,7 @@ class LxmertConfig:
     mrc_output: ClassVar[str] = "obj"
     mrc_background: ClassVar[bool] = False  # 1600-way over the VG classes, no background
     region_mask_embedding: ClassVar[bool] = False  # a masked region is its zeroed feature only
-    lowercase: ClassVar[bool] = True        # bert-base-uncased
+    lowercase: ClassVar[bool] = True  # bert-base-uncased
     single_stream: ClassVar[bool] = False
 
     @property
@@ -98,9 +107,19 @@ class LxmertConfig:
 
     @classmethod
     def tiny(cls, **kw) -> "LxmertConfig":
-        base = dict(vocab_size=99, hidden_size=32, num_heads=4, intermediate_size=37,
-                    max_position_embeddings=64, l_layers=2, r_layers=2, x_layers=2,
-                    visual_feat_dim=24, num_object_labels=13, num_attr_labels=7)
+        base = dict(
+            vocab_size=99,
+            hidden_size=32,
+            num_heads=4,
+            intermediate_size=37,
+            max_position_embeddings=64,
+            l_layers=2,
+            r_layers=2,
+            x_layers=2,
+            visual_feat_dim=24,
+            num_object_labels=13,
+            num_attr_labels=7,
+        )
         base.update(kw)
         return cls(**base)
 
@@ -116,7 +135,9 @@ def config_from_dict(d: dict[str, Any]):
     """Rebuilds a config from its JSON dict; unknown fields are refused by name."""
     model_type = d.get("model_type")
     if model_type not in CONFIGS:
-        raise ValueError(f"config 'model_type' must be one of {sorted(CONFIGS)}, got {model_type!r}")
+        raise ValueError(
+            f"config 'model_type' must be one of {sorted(CONFIGS)}, got {model_type!r}"
+        )
     cls = CONFIGS[model_type]
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(d) - known)

@@ -17,6 +17,7 @@ R regions):
   `hidden.lang.embeddings` `[B, T, D]`, `hidden.lang{i}`, `hidden.cross{j}.lang`
   `hidden.visn.embeddings` `[B, R, D]` (the `visn_fc` output), `hidden.visn{i}`, `hidden.cross{j}.visn`
 """
+
 from __future__ import annotations
 
 from typing import Sequence
@@ -26,9 +27,19 @@ import jax.numpy as jnp
 
 from value_jax.batch import Batch
 from value_jax.models.configs import LxmertConfig
-from value_jax.models.layers import (AttentionBlock, AttentionOutput, BertLayer, Intermediate,
-                                     MLMHead, Pooler, PredictionTransform, check_outputs,
-                                     layer_norm, mask_bias, sow_trace)
+from value_jax.models.layers import (
+    AttentionBlock,
+    AttentionOutput,
+    BertLayer,
+    Intermediate,
+    MLMHead,
+    Pooler,
+    PredictionTransform,
+    check_outputs,
+    layer_norm,
+    mask_bias,
+    sow_trace,
+)
 from value_jax.names import LayerId
 
 LXMERT_OUTPUTS = LxmertConfig.outputs
@@ -43,10 +54,15 @@ class LxmertEmbeddings(nn.Module):
     def __call__(self, input_ids):
         c = self.config
         positions = jnp.arange(input_ids.shape[1])[None, :]
-        x = (nn.Embed(c.vocab_size, c.hidden_size, name="word_embeddings")(input_ids)
-             + nn.Embed(c.max_position_embeddings, c.hidden_size, name="position_embeddings")(positions)
-             + nn.Embed(c.type_vocab_size, c.hidden_size, name="token_type_embeddings")(
-                 jnp.zeros_like(input_ids)))
+        x = (
+            nn.Embed(c.vocab_size, c.hidden_size, name="word_embeddings")(input_ids)
+            + nn.Embed(c.max_position_embeddings, c.hidden_size, name="position_embeddings")(
+                positions
+            )
+            + nn.Embed(c.type_vocab_size, c.hidden_size, name="token_type_embeddings")(
+                jnp.zeros_like(input_ids)
+            )
+        )
         return layer_norm("LayerNorm")(x)
 
 
@@ -76,14 +92,18 @@ class CrossLayer(nn.Module):
         cross = AttentionBlock(c.hidden_size, c.num_heads, "att", dtype, name="visual_attention")
         lang_x, l2v = cross(lang, visn, visn_bias)
         visn_x, v2l = cross(visn, lang, lang_bias)
-        lang_x, lang_self = AttentionBlock(c.hidden_size, c.num_heads, "self", dtype,
-                                           name="lang_self_att")(lang_x, lang_x, lang_bias)
-        visn_x, visn_self = AttentionBlock(c.hidden_size, c.num_heads, "self", dtype,
-                                           name="visn_self_att")(visn_x, visn_x, visn_bias)
+        lang_x, lang_self = AttentionBlock(
+            c.hidden_size, c.num_heads, "self", dtype, name="lang_self_att"
+        )(lang_x, lang_x, lang_bias)
+        visn_x, visn_self = AttentionBlock(
+            c.hidden_size, c.num_heads, "self", dtype, name="visn_self_att"
+        )(visn_x, visn_x, visn_bias)
         lang_out = AttentionOutput(c.hidden_size, dtype, name="lang_output")(
-            Intermediate(c.intermediate_size, dtype, name="lang_inter")(lang_x), lang_x)
+            Intermediate(c.intermediate_size, dtype, name="lang_inter")(lang_x), lang_x
+        )
         visn_out = AttentionOutput(c.hidden_size, dtype, name="visn_output")(
-            Intermediate(c.intermediate_size, dtype, name="visn_inter")(visn_x), visn_x)
+            Intermediate(c.intermediate_size, dtype, name="visn_inter")(visn_x), visn_x
+        )
         probs = {"l2v": l2v, "v2l": v2l, "lang_self": lang_self, "visn_self": visn_self}
         return lang_out, visn_out, probs
 
@@ -101,17 +121,21 @@ class LxmertEncoder(nn.Module):
         visn = VisualFeatEncoder(c, name="visn_fc")(feats, boxes)
         hidden[LayerId("visn", 0).name] = visn
         for i in range(c.l_layers):
-            lang, p = BertLayer(c.hidden_size, c.num_heads, c.intermediate_size, dtype,
-                                name=f"layer_{i}")(lang, lang_bias)
+            lang, p = BertLayer(
+                c.hidden_size, c.num_heads, c.intermediate_size, dtype, name=f"layer_{i}"
+            )(lang, lang_bias)
             attention[LayerId("lang", i + 1).name] = p
             hidden[LayerId("lang", i + 1).name] = lang
         for i in range(c.r_layers):
-            visn, p = BertLayer(c.hidden_size, c.num_heads, c.intermediate_size, dtype,
-                                name=f"r_layers_{i}")(visn, visn_bias)
+            visn, p = BertLayer(
+                c.hidden_size, c.num_heads, c.intermediate_size, dtype, name=f"r_layers_{i}"
+            )(visn, visn_bias)
             attention[LayerId("visn", i + 1).name] = p
             hidden[LayerId("visn", i + 1).name] = visn
         for j in range(c.x_layers):
-            lang, visn, probs = CrossLayer(c, name=f"x_layers_{j}")(lang, visn, lang_bias, visn_bias)
+            lang, visn, probs = CrossLayer(c, name=f"x_layers_{j}")(
+                lang, visn, lang_bias, visn_bias
+            )
             for part, p in probs.items():
                 attention[LayerId("cross", j + 1, part).name] = p
             hidden[LayerId("cross", j + 1, "lang").name] = lang
@@ -129,8 +153,12 @@ class LxmertModel(nn.Module):
         c = self.config
         embedded = LxmertEmbeddings(c, name="embeddings")(batch.input_ids)
         lang, visn, attention, hidden = LxmertEncoder(c, name="encoder")(
-            embedded, batch.region_feats, batch.region_boxes,
-            mask_bias(batch.text_mask), mask_bias(batch.region_mask))
+            embedded,
+            batch.region_feats,
+            batch.region_boxes,
+            mask_bias(batch.text_mask),
+            mask_bias(batch.region_mask),
+        )
         sow_trace(self, attention, {LayerId("lang", 0).name: embedded, **hidden})
         return lang, visn, Pooler(c.hidden_size, name="pooler")(lang)
 
@@ -176,7 +204,9 @@ class _LxmertCls(nn.Module):
         c = self.config
         out = {}
         if "mlm" in self.outputs:
-            out["mlm"] = MLMHead(c.hidden_size, c.vocab_size, name="predictions")(lang, word_embedding)
+            out["mlm"] = MLMHead(c.hidden_size, c.vocab_size, name="predictions")(
+                lang, word_embedding
+            )
         if "itm" in self.outputs:
             out["itm"] = nn.Dense(2, name="seq_relationship")(pooled)
         return out
@@ -193,4 +223,8 @@ class _ObjPredictHead(nn.Module):
         c = self.config
         x = PredictionTransform(c.hidden_size, name="transform")(visn)
         sizes = {"obj": c.num_object_labels, "attr": c.num_attr_labels, "feat": c.visual_feat_dim}
-        return {k: nn.Dense(n, name=f"decoder_dict_{k}")(x) for k, n in sizes.items() if k in self.outputs}
+        return {
+            k: nn.Dense(n, name=f"decoder_dict_{k}")(x)
+            for k, n in sizes.items()
+            if k in self.outputs
+        }

@@ -8,6 +8,7 @@ Sown into the `intermediates` collection under the `uniter` scope (`value_jax.na
   `hidden.embeddings`   `[B, N, D]`, the embedding output (text and region embeddings, concatenated)
   `hidden.layer{i}`     `[B, N, D]`, the output of layer i
 """
+
 from __future__ import annotations
 
 from typing import Sequence
@@ -17,8 +18,16 @@ import jax.numpy as jnp
 
 from value_jax.batch import Batch, uniter_position_feature
 from value_jax.models.configs import UniterConfig
-from value_jax.models.layers import (BertLayer, MLMHead, Pooler, check_outputs, gelu, layer_norm,
-                                     mask_bias, sow_trace)
+from value_jax.models.layers import (
+    BertLayer,
+    MLMHead,
+    Pooler,
+    check_outputs,
+    gelu,
+    layer_norm,
+    mask_bias,
+    sow_trace,
+)
 from value_jax.names import LayerId
 
 UNITER_OUTPUTS = UniterConfig.outputs
@@ -36,8 +45,11 @@ class UniterTextEmbeddings(nn.Module):
 
     def __call__(self, input_ids):
         positions = jnp.arange(input_ids.shape[1])[None, :]
-        x = (self.word_embeddings(input_ids) + self.position_embeddings(positions)
-             + self.token_type_embeddings(jnp.zeros_like(input_ids)))
+        x = (
+            self.word_embeddings(input_ids)
+            + self.position_embeddings(positions)
+            + self.token_type_embeddings(jnp.zeros_like(input_ids))
+        )
         return self.LayerNorm(x)
 
     def image_type_embedding(self):
@@ -83,14 +95,21 @@ class UniterModel(nn.Module):
 
     def __call__(self, batch: Batch):
         text = self.embeddings(batch.input_ids)
-        image = self.img_embeddings(batch.region_feats, batch.region_boxes, batch.region_masked,
-                                    self.embeddings.image_type_embedding())
+        image = self.img_embeddings(
+            batch.region_feats,
+            batch.region_boxes,
+            batch.region_masked,
+            self.embeddings.image_type_embedding(),
+        )
         x = jnp.concatenate([text, image], axis=1)
         key_bias = mask_bias(jnp.concatenate([batch.text_mask, batch.region_mask], axis=1))
         hidden, probs = self.encoder(x, key_bias)
         layers = [LayerId("layer", i).name for i in range(1, len(hidden) + 1)]
-        sow_trace(self, dict(zip(layers, probs)),
-                  {LayerId("layer", 0).name: x, **dict(zip(layers, hidden))})
+        sow_trace(
+            self,
+            dict(zip(layers, probs)),
+            {LayerId("layer", 0).name: x, **dict(zip(layers, hidden))},
+        )
         return hidden[-1], self.pooler(hidden[-1])
 
     def word_embedding(self):
@@ -105,8 +124,13 @@ class UniterEncoder(nn.Module):
         c = self.config
         hidden, probs = [], []
         for i in range(c.num_layers):
-            x, p = BertLayer(c.hidden_size, c.num_heads, c.intermediate_size,
-                             jnp.dtype(c.dtype), name=f"layer_{i}")(x, key_bias)
+            x, p = BertLayer(
+                c.hidden_size,
+                c.num_heads,
+                c.intermediate_size,
+                jnp.dtype(c.dtype),
+                name=f"layer_{i}",
+            )(x, key_bias)
             hidden.append(x)
             probs.append(p)
         return hidden, probs
@@ -144,7 +168,9 @@ class Uniter(nn.Module):
         if "mrc" in outputs:
             out["mrc"] = self.region_classifier(seq[:, t:])
         if "mrfr" in outputs:
-            out["mrfr"] = self.feat_regress(seq[:, t:], self.uniter.img_embeddings.img_linear_kernel())
+            out["mrfr"] = self.feat_regress(
+                seq[:, t:], self.uniter.img_embeddings.img_linear_kernel()
+            )
         if "itm" in outputs:
             out["itm"] = self.itm_output(pooled)
         return out

@@ -38,6 +38,7 @@ CTRL models' global [IMG] feature is not modelled (the original UNITER and LXMER
 Every setting is one row per example of the same pass: `experiments.ablation.run_ablation` runs
 each direction in one `run_probes` pass (one compilation per batch shape), so the sweep costs forward passes only.
 """
+
 from __future__ import annotations
 
 import math
@@ -50,8 +51,8 @@ import numpy as np
 from value_jax.data.ablation_data import Lang4Vis, Vis4Lang
 from value_jax.data.flickr30k import PHRASE_TYPES
 from value_jax.models.configs import CONFIGS
-from value_jax.probes.results import Result, Table
 from value_jax.probes.base import Probe
+from value_jax.probes.results import Result, Table
 
 LN2 = math.log(2.0)
 LANG4VIS_AVERAGES = ("masked", "reference")
@@ -102,15 +103,20 @@ def xe_class_index(object_ids, background: bool):
 
 def _grouped(key, values, targets, mask, n_settings, n_types):
     """Sums, squares and counts of `values [B]` per (setting, type), plus LabelMatch sums."""
-    w = (jax.nn.one_hot(targets["setting"], n_settings, dtype=jnp.float32)
-         * (targets["valid"] & mask).astype(jnp.float32)[:, None])               # [B, S]
-    t = jax.nn.one_hot(targets["type"], n_types, dtype=jnp.float32)              # [B, C]
+    w = (
+        jax.nn.one_hot(targets["setting"], n_settings, dtype=jnp.float32)
+        * (targets["valid"] & mask).astype(jnp.float32)[:, None]
+    )  # [B, S]
+    t = jax.nn.one_hot(targets["type"], n_types, dtype=jnp.float32)  # [B, C]
     v = values.astype(jnp.float32)
     lm = w * targets["label_match"].astype(jnp.float32)[:, None]
-    return {f"{key}.sum": jnp.einsum("bs,bc,b->sc", w, t, v),
-            f"{key}.sq": jnp.einsum("bs,bc,b->sc", w, t, v * v),
-            f"{key}.count": jnp.einsum("bs,bc->sc", w, t),
-            f"{key}.lm_sum": jnp.einsum("bs,b->s", lm, v), f"{key}.lm_count": jnp.sum(lm, axis=0)}
+    return {
+        f"{key}.sum": jnp.einsum("bs,bc,b->sc", w, t, v),
+        f"{key}.sq": jnp.einsum("bs,bc,b->sc", w, t, v * v),
+        f"{key}.count": jnp.einsum("bs,bc->sc", w, t),
+        f"{key}.lm_sum": jnp.einsum("bs,b->s", lm, v),
+        f"{key}.lm_count": jnp.sum(lm, axis=0),
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -131,11 +137,16 @@ def _summaries(stats, key, names, types, zeros=None):
         mean = float(total.sum()) / count if count else math.nan
         var = max(float(sq.sum()) / count - mean * mean, 0.0) if count else math.nan
         out[name] = {
-            "mean": mean, "stderr": math.sqrt(var / count) if count else math.nan, "count": int(count),
-            "per_type": {t: (float(total[k] / n[k]) if n[k] else math.nan) for k, t in enumerate(types)},
+            "mean": mean,
+            "stderr": math.sqrt(var / count) if count else math.nan,
+            "count": int(count),
+            "per_type": {
+                t: (float(total[k] / n[k]) if n[k] else math.nan) for k, t in enumerate(types)
+            },
             "per_type_count": {t: int(n[k]) for k, t in enumerate(types)},
             "label_match_mean": float(stats[f"{key}.lm_sum"][s]) / lm_n if lm_n else math.nan,
-            "label_match_count": int(lm_n)}
+            "label_match_count": int(lm_n),
+        }
     return out
 
 
@@ -169,8 +180,13 @@ class Vis4LangProbe(Probe):
     name = "vis4lang"
     outputs = ("mlm",)
 
-    def __init__(self, settings: Sequence[Vis4Lang], model_type: str, threshold: float = 0.5,
-                 types=PHRASE_TYPES):
+    def __init__(
+        self,
+        settings: Sequence[Vis4Lang],
+        model_type: str,
+        threshold: float = 0.5,
+        types=PHRASE_TYPES,
+    ):
         self.settings, self.model_type = list(settings), model_type
         self.threshold, self.types = threshold, tuple(types)
 
@@ -186,8 +202,11 @@ class Vis4LangProbe(Probe):
         names = [st.name for st in self.settings]
         per = _summaries(stats, "mlm", names, self.types)
         for s, name in enumerate(names):
-            per[name]["regions_ablated_mean"] = (float(stats["ablated.sum"][s]) / per[name]["count"]
-                                                 if per[name]["count"] else math.nan)
+            per[name]["regions_ablated_mean"] = (
+                float(stats["ablated.sum"][s]) / per[name]["count"]
+                if per[name]["count"]
+                else math.nan
+            )
         base = per.get("none", {}).get("mean", math.nan)
         for name in names:
             per[name]["relative_change_pct"] = relative_change(per[name]["mean"], base)
@@ -195,27 +214,75 @@ class Vis4LangProbe(Probe):
         main = [n for n in ("none", Vis4Lang("object", self.threshold).name, "all") if n in per]
         label = lambda n: f"object (IoT > {self.threshold:g})" if n.startswith("object") else n
         lm = any(per[n]["label_match_count"] for n in main)
-        header = ["model", "vision ablation", "MLM (bits)", "Δ vs none", "examples", "regions ablated"]
-        rows = [[model, label(n), per[n]["mean"], _pct(per[n]["relative_change_pct"]), per[n]["count"],
-                 _num(per[n]["regions_ablated_mean"])] + ([_num(per[n]["label_match_mean"])] if lm else [])
-                for n in main]
-        tables = [Table("Vision-for-language: MLM loss on the masked phrase (bits; higher = worse)",
-                        header + (["LabelMatch (bits)"] if lm else []), rows),
-                  Table("Vision-for-language per entity type (bits)", ["vision ablation"] + list(self.types)
-                        + ["overall"], [[label(n)] + [_num(per[n]["per_type"][t]) for t in self.types]
-                                        + [per[n]["mean"]] for n in main])]
+        header = [
+            "model",
+            "vision ablation",
+            "MLM (bits)",
+            "Δ vs none",
+            "examples",
+            "regions ablated",
+        ]
+        rows = [
+            [
+                model,
+                label(n),
+                per[n]["mean"],
+                _pct(per[n]["relative_change_pct"]),
+                per[n]["count"],
+                _num(per[n]["regions_ablated_mean"]),
+            ]
+            + ([_num(per[n]["label_match_mean"])] if lm else [])
+            for n in main
+        ]
+        tables = [
+            Table(
+                "Vision-for-language: MLM loss on the masked phrase (bits; higher = worse)",
+                header + (["LabelMatch (bits)"] if lm else []),
+                rows,
+            ),
+            Table(
+                "Vision-for-language per entity type (bits)",
+                ["vision ablation"] + list(self.types) + ["overall"],
+                [
+                    [label(n)]
+                    + [_num(per[n]["per_type"][t]) for t in self.types]
+                    + [per[n]["mean"]]
+                    for n in main
+                ],
+            ),
+        ]
         sweep = sorted((st.threshold, st.name) for st in self.settings if st.kind == "object")
         figures = {}
         if len(sweep) > 1:
-            tables.append(Table("Vision-for-language: object ablation by IoT threshold (bits)",
-                                ["IoT >", "MLM (bits)", "Δ vs none", "regions ablated"],
-                                [[f"{t:.2f}", per[n]["mean"], _pct(per[n]["relative_change_pct"]),
-                                  _num(per[n]["regions_ablated_mean"])] for t, n in sweep]))
+            tables.append(
+                Table(
+                    "Vision-for-language: object ablation by IoT threshold (bits)",
+                    ["IoT >", "MLM (bits)", "Δ vs none", "regions ablated"],
+                    [
+                        [
+                            f"{t:.2f}",
+                            per[n]["mean"],
+                            _pct(per[n]["relative_change_pct"]),
+                            _num(per[n]["regions_ablated_mean"]),
+                        ]
+                        for t, n in sweep
+                    ],
+                )
+            )
             figures["ablation_iot_sweep"] = sweep_plot(
-                [t for t, _ in sweep], [per[n]["mean"] for _, n in sweep], per.get("none", {}).get("mean"),
-                per.get("all", {}).get("mean"), f"{model}: MLM loss under object ablation")
-        data = {"model": self.model_type, "threshold": self.threshold, "settings": per,
-                "iot_sweep": {f"{t:.2f}": per[n]["mean"] for t, n in sweep}, "batches": info.get("batches")}
+                [t for t, _ in sweep],
+                [per[n]["mean"] for _, n in sweep],
+                per.get("none", {}).get("mean"),
+                per.get("all", {}).get("mean"),
+                f"{model}: MLM loss under object ablation",
+            )
+        data = {
+            "model": self.model_type,
+            "threshold": self.threshold,
+            "settings": per,
+            "iot_sweep": {f"{t:.2f}": per[n]["mean"] for t, n in sweep},
+            "batches": info.get("batches"),
+        }
         return Result(self.name, data, tables, figures)
 
 
@@ -224,8 +291,14 @@ class Lang4VisProbe(Probe):
 
     name = "lang4vis"
 
-    def __init__(self, settings: Sequence[Lang4Vis], model_type: str, types=PHRASE_TYPES,
-                 average: str = "masked", unmasked: Optional[dict] = None):
+    def __init__(
+        self,
+        settings: Sequence[Lang4Vis],
+        model_type: str,
+        types=PHRASE_TYPES,
+        average: str = "masked",
+        unmasked: Optional[dict] = None,
+    ):
         """`average`: "masked" or "reference" (see the module docstring); "reference" needs
         `unmasked` = `AblationLoader.unmasked_counts()`."""
         if model_type not in CONFIGS:
@@ -233,8 +306,10 @@ class Lang4VisProbe(Probe):
         if average not in LANG4VIS_AVERAGES:
             raise ValueError(f"average must be one of {LANG4VIS_AVERAGES}, got {average!r}")
         if average == "reference" and unmasked is None:
-            raise ValueError("average='reference' needs the unmasked example counts "
-                             "(AblationLoader.unmasked_counts())")
+            raise ValueError(
+                "average='reference' needs the unmasked example counts "
+                "(AblationLoader.unmasked_counts())"
+            )
         self.settings, self.model_type, self.types = list(settings), model_type, tuple(types)
         self.output = CONFIGS[model_type].mrc_output
         self.background = CONFIGS[model_type].mrc_background
@@ -243,20 +318,32 @@ class Lang4VisProbe(Probe):
         self.unmasked = unmasked if average == "reference" else None
 
     def step(self, trace, targets):
-        logits = region_logits(trace.outputs[self.output], targets["target_region"])     # [B, C]
+        logits = region_logits(trace.outputs[self.output], targets["target_region"])  # [B, C]
         index = xe_class_index(targets["target_object"], self.background)
         xe_raw = cross_entropy(logits, index)
         s, n = len(self.settings), len(self.types)
         every = jnp.ones_like(targets["valid"])
         top1 = (jnp.argmax(logits, axis=-1) == index).astype(jnp.float32)
-        stats = {**_grouped("xe_raw", xe_raw, targets, every, s, n),
-                 **_grouped("top1", top1, targets, every, s, n)}
-        if self.background:   # a 1601-way head: the detector's distributions compare (MRC-KL)
+        stats = {
+            **_grouped("xe_raw", xe_raw, targets, every, s, n),
+            **_grouped("top1", top1, targets, every, s, n),
+        }
+        if self.background:  # a 1601-way head: the detector's distributions compare (MRC-KL)
             if targets["target_probs"].shape[-1] != logits.shape[-1]:
-                raise ValueError(f"detector distributions have {targets['target_probs'].shape[-1]} classes, "
-                                 f"the {self.output} head {logits.shape[-1]}")
-            stats.update(_grouped("kl", kl_divergence(targets["target_probs"], logits), targets,
-                                  targets["has_probs"], s, n))
+                raise ValueError(
+                    f"detector distributions have {targets['target_probs'].shape[-1]} classes, "
+                    f"the {self.output} head {logits.shape[-1]}"
+                )
+            stats.update(
+                _grouped(
+                    "kl",
+                    kl_divergence(targets["target_probs"], logits),
+                    targets,
+                    targets["has_probs"],
+                    s,
+                    n,
+                )
+            )
             stats.update(_grouped("xe", xe_raw, targets, every, s, n))
         else:
             stats.update(_grouped("xe", targets["target_conf"] * xe_raw, targets, every, s, n))
@@ -277,31 +364,72 @@ class Lang4VisProbe(Probe):
                 table[name]["relative_change_pct"] = relative_change(table[name]["mean"], base)
         model = _display_name(self.model_type)
         kl_of = lambda n, k="mean": None if kl is None or not kl[n]["count"] else kl[n][k]
-        rows = [[model, n, _bits(kl_of(n)), _pct(kl_of(n, "relative_change_pct") if kl_of(n) is not None
-                                                  else math.nan),
-                 _bits(xe[n]["mean"]), _pct(xe[n]["relative_change_pct"]), xe[n]["count"]] for n in names]
+        rows = [
+            [
+                model,
+                n,
+                _bits(kl_of(n)),
+                _pct(kl_of(n, "relative_change_pct") if kl_of(n) is not None else math.nan),
+                _bits(xe[n]["mean"]),
+                _pct(xe[n]["relative_change_pct"]),
+                xe[n]["count"],
+            ]
+            for n in names
+        ]
         xe_name = "MRC-XE (bits)" if self.background else "MRC-XE (bits, × detector conf)"
-        averaged = ("examples without a masked region count as 0, as the reference code"
-                    if self.average == "reference" else "examples with a masked region")
-        tables = [Table(f"Language-for-vision: MRC at the masked target region (bits; higher = "
-                        f"worse; mean over {averaged})",
-                        ["model", "text ablation", "MRC-KL (bits)", "Δ KL vs none", xe_name, "Δ XE vs none",
-                         "examples"], rows)]
+        averaged = (
+            "examples without a masked region count as 0, as the reference code"
+            if self.average == "reference"
+            else "examples with a masked region"
+        )
+        tables = [
+            Table(
+                f"Language-for-vision: MRC at the masked target region (bits; higher = "
+                f"worse; mean over {averaged})",
+                [
+                    "model",
+                    "text ablation",
+                    "MRC-KL (bits)",
+                    "Δ KL vs none",
+                    xe_name,
+                    "Δ XE vs none",
+                    "examples",
+                ],
+                rows,
+            )
+        ]
         for label, summ in (("MRC-KL", kl), ("MRC-XE", xe)):
             if summ is not None and any(summ[n]["count"] for n in names):
-                tables.append(Table(f"Language-for-vision {label} per entity type (bits)",
-                                    ["text ablation"] + list(self.types) + ["overall"],
-                                    [[n] + [_bits(summ[n]["per_type"][t]) for t in self.types]
-                                     + [_bits(summ[n]["mean"])] for n in names]))
+                tables.append(
+                    Table(
+                        f"Language-for-vision {label} per entity type (bits)",
+                        ["text ablation"] + list(self.types) + ["overall"],
+                        [
+                            [n]
+                            + [_bits(summ[n]["per_type"][t]) for t in self.types]
+                            + [_bits(summ[n]["mean"])]
+                            for n in names
+                        ],
+                    )
+                )
         has_kl = kl is not None and any(kl[n]["count"] for n in names)
-        data = {"model": self.model_type, "head": self.output, "units": "nats (tables: bits)",
-                "average": self.average, "average_definition": f"mean over {averaged}",
-                "mrc_kl_nats": kl if has_kl else None, "mrc_xe_nats": xe,
-                "mrc_xe_unweighted_nats": raw,
-                "top1_matches_detector": {n: top1[n]["mean"] for n in names},
-                "xe_definition": ("-log softmax(mrc)[object_id + 1]" if self.background else
-                                  "object_conf * -log softmax(obj)[object_id]; mean over examples"),
-                "batches": info.get("batches")}
+        data = {
+            "model": self.model_type,
+            "head": self.output,
+            "units": "nats (tables: bits)",
+            "average": self.average,
+            "average_definition": f"mean over {averaged}",
+            "mrc_kl_nats": kl if has_kl else None,
+            "mrc_xe_nats": xe,
+            "mrc_xe_unweighted_nats": raw,
+            "top1_matches_detector": {n: top1[n]["mean"] for n in names},
+            "xe_definition": (
+                "-log softmax(mrc)[object_id + 1]"
+                if self.background
+                else "object_conf * -log softmax(obj)[object_id]; mean over examples"
+            ),
+            "batches": info.get("batches"),
+        }
         if self.background and not has_kl:
             data["mrc_kl_note"] = "the region features hold no cls_prob: MRC-KL not computed"
         return Result(self.name, data, tables)
@@ -309,6 +437,7 @@ class Lang4VisProbe(Probe):
 
 def sweep_plot(thresholds, values, none: Optional[float], all_: Optional[float], title: str):
     """Figure drawer: MLM bits against the IoT threshold, with the none / all levels."""
+
     def draw(fig):
         ax = fig.add_subplot(111)
         ax.plot(thresholds, values, marker="o", label="object ablation")
@@ -320,6 +449,7 @@ def sweep_plot(thresholds, values, none: Optional[float], all_: Optional[float],
         ax.set_ylabel("MLM loss on the phrase (bits)")
         ax.set_title(title)
         ax.legend()
+
     return draw
 
 
@@ -327,5 +457,9 @@ def merge_results(name: str, results: Sequence[Result], extra: Optional[dict] = 
     """One Result holding several: data under each result's name, tables and figures in order."""
     data = {r.name: r.data for r in results}
     data.update(extra or {})
-    return Result(name, data, [t for r in results for t in r.tables],
-                  {k: v for r in results for k, v in r.figures.items()})
+    return Result(
+        name,
+        data,
+        [t for r in results for t in r.tables],
+        {k: v for r in results for k, v in r.figures.items()},
+    )

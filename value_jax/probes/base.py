@@ -8,6 +8,7 @@ the runner combines them over batches (summed, or collected row by row for `coll
 This module imports nothing heavier than jax.numpy: probes never load the runner, models or data
 through their base class.
 """
+
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
@@ -38,8 +39,10 @@ class Probe:
     def fingerprint(self) -> dict[str, Any]:
         """Everything on the probe that can change its numbers (part of the state fingerprint):
         its public attributes, bound metadata included."""
-        return {"class": type(self).__name__,
-                **{k: v for k, v in sorted(vars(self).items()) if not k.startswith("_")}}
+        return {
+            "class": type(self).__name__,
+            **{k: v for k, v in sorted(vars(self).items()) if not k.startswith("_")},
+        }
 
     def step(self, trace, targets: dict) -> dict[str, jnp.ndarray]:
         raise NotImplementedError

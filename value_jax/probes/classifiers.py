@@ -14,6 +14,7 @@ are kept (`jnp.where`, no per-probe Python control flow), dev loss breaking accu
 probe stops after `patience` epochs without improving. The loop ends when every probe has stopped
 or at `max_epochs`. Epochs are 0-based indices into `TrainRecord.dev_acc_history`.
 """
+
 from __future__ import annotations
 
 import functools
@@ -85,9 +86,10 @@ def attention_pair_features(a_ij, a_ji):
     """
     a_ij, a_ji = jnp.asarray(a_ij), jnp.asarray(a_ji)
     if a_ij.shape != a_ji.shape or a_ij.ndim < 2:
-        raise ValueError(f"a_ij {a_ij.shape} and a_ji {a_ji.shape} must have the same shape "
-                         "[..., layers, heads]")
-    both = jnp.concatenate([a_ij, a_ji], axis=-1)                     # [..., L, 2H]
+        raise ValueError(
+            f"a_ij {a_ij.shape} and a_ji {a_ji.shape} must have the same shape [..., layers, heads]"
+        )
+    both = jnp.concatenate([a_ij, a_ji], axis=-1)  # [..., L, 2H]
     return both.reshape(*both.shape[:-2], -1)
 
 
@@ -112,7 +114,8 @@ def _matmul_pretransposed(x, x_t, w):
 
 _matmul_pretransposed.defvjp(
     lambda x, x_t, w: (jnp.matmul(x, w, precision=_EXACT), x_t),
-    lambda x_t, g: (None, None, jnp.matmul(x_t, g, precision=_EXACT)))
+    lambda x_t, g: (None, None, jnp.matmul(x_t, g, precision=_EXACT)),
+)
 
 
 def _linear_logits(w, x, x_t=None):
@@ -125,10 +128,25 @@ def _bilinear_logits(w, e_i, e_j):
     return ((e_i @ w["w_i"]) * (e_j @ w["w_j"])) @ w["w_cls"] + w["b"]
 
 
-@functools.partial(jax.jit, static_argnames=(
-    "logits_fn", "max_epochs", "patience", "batch_size", "optimizer"))
-def _train(weights, train, y_train, dev, y_dev, key, learning_rate, l2, *, logits_fn, max_epochs,
-           patience, batch_size, optimizer="adam"):
+@functools.partial(
+    jax.jit, static_argnames=("logits_fn", "max_epochs", "patience", "batch_size", "optimizer")
+)
+def _train(
+    weights,
+    train,
+    y_train,
+    dev,
+    y_dev,
+    key,
+    learning_rate,
+    l2,
+    *,
+    logits_fn,
+    max_epochs,
+    patience,
+    batch_size,
+    optimizer="adam",
+):
     """Trains `P` probes: weights leaves `[P, ...]`, inputs tuples of `[P, N, ...]`, y `[P, N]`."""
     num_probes, n = y_train.shape
     # L-BFGS sets its step by line search: learning_rate is Adam's alone.
@@ -173,34 +191,49 @@ def _train(weights, train, y_train, dev, y_dev, key, learning_rate, l2, *, logit
 
     def keep(mask, new, old):
         return jax.tree.map(
-            lambda a, b: jnp.where(mask.reshape((-1,) + (1,) * (a.ndim - 1)), a, b), new, old)
+            lambda a, b: jnp.where(mask.reshape((-1,) + (1,) * (a.ndim - 1)), a, b), new, old
+        )
 
     def body(s):
         w, state = run_epoch(s["w"], s["state"], s["epoch"])
         acc, nll = scores(w, dev, y_dev)
         # Dev loss breaks accuracy ties: on a plateau of accuracy keep the better-fitted epoch.
-        improved = s["active"] & ((acc > s["best_acc"]) |
-                                  ((acc == s["best_acc"]) & (nll < s["best_nll"])))
+        improved = s["active"] & (
+            (acc > s["best_acc"]) | ((acc == s["best_acc"]) & (nll < s["best_nll"]))
+        )
         bad = jnp.where(improved, 0, s["bad"] + 1)
         return dict(
-            epoch=s["epoch"] + 1, w=w, state=state, bad=bad,
+            epoch=s["epoch"] + 1,
+            w=w,
+            state=state,
+            bad=bad,
             best_w=keep(improved, w, s["best_w"]),
             best_acc=jnp.where(improved, acc, s["best_acc"]),
             best_nll=jnp.where(improved, nll, s["best_nll"]),
             best_epoch=jnp.where(improved, s["epoch"], s["best_epoch"]),
             history=s["history"].at[:, s["epoch"]].set(jnp.where(s["active"], acc, jnp.nan)),
-            active=s["active"] & (bad < patience))
+            active=s["active"] & (bad < patience),
+        )
 
     init = dict(
-        epoch=jnp.int32(0), w=weights, state=jax.vmap(opt.init)(weights), best_w=weights,
-        best_acc=jnp.full((num_probes,), -1.0), best_nll=jnp.full((num_probes,), jnp.inf),
+        epoch=jnp.int32(0),
+        w=weights,
+        state=jax.vmap(opt.init)(weights),
+        best_w=weights,
+        best_acc=jnp.full((num_probes,), -1.0),
+        best_nll=jnp.full((num_probes,), jnp.inf),
         best_epoch=jnp.zeros((num_probes,), jnp.int32),
-        bad=jnp.zeros((num_probes,), jnp.int32), active=jnp.ones((num_probes,), bool),
-        history=jnp.full((num_probes, max_epochs), jnp.nan))
+        bad=jnp.zeros((num_probes,), jnp.int32),
+        active=jnp.ones((num_probes,), bool),
+        history=jnp.full((num_probes, max_epochs), jnp.nan),
+    )
     s = jax.lax.while_loop(lambda s: (s["epoch"] < max_epochs) & jnp.any(s["active"]), body, init)
-    record = TrainRecord(best_epoch=s["best_epoch"], best_dev_acc=s["best_acc"],
-                         epochs_run=jnp.sum(~jnp.isnan(s["history"]), axis=1),
-                         dev_acc_history=s["history"])
+    record = TrainRecord(
+        best_epoch=s["best_epoch"],
+        best_dev_acc=s["best_acc"],
+        epochs_run=jnp.sum(~jnp.isnan(s["history"]), axis=1),
+        dev_acc_history=s["history"],
+    )
     return s["best_w"], record
 
 
@@ -218,14 +251,17 @@ def _standardise(x, mean, std):
 @functools.partial(jax.jit, static_argnames="logits_fn")
 def _accuracy(weights, inputs, y, logits_fn):
     return jax.vmap(lambda w, inp, t: jnp.mean(jnp.argmax(logits_fn(w, *inp), -1) == t))(
-        weights, inputs, y)
+        weights, inputs, y
+    )
 
 
 def _features(x, name):
     x = jnp.asarray(x, jnp.float32)
     if x.ndim != 3:
-        raise ValueError(f"{name} must be [P, N, F] (a leading probe axis; x[None] for one "
-                         f"probe), got shape {x.shape}")
+        raise ValueError(
+            f"{name} must be [P, N, F] (a leading probe axis; x[None] for one "
+            f"probe), got shape {x.shape}"
+        )
     return x
 
 
@@ -236,14 +272,26 @@ def _labels(y, num_probes, n, num_classes, name):
     if y.shape != (num_probes, n):
         raise ValueError(f"{name} must be [N] or [P, N] = [{num_probes}, {n}], got {y.shape}")
     if y.size and (y.min() < 0 or y.max() >= num_classes):
-        raise ValueError(f"{name} holds labels in [{y.min()}, {y.max()}], "
-                         f"outside [0, num_classes={num_classes})")
+        raise ValueError(
+            f"{name} holds labels in [{y.min()}, {y.max()}], outside [0, num_classes={num_classes})"
+        )
     return jnp.asarray(y, jnp.int32)
 
 
-def fit_linear(x_train, y_train, x_dev, y_dev, num_classes: int, key, *, l2: float = 1e-4,
-               optimizer: str = "lbfgs", learning_rate: float = 0.1, max_epochs: int = 300,
-               patience: int = 20) -> LinearProbe:
+def fit_linear(
+    x_train,
+    y_train,
+    x_dev,
+    y_dev,
+    num_classes: int,
+    key,
+    *,
+    l2: float = 1e-4,
+    optimizer: str = "lbfgs",
+    learning_rate: float = 0.1,
+    max_epochs: int = 300,
+    patience: int = 20,
+) -> LinearProbe:
     """Trains `P` multinomial logistic regressions (the Eq. 3 attention prober, or a linear probe
     of any features) with early stopping on dev accuracy.
 
@@ -269,14 +317,26 @@ def fit_linear(x_train, y_train, x_dev, y_dev, num_classes: int, key, *, l2: flo
     y_train = _labels(y_train, num_probes, n, num_classes, "y_train")
     y_dev = _labels(y_dev, num_probes, x_dev.shape[1], num_classes, "y_dev")
     mean, std = _stats(x_train)
-    weights = {"w": jnp.zeros((num_probes, f, num_classes)),  # convex: zero start is exact
-               "b": jnp.zeros((num_probes, num_classes))}
+    weights = {
+        "w": jnp.zeros((num_probes, f, num_classes)),  # convex: zero start is exact
+        "b": jnp.zeros((num_probes, num_classes)),
+    }
     x_train = _standardise(x_train, mean, std)
     weights, record = _train(
-        weights, (x_train, jnp.swapaxes(x_train, 1, 2)), y_train,
-        (_standardise(x_dev, mean, std),), y_dev, key, learning_rate, l2,
-        logits_fn=_linear_logits, optimizer=optimizer, max_epochs=max_epochs, patience=patience,
-        batch_size=n)
+        weights,
+        (x_train, jnp.swapaxes(x_train, 1, 2)),
+        y_train,
+        (_standardise(x_dev, mean, std),),
+        y_dev,
+        key,
+        learning_rate,
+        l2,
+        logits_fn=_linear_logits,
+        optimizer=optimizer,
+        max_epochs=max_epochs,
+        patience=patience,
+        batch_size=n,
+    )
     return LinearProbe(weights=weights, mean=mean, std=std, record=record)
 
 
@@ -287,9 +347,23 @@ def evaluate(probe: LinearProbe, x, y):
     return _accuracy(probe.weights, (_standardise(x, probe.mean, probe.std),), y, _linear_logits)
 
 
-def fit_bilinear(e_i_train, e_j_train, y_train, e_i_dev, e_j_dev, y_dev, num_classes: int, key,
-                 *, rank: Optional[int] = None, l2: float = 1e-5, learning_rate: float = 1e-3,
-                 max_epochs: int = 50, patience: int = 5, batch_size: int = 256) -> BilinearProbe:
+def fit_bilinear(
+    e_i_train,
+    e_j_train,
+    y_train,
+    e_i_dev,
+    e_j_dev,
+    y_dev,
+    num_classes: int,
+    key,
+    *,
+    rank: Optional[int] = None,
+    l2: float = 1e-5,
+    learning_rate: float = 1e-3,
+    max_epochs: int = 50,
+    patience: int = 5,
+    batch_size: int = 256,
+) -> BilinearProbe:
     """Trains `P` layer-wise embedding probers of Eq. 4 with minibatch Adam and early stopping.
 
     `p(c|i,j) ∝ exp(w_cᵀ (W_w ê_i ⊙ W_μ ê_j) + b_c)`, ê the train-standardised embeddings,
@@ -306,36 +380,55 @@ def fit_bilinear(e_i_train, e_j_train, y_train, e_i_dev, e_j_dev, y_dev, num_cla
     e_i_train, e_j_train = _features(e_i_train, "e_i_train"), _features(e_j_train, "e_j_train")
     e_i_dev, e_j_dev = _features(e_i_dev, "e_i_dev"), _features(e_j_dev, "e_j_dev")
     num_probes, n, d = e_i_train.shape
-    if e_j_train.shape != e_i_train.shape or e_j_dev.shape != e_i_dev.shape \
-            or e_i_dev.shape[::2] != (num_probes, d):
-        raise ValueError(f"embeddings must be [P, N, D] with matching P, D and e_i/e_j pairing; "
-                         f"got train {e_i_train.shape} / {e_j_train.shape}, "
-                         f"dev {e_i_dev.shape} / {e_j_dev.shape}")
+    if (
+        e_j_train.shape != e_i_train.shape
+        or e_j_dev.shape != e_i_dev.shape
+        or e_i_dev.shape[::2] != (num_probes, d)
+    ):
+        raise ValueError(
+            f"embeddings must be [P, N, D] with matching P, D and e_i/e_j pairing; "
+            f"got train {e_i_train.shape} / {e_j_train.shape}, "
+            f"dev {e_i_dev.shape} / {e_j_dev.shape}"
+        )
     y_train = _labels(y_train, num_probes, n, num_classes, "y_train")
     y_dev = _labels(y_dev, num_probes, e_i_dev.shape[1], num_classes, "y_dev")
     rank = rank or d
     k_i, k_j, k_c, k_order = jax.random.split(key, 4)
     # Unit-variance projections of standardised inputs keep the initial logits O(1).
-    one = {"w_i": jax.random.normal(k_i, (d, rank)) / np.sqrt(d),
-           "w_j": jax.random.normal(k_j, (d, rank)) / np.sqrt(d),
-           "w_cls": jax.random.normal(k_c, (rank, num_classes)) / np.sqrt(rank),
-           "b": jnp.zeros((num_classes,))}
+    one = {
+        "w_i": jax.random.normal(k_i, (d, rank)) / np.sqrt(d),
+        "w_j": jax.random.normal(k_j, (d, rank)) / np.sqrt(d),
+        "w_cls": jax.random.normal(k_c, (rank, num_classes)) / np.sqrt(rank),
+        "b": jnp.zeros((num_classes,)),
+    }
     weights = jax.tree.map(lambda v: jnp.broadcast_to(v, (num_probes,) + v.shape), one)
     mean_i, std_i = _stats(e_i_train)
     mean_j, std_j = _stats(e_j_train)
     weights, record = _train(
-        weights, (_standardise(e_i_train, mean_i, std_i), _standardise(e_j_train, mean_j, std_j)),
-        y_train, (_standardise(e_i_dev, mean_i, std_i), _standardise(e_j_dev, mean_j, std_j)),
-        y_dev, k_order, learning_rate, l2, logits_fn=_bilinear_logits,
-        max_epochs=max_epochs, patience=patience, batch_size=min(batch_size, n))
-    return BilinearProbe(weights=weights, mean_i=mean_i, std_i=std_i, mean_j=mean_j, std_j=std_j,
-                         record=record)
+        weights,
+        (_standardise(e_i_train, mean_i, std_i), _standardise(e_j_train, mean_j, std_j)),
+        y_train,
+        (_standardise(e_i_dev, mean_i, std_i), _standardise(e_j_dev, mean_j, std_j)),
+        y_dev,
+        k_order,
+        learning_rate,
+        l2,
+        logits_fn=_bilinear_logits,
+        max_epochs=max_epochs,
+        patience=patience,
+        batch_size=min(batch_size, n),
+    )
+    return BilinearProbe(
+        weights=weights, mean_i=mean_i, std_i=std_i, mean_j=mean_j, std_j=std_j, record=record
+    )
 
 
 def evaluate_bilinear(probe: BilinearProbe, e_i, e_j, y):
     """Accuracy `[P]` of each Eq. 4 probe on `e_i, e_j [P, N, D]`, `y [N] or [P, N]`."""
     e_i, e_j = _features(e_i, "e_i"), _features(e_j, "e_j")
     y = _labels(y, *e_i.shape[:2], probe.weights["b"].shape[-1], "y")
-    inputs = (_standardise(e_i, probe.mean_i, probe.std_i),
-              _standardise(e_j, probe.mean_j, probe.std_j))
+    inputs = (
+        _standardise(e_i, probe.mean_i, probe.std_i),
+        _standardise(e_j, probe.mean_j, probe.std_j),
+    )
     return _accuracy(probe.weights, inputs, y, _bilinear_logits)

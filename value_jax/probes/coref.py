@@ -17,6 +17,7 @@ with the item's image (`row.image`), by which the probers split (`pair_probers`)
 the probers' splits, initialisation and control labels; `bilinear_rank` 0 = the paper's full-rank
 Eq. 4 prober.
 """
+
 from __future__ import annotations
 
 import jax
@@ -34,11 +35,23 @@ from value_jax.probes.results import Result, Table, heatmap
 
 class CorefProbe(Probe):
     name = "coref"
-    collect_keys = ("att_features", "emb_region", "emb_phrase", "linked", "type", "phrase_ids",
-                    "image")
+    collect_keys = (
+        "att_features",
+        "emb_region",
+        "emb_phrase",
+        "linked",
+        "type",
+        "phrase_ids",
+        "image",
+    )
 
-    def __init__(self, types=PHRASE_TYPES, collect_features: bool = True, seed: int = 0,
-                 bilinear_rank: int = 0):
+    def __init__(
+        self,
+        types=PHRASE_TYPES,
+        collect_features: bool = True,
+        seed: int = 0,
+        bilinear_rank: int = 0,
+    ):
         self.types = tuple(types)
         self.collect_features = collect_features
         self.seed, self.bilinear_rank = int(seed), int(bilinear_rank)
@@ -66,13 +79,19 @@ class CorefProbe(Probe):
         has_rand = item & jnp.any(rand_mask, axis=-1)
         n_types = len(self.types)
         stats = {}
-        for key, values, mask in (("v2t", vt, item), ("t2v", tv, item),
-                                  ("v2t_rand", vt_rand, has_rand), ("t2v_rand", tv_rand, item)):
+        for key, values, mask in (
+            ("v2t", vt, item),
+            ("t2v", tv, item),
+            ("v2t_rand", vt_rand, has_rand),
+            ("t2v_rand", tv_rand, item),
+        ):
             stats[key + ".sum"], stats[key + ".count"] = pairs.class_sums(
-                values, targets["coref.type"], mask, n_types)
+                values, targets["coref.type"], mask, n_types
+            )
         if self.collect_features:
-            stats["att_features"] = attention_pair_features(                  # [B, P, L·2H]
-                jnp.moveaxis(vt, 0, 2), jnp.moveaxis(tv, 0, 2))
+            stats["att_features"] = attention_pair_features(  # [B, P, L·2H]
+                jnp.moveaxis(vt, 0, 2), jnp.moveaxis(tv, 0, 2)
+            )
             layer_pairs = trace.paired_layers()
             text, _ = trace.hidden_states("text", [a for a, _ in layer_pairs])
             image, _ = trace.hidden_states("image", [v for _, v in layer_pairs])
@@ -80,8 +99,10 @@ class CorefProbe(Probe):
             stats["emb_phrase"] = pairs.mean_rows(text, tokens, token_mask)
             stats["linked"] = targets["coref.linked"].astype(jnp.int32)
             stats["type"] = targets["coref.type"]
-            ids = jax.vmap(lambda row, idx: row[idx])(trace.input_ids, jnp.where(token_mask, tokens, 0))
-            stats["phrase_ids"] = jnp.where(token_mask, ids, -1)        # control-task types
+            ids = jax.vmap(lambda row, idx: row[idx])(
+                trace.input_ids, jnp.where(token_mask, tokens, 0)
+            )
+            stats["phrase_ids"] = jnp.where(token_mask, ids, -1)  # control-task types
             stats["image"] = jnp.broadcast_to(targets[ROW_IMAGE][:, None], item.shape)
             for k in self.collect_keys:
                 stats[k + ".mask"] = targets["coref.mask"]
@@ -89,8 +110,10 @@ class CorefProbe(Probe):
 
     def finalize(self, stats, info):
         heads = stats["v2t.sum"].shape[-1]
-        means = {k: stats[k + ".sum"] / np.maximum(stats[k + ".count"], 1)[:, None, None]
-                 for k in ("v2t", "t2v", "v2t_rand", "t2v_rand")}
+        means = {
+            k: stats[k + ".sum"] / np.maximum(stats[k + ".count"], 1)[:, None, None]
+            for k in ("v2t", "t2v", "v2t_rand", "t2v_rand")
+        }
         counts = stats["v2t.count"]
         rows, per_type = [], {}
         for c, type_name in enumerate(self.types):
@@ -100,25 +123,58 @@ class CorefProbe(Probe):
             row = [type_name, int(counts[c])]
             for d in ("v2t", "t2v"):
                 entry[d] = pairs.best_and_random(means[d], means[d + "_rand"], self.layer_names, c)
-                row += [entry[d]["head"], entry[d]["value"], entry[d]["rand_head"],
-                        entry[d]["rand_value"]]
+                row += [
+                    entry[d]["head"],
+                    entry[d]["value"],
+                    entry[d]["rand_head"],
+                    entry[d]["rand_value"],
+                ]
             per_type[type_name] = entry
             rows.append(row)
-        table = Table("Table 2: visual coreference, best head per entity type (max attention over "
-                      "phrase tokens; Rand. = the best head on random pairs, with its own label)",
-                      ["type", "links", "V→T head", "V→T", "V→T (Rand.) head", "V→T (Rand.)",
-                       "T→V head", "T→V", "T→V (Rand.) head", "T→V (Rand.)"], rows)
+        table = Table(
+            "Table 2: visual coreference, best head per entity type (max attention over "
+            "phrase tokens; Rand. = the best head on random pairs, with its own label)",
+            [
+                "type",
+                "links",
+                "V→T head",
+                "V→T",
+                "V→T (Rand.) head",
+                "V→T (Rand.)",
+                "T→V head",
+                "T→V",
+                "T→V (Rand.) head",
+                "T→V (Rand.)",
+            ],
+            rows,
+        )
         total = np.maximum(counts.sum(), 1)
         overall = {d: (stats[d + ".sum"].sum(0) / total) for d in ("v2t", "t2v")}
-        data = {"per_type": per_type, "layers": self.layer_names, "heads": heads,
-                "mean_per_head": {d: means[d] for d in means}, "links": int(counts.sum())}
-        figures = {f"coref_{d}_heads": heatmap(overall[d], f"Coreference {d.upper()} max attention, "
-                                               "all types", ylabel="layer (" + ", ".join(
-                                                   map(names.label, self.layer_names[:1])) + " first)")
-                   for d in overall}
+        data = {
+            "per_type": per_type,
+            "layers": self.layer_names,
+            "heads": heads,
+            "mean_per_head": {d: means[d] for d in means},
+            "links": int(counts.sum()),
+        }
+        figures = {
+            f"coref_{d}_heads": heatmap(
+                overall[d],
+                f"Coreference {d.upper()} max attention, all types",
+                ylabel="layer (" + ", ".join(map(names.label, self.layer_names[:1])) + " first)",
+            )
+            for d in overall
+        }
         result = Result(self.name, data, [table], figures)
         if self.collect_features and stats.get("linked") is not None and len(stats["linked"]):
             from value_jax.probes.pair_probers import coref_probers
-            coref_probers(result, stats, self.types, self.embedding_layers, seed=self.seed,
-                          bilinear_rank=self.bilinear_rank)
+
+            coref_probers(
+                result,
+                stats,
+                self.types,
+                self.embedding_layers,
+                seed=self.seed,
+                bilinear_rank=self.bilinear_rank,
+            )
         return result

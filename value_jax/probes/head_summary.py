@@ -8,6 +8,7 @@ shifts its block boundaries; here the masks come from the Trace layout, so they 
 "image-to-image without self"), averaging over the remaining entries. Reported as raw means and
 as z-scores across layers per head (scipy.stats.zscore's default axis=0, as VL-InterpreT does).
 """
+
 from __future__ import annotations
 
 import jax.numpy as jnp
@@ -40,7 +41,7 @@ class HeadSummaryProbe(Probe):
             maps, _ = trace.blocks(direction, self.layer_names[block])
             band = 1 if block == "v2v_no_self" else None
             q, k = masks[direction[0]], masks[direction[2]]
-            means = kernels.over_layers(kernels.block_mean)(maps, q, k, band)      # [L, B, H]
+            means = kernels.over_layers(kernels.block_mean)(maps, q, k, band)  # [L, B, H]
             valid = (jnp.any(q, 1) & jnp.any(k, 1) & first).astype(jnp.float32)
             stats[block + ".sum"] = jnp.einsum("lbh,b->lh", means, valid)
             stats[block + ".count"] = jnp.sum(valid)
@@ -49,15 +50,22 @@ class HeadSummaryProbe(Probe):
     def finalize(self, stats, info):
         data, rows, figures = {}, [], {}
         for block in BLOCKS:
-            mean = stats[block + ".sum"] / max(float(stats[block + ".count"]), 1.0)   # [L, H]
+            mean = stats[block + ".sum"] / max(float(stats[block + ".count"]), 1.0)  # [L, H]
             std = mean.std(axis=0, keepdims=True)
-            z = np.where(std > 0, (mean - mean.mean(axis=0, keepdims=True)) / np.where(std > 0, std, 1), 0.0)
+            z = np.where(
+                std > 0, (mean - mean.mean(axis=0, keepdims=True)) / np.where(std > 0, std, 1), 0.0
+            )
             layers = self.layer_names[block]
             data[block] = {"layers": layers, "mean": mean, "zscore_across_layers": z}
-            rows += [[block, names.label(n), float(mean[i].mean()), float(mean[i].max())]
-                     for i, n in enumerate(layers)]
+            rows += [
+                [block, names.label(n), float(mean[i].mean()), float(mean[i].max())]
+                for i, n in enumerate(layers)
+            ]
             figures[f"head_summary_{block}"] = heatmap(mean, f"Mean {block} attention per head")
-        table = Table("Mean attention per block (query→key; words and regions, [CLS]/[SEP] "
-                      "excluded): mean and max over heads", ["block", "layer", "mean", "max head"],
-                      rows)
+        table = Table(
+            "Mean attention per block (query→key; words and regions, [CLS]/[SEP] "
+            "excluded): mean and max over heads",
+            ["block", "layer", "mean", "max head"],
+            rows,
+        )
         return Result(self.name, data, [table], figures)

@@ -21,6 +21,7 @@ types (the paper notes phrase text can leak the label). Types:
                carry. Identical features as the type (one type per region pair) would make
                nearly every pair its own type and the control task unlearnable.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -30,8 +31,10 @@ from value_jax.probes import probing
 from value_jax.probes.results import Table
 
 # Small, explicit prober budgets; pass larger ones from the experiment for real data.
-PROBER_SETTINGS = {"linear": dict(max_epochs=300, patience=30),
-                   "bilinear": dict(max_epochs=200, patience=20)}
+PROBER_SETTINGS = {
+    "linear": dict(max_epochs=300, patience=30),
+    "bilinear": dict(max_epochs=200, patience=20),
+}
 SPLIT = "by image: every image's items in one of train/dev/test (80/10/10 of the items)"
 CONTROL_ITEMS_PER_TYPE = 20
 MAX_CONTROL_CLASSES = 32
@@ -53,8 +56,8 @@ def _nearest(x, centres, chunk=65536):
     out = np.empty(len(x), np.int64)
     c2 = np.sum(centres * centres, axis=1)
     for start in range(0, len(x), chunk):
-        part = np.asarray(x[start:start + chunk], np.float64)
-        out[start:start + chunk] = np.argmin(c2[None] - 2 * part @ centres.T, axis=1)
+        part = np.asarray(x[start : start + chunk], np.float64)
+        out[start : start + chunk] = np.argmin(c2[None] - 2 * part @ centres.T, axis=1)
     return out
 
 
@@ -67,8 +70,12 @@ def kmeans_classes(arrays, k: int, seed: int) -> list[np.ndarray]:
     sizes = [len(a) for a in arrays]
     take = np.sort(rng.choice(sum(sizes), min(sum(sizes), _KMEANS_FIT_ROWS), replace=False))
     starts = np.cumsum([0] + sizes)
-    fit = np.concatenate([np.asarray(a[take[(take >= lo) & (take < hi)] - lo], np.float64)
-                          for a, lo, hi in zip(arrays, starts[:-1], starts[1:])])
+    fit = np.concatenate(
+        [
+            np.asarray(a[take[(take >= lo) & (take < hi)] - lo], np.float64)
+            for a, lo, hi in zip(arrays, starts[:-1], starts[1:])
+        ]
+    )
     centres = [fit[rng.integers(len(fit))]]
     d = np.sum((fit - centres[0]) ** 2, axis=1)
     while len(centres) < k and d.sum() > 0:
@@ -77,8 +84,12 @@ def kmeans_classes(arrays, k: int, seed: int) -> list[np.ndarray]:
     centres = np.stack(centres)
     for _ in range(_KMEANS_ITERS):
         assign = _nearest(fit, centres)
-        new = np.stack([fit[assign == j].mean(0) if np.any(assign == j) else centres[j]
-                        for j in range(len(centres))])
+        new = np.stack(
+            [
+                fit[assign == j].mean(0) if np.any(assign == j) else centres[j]
+                for j in range(len(centres))
+            ]
+        )
         if np.allclose(new, centres):
             break
         centres = new
@@ -97,10 +108,14 @@ def relation_control_classes(raw_subj, raw_obj, seed: int):
     types = subj * k + obj
     counts = np.bincount(types)
     counts = counts[counts > 0]
-    return types, {"scheme": "(subject class, object class); classes = k-means clusters of the "
-                             "raw detector features", "classes": k, "types": int(len(counts)),
-                   "mean_items_per_type": float(n / max(len(counts), 1)),
-                   "median_items_per_type": float(np.median(counts)) if len(counts) else 0.0}
+    return types, {
+        "scheme": "(subject class, object class); classes = k-means clusters of the "
+        "raw detector features",
+        "classes": k,
+        "types": int(len(counts)),
+        "mean_items_per_type": float(n / max(len(counts), 1)),
+        "median_items_per_type": float(np.median(counts)) if len(counts) else 0.0,
+    }
 
 
 def _fit(features, labels, types, groups, seed, names, kind, settings, bilinear_rank):
@@ -108,36 +123,58 @@ def _fit(features, labels, types, groups, seed, names, kind, settings, bilinear_
     if len(labels) < 10 or n_classes < 2 or len(np.unique(labels)) < 2:
         return {"skipped": f"{len(labels)} items, {len(np.unique(labels))} label(s)"}
     if len(np.unique(groups)) < 3:
-        return {"skipped": f"{len(np.unique(groups))} image(s): image-disjoint train/dev/test "
-                           "need at least 3"}
+        return {
+            "skipped": f"{len(np.unique(groups))} image(s): image-disjoint train/dev/test "
+            "need at least 3"
+        }
     kw = dict((settings or PROBER_SETTINGS)[kind])
     kw.pop("rank", None)
     if kind == "bilinear":
         d = features[0].shape[-1]
         kw["rank"] = min(bilinear_rank, d) if bilinear_rank else d
-    res = probing.train_prober(features, labels, num_classes=n_classes, seed=seed, groups=groups,
-                                control_type_ids=types, names=names, **kw)
+    res = probing.train_prober(
+        features,
+        labels,
+        num_classes=n_classes,
+        seed=seed,
+        groups=groups,
+        control_type_ids=types,
+        names=names,
+        **kw,
+    )
     out = res.to_dict()
     if kind == "bilinear":
         out["rank"] = kw["rank"]
     return out
 
 
-def _fit_layers(emb_a, emb_b, sel, labels, types, groups, seed, layers, settings, bilinear_rank,
-                budget=None):
+def _fit_layers(
+    emb_a, emb_b, sel, labels, types, groups, seed, layers, settings, bilinear_rank, budget=None
+):
     """The bilinear prober of every layer: `[N, L, D]` collected arrays (memmaps when spilled),
     all layers under one vmap when two float32 copies fit `budget`, else in chunks of layers,
     each read from the arrays on its own (recorded as `layers_per_fit`)."""
     budget = EMBEDDING_PROBER_BUDGET_BYTES if budget is None else budget
     n, n_layers, d = int(np.count_nonzero(sel)), emb_a.shape[1], emb_a.shape[2]
-    per_layer = max(1, 2 * 2 * n * d * 4)                  # two arrays, a copy for the splits
+    per_layer = max(1, 2 * 2 * n * d * 4)  # two arrays, a copy for the splits
     chunk = int(max(1, min(n_layers, budget // per_layer)))
     parts = []
     for lo in range(0, n_layers, chunk):
         hi = min(lo + chunk, n_layers)
-        pick = lambda e: np.swapaxes(np.asarray(e[:, lo:hi][sel], np.float32), 0, 1)
-        parts.append(_fit((pick(emb_a), pick(emb_b)), labels, types, groups, seed,
-                          list(layers[lo:hi]), "bilinear", settings, bilinear_rank))
+        pick = lambda e, lo=lo, hi=hi: np.swapaxes(np.asarray(e[:, lo:hi][sel], np.float32), 0, 1)
+        parts.append(
+            _fit(
+                (pick(emb_a), pick(emb_b)),
+                labels,
+                types,
+                groups,
+                seed,
+                list(layers[lo:hi]),
+                "bilinear",
+                settings,
+                bilinear_rank,
+            )
+        )
     if len(parts) == 1 or "skipped" in parts[0]:
         return parts[0]
     merged = dict(parts[0])
@@ -156,8 +193,9 @@ def _rows(task, res, label, display=str):
         name = display(name)
         sel = res["selectivity"][i] if res.get("selectivity") else float("nan")
         ctrl = res["control_test_acc"][i] if res.get("control_test_acc") else float("nan")
-        out.append([task, f"{label} {name}".strip(), res["test_acc"][i], ctrl, sel,
-                     res["majority_acc"]])
+        out.append(
+            [task, f"{label} {name}".strip(), res["test_acc"][i], ctrl, sel, res["majority_acc"]]
+        )
     return out
 
 
@@ -166,10 +204,30 @@ def _run_all(tasks, att, emb_a, emb_b, layers, types, groups, seed, settings, bi
     results, rows = {}, []
     for task, (sel, labels) in tasks.items():
         entry = {
-            "attention_prober": _fit(att[sel], labels, types[sel], groups[sel], seed,
-                                     ["all heads"], "linear", settings, bilinear_rank),
-            "embedding_prober": _fit_layers(emb_a, emb_b, sel, labels, types[sel], groups[sel],
-                                            seed, layers, settings, bilinear_rank)}
+            "attention_prober": _fit(
+                att[sel],
+                labels,
+                types[sel],
+                groups[sel],
+                seed,
+                ["all heads"],
+                "linear",
+                settings,
+                bilinear_rank,
+            ),
+            "embedding_prober": _fit_layers(
+                emb_a,
+                emb_b,
+                sel,
+                labels,
+                types[sel],
+                groups[sel],
+                seed,
+                layers,
+                settings,
+                bilinear_rank,
+            ),
+        }
         results[task] = entry
         rows += _rows(task, entry["attention_prober"], "attention prober")
         rows += _rows(task, entry["embedding_prober"], "embedding prober, layer", names.label)
@@ -177,15 +235,20 @@ def _run_all(tasks, att, emb_a, emb_b, layers, types, groups, seed, settings, bi
 
 
 def _table(caption, rows):
-    return Table(caption, ["task", "prober", "test acc", "control acc", "selectivity",
-                           "majority"], rows)
+    return Table(
+        caption, ["task", "prober", "test acc", "control acc", "selectivity", "majority"], rows
+    )
 
 
 def _settings(seed, bilinear_rank, dim, control):
-    return {"seed": seed, "split": SPLIT,
-            "bilinear_rank": int(min(bilinear_rank, dim)) if bilinear_rank else int(dim),
-            "bilinear_rank_flag": int(bilinear_rank), "bilinear_full_rank": not bilinear_rank
-            or bilinear_rank >= dim, "control_types": control}
+    return {
+        "seed": seed,
+        "split": SPLIT,
+        "bilinear_rank": int(min(bilinear_rank, dim)) if bilinear_rank else int(dim),
+        "bilinear_rank_flag": int(bilinear_rank),
+        "bilinear_full_rank": not bilinear_rank or bilinear_rank >= dim,
+        "control_types": control,
+    }
 
 
 def coref_probers(result, stats, types, embedding_layers, seed=0, settings=None, bilinear_rank=0):
@@ -194,42 +257,87 @@ def coref_probers(result, stats, types, embedding_layers, seed=0, settings=None,
     linked = stats["linked"].astype(bool)
     item_types = _types(stats["phrase_ids"])
     groups = np.asarray(stats["image"])
-    tasks = {"VCD": (np.ones_like(linked), linked.astype(np.int32)),
-             "VCC": (linked, stats["type"][linked].astype(np.int32))}
-    res, rows = _run_all(tasks, stats["att_features"], stats["emb_region"], stats["emb_phrase"],
-                         embedding_layers, item_types, groups, seed, settings, bilinear_rank)
-    used = _settings(seed, bilinear_rank, stats["emb_region"].shape[-1],
-                     {"scheme": "the phrase's word pieces",
-                      "types": int(item_types.max() + 1) if len(item_types) else 0})
+    tasks = {
+        "VCD": (np.ones_like(linked), linked.astype(np.int32)),
+        "VCC": (linked, stats["type"][linked].astype(np.int32)),
+    }
+    res, rows = _run_all(
+        tasks,
+        stats["att_features"],
+        stats["emb_region"],
+        stats["emb_phrase"],
+        embedding_layers,
+        item_types,
+        groups,
+        seed,
+        settings,
+        bilinear_rank,
+    )
+    used = _settings(
+        seed,
+        bilinear_rank,
+        stats["emb_region"].shape[-1],
+        {
+            "scheme": "the phrase's word pieces",
+            "types": int(item_types.max() + 1) if len(item_types) else 0,
+        },
+    )
     result.data["probers"], result.data["prober_settings"] = res, used
-    result.tables.append(_table(
-        f"Table 3 (coreference): attention and embedding probers with control tasks (split by "
-        f"image; Eq. 4 rank {used['bilinear_rank']}; control types: phrase text)",
-        rows))
+    result.tables.append(
+        _table(
+            f"Table 3 (coreference): attention and embedding probers with control tasks (split by "
+            f"image; Eq. 4 rank {used['bilinear_rank']}; control types: phrase text)",
+            rows,
+        )
+    )
 
 
-def relation_probers(result, stats, predicates, embedding_layers, seed=0, settings=None,
-                     bilinear_rank=0):
+def relation_probers(
+    result, stats, predicates, embedding_layers, seed=0, settings=None, bilinear_rank=0
+):
     """VRI (related or not) and VRC (predicate of a relation) probers, plus the raw Faster R-CNN
     feature baseline (the bilinear prober on the detector features)."""
     related = stats["related"].astype(bool)
     item_types, control = relation_control_classes(stats["raw_subj"], stats["raw_obj"], seed)
     groups = np.asarray(stats["image"])
-    tasks = {"VRI": (np.ones_like(related), related.astype(np.int32)),
-             "VRC": (related, stats["pred"][related].astype(np.int32))}
-    res, rows = _run_all(tasks, stats["att_features"], stats["emb_subj"], stats["emb_obj"],
-                         embedding_layers, item_types, groups, seed, settings, bilinear_rank)
+    tasks = {
+        "VRI": (np.ones_like(related), related.astype(np.int32)),
+        "VRC": (related, stats["pred"][related].astype(np.int32)),
+    }
+    res, rows = _run_all(
+        tasks,
+        stats["att_features"],
+        stats["emb_subj"],
+        stats["emb_obj"],
+        embedding_layers,
+        item_types,
+        groups,
+        seed,
+        settings,
+        bilinear_rank,
+    )
     for task, (sel, labels) in tasks.items():
-        raw = _fit((stats["raw_subj"][sel][None], stats["raw_obj"][sel][None]), labels,
-                   item_types[sel], groups[sel], seed, ["raw features"], "bilinear", settings,
-                   bilinear_rank)
+        raw = _fit(
+            (stats["raw_subj"][sel][None], stats["raw_obj"][sel][None]),
+            labels,
+            item_types[sel],
+            groups[sel],
+            seed,
+            ["raw features"],
+            "bilinear",
+            settings,
+            bilinear_rank,
+        )
         res[task]["raw_feature_baseline"] = raw
         rows += _rows(task, raw, "Faster R-CNN baseline,")
     used = _settings(seed, bilinear_rank, stats["emb_subj"].shape[-1], control)
     result.data["probers"], result.data["prober_settings"] = res, used
-    result.tables.append(_table(
-        f"Table 3 / Fig. 5 (relations): attention and embedding probers with control tasks and "
-        f"the raw-feature baseline (split by image; Eq. 4 rank {used['bilinear_rank']}; "
-        f"control types: (subject, object) feature class, "
-        f"{control['classes']} classes, {control['mean_items_per_type']:.1f} pairs per type)",
-        rows))
+    result.tables.append(
+        _table(
+            f"Table 3 / Fig. 5 (relations): attention and embedding probers with control tasks and "
+            f"the raw-feature baseline (split by image; Eq. 4 rank {used['bilinear_rank']}; "
+            f"control types: (subject, object) feature class, "
+            f"{control['classes']} classes, {control['mean_items_per_type']:.1f} pairs per type)",
+            rows,
+        )
+    )

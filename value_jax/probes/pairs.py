@@ -4,6 +4,7 @@ Both reduce the same way: per pair and head a max attention in each direction (`
 per-class sums of those for the head tables, and per-pair features collected for the trained
 probers (Eq. 3 attention features, Eq. 4 layer-wise embeddings).
 """
+
 from __future__ import annotations
 
 import jax
@@ -25,7 +26,7 @@ def mean_rows(states, idx, mask):
     idx = jnp.where(mask, idx, 0)
     w = mask.astype(states.dtype)
 
-    def one_layer(s):                                   # s [B, S, D]
+    def one_layer(s):  # s [B, S, D]
         rows = jax.vmap(lambda sb, ib: sb[ib])(s, idx)  # [B, P, M, D]
         total = jnp.einsum("bpmd,bpm->bpd", rows, w)
         return total / jnp.maximum(jnp.sum(w, -1), 1.0)[..., None]
@@ -90,10 +91,15 @@ def best_and_random(means: np.ndarray, rand_means: np.ndarray, layer_names: list
     """Class `c` of `means` / `rand_means [C, L, H]`: the best head and its value, the best head
     of the random baseline with ITS value (VALUE's "(Rand.)" columns), and the random value at
     the real best head, as a dict."""
-    label, flat, value = best_heads(means[c:c + 1], layer_names)[0]
-    rand_label, _, rand_value = best_heads(rand_means[c:c + 1], layer_names)[0]
-    return {"head": label, "value": value, "rand_head": rand_label, "rand_value": rand_value,
-            "rand_same_head": float(rand_means[c].reshape(-1)[flat])}
+    label, flat, value = best_heads(means[c : c + 1], layer_names)[0]
+    rand_label, _, rand_value = best_heads(rand_means[c : c + 1], layer_names)[0]
+    return {
+        "head": label,
+        "value": value,
+        "rand_head": rand_label,
+        "rand_value": rand_value,
+        "rand_same_head": float(rand_means[c].reshape(-1)[flat]),
+    }
 
 
 def best_heads(means: np.ndarray, layer_names: list[str]):

@@ -5,6 +5,7 @@
 * `train_prober`: split -> fit (`classifiers.fit_linear` for Eq. 3 features, `fit_bilinear` for
   Eq. 4 embedding pairs) -> evaluate (-> control task) -> `ProbeResult`.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -36,8 +37,9 @@ def selectivity(task_acc, control_acc):
     return np.asarray(task_acc, np.float64) - np.asarray(control_acc, np.float64)
 
 
-def split_indices(n: int, seed: int, fractions: Sequence[float] = (0.8, 0.1, 0.1),
-                  groups=None) -> tuple:
+def split_indices(
+    n: int, seed: int, fractions: Sequence[float] = (0.8, 0.1, 0.1), groups=None
+) -> tuple:
     """Seeded split of `range(n)` into `len(fractions)` sorted index arrays.
 
     With `groups` (`[n]`, e.g. image ids) whole groups are shuffled and each lands in the split
@@ -47,15 +49,21 @@ def split_indices(n: int, seed: int, fractions: Sequence[float] = (0.8, 0.1, 0.1
     handful of images still gives train, dev and test).
     """
     fractions = np.asarray(fractions, np.float64)
-    if fractions.ndim != 1 or fractions.size < 2 or np.any(fractions < 0) \
-            or not np.isclose(fractions.sum(), 1.0):
-        raise ValueError(f"fractions must be >= 2 non-negative numbers summing to 1, "
-                         f"got {fractions.tolist()}")
+    if (
+        fractions.ndim != 1
+        or fractions.size < 2
+        or np.any(fractions < 0)
+        or not np.isclose(fractions.sum(), 1.0)
+    ):
+        raise ValueError(
+            f"fractions must be >= 2 non-negative numbers summing to 1, got {fractions.tolist()}"
+        )
     rng = np.random.default_rng(seed)
     bounds = np.cumsum(fractions)[:-1]
     if groups is None:
-        return tuple(np.sort(p) for p in np.split(rng.permutation(n),
-                                                   np.round(bounds * n).astype(int)))
+        return tuple(
+            np.sort(p) for p in np.split(rng.permutation(n), np.round(bounds * n).astype(int))
+        )
     groups = np.asarray(groups)
     if groups.shape != (n,):
         raise ValueError(f"groups must be [n] = [{n}], got {groups.shape}")
@@ -98,9 +106,18 @@ class ProbeResult:
         return dataclasses.asdict(self)
 
 
-def train_prober(features_or_pairs, labels, *, num_classes: Optional[int] = None, seed: int = 0,
-                 fractions=(0.8, 0.1, 0.1), groups=None, control_type_ids=None,
-                 names: Optional[Sequence[str]] = None, **fit_kwargs) -> ProbeResult:
+def train_prober(
+    features_or_pairs,
+    labels,
+    *,
+    num_classes: Optional[int] = None,
+    seed: int = 0,
+    fractions=(0.8, 0.1, 0.1),
+    groups=None,
+    control_type_ids=None,
+    names: Optional[Sequence[str]] = None,
+    **fit_kwargs,
+) -> ProbeResult:
     """Split -> fit -> evaluate (-> control task) for one probing experiment.
 
     Args:
@@ -112,43 +129,65 @@ def train_prober(features_or_pairs, labels, *, num_classes: Optional[int] = None
       fit_kwargs: passed to `fit_linear` / `fit_bilinear`.
     """
     bilinear = isinstance(features_or_pairs, (tuple, list))
-    arrays = [np.asarray(a, np.float32) for a in (features_or_pairs if bilinear
-                                                  else [features_or_pairs])]
+    arrays = [
+        np.asarray(a, np.float32) for a in (features_or_pairs if bilinear else [features_or_pairs])
+    ]
     arrays = [a[None] if a.ndim == 2 else a for a in arrays]
     labels = np.asarray(labels)
     n, num_probes = labels.shape[0], arrays[0].shape[0]
     names = list(names) if names is not None else [str(p) for p in range(num_probes)]
-    if labels.ndim != 1 or any(a.shape[:2] != (num_probes, n) for a in arrays) \
-            or len(names) != num_probes:
-        raise ValueError(f"need labels [N], features [P, N, F] and P names; got labels "
-                         f"{labels.shape}, features {[a.shape for a in arrays]}, "
-                         f"{len(names)} names")
+    if (
+        labels.ndim != 1
+        or any(a.shape[:2] != (num_probes, n) for a in arrays)
+        or len(names) != num_probes
+    ):
+        raise ValueError(
+            f"need labels [N], features [P, N, F] and P names; got labels "
+            f"{labels.shape}, features {[a.shape for a in arrays]}, "
+            f"{len(names)} names"
+        )
     num_classes = int(num_classes or labels.max() + 1)
     splits = split_indices(n, seed, fractions, groups)
     if len(splits) != 3 or min(len(s) for s in splits) == 0:
-        raise ValueError(f"need non-empty train/dev/test splits, got sizes "
-                         f"{[len(s) for s in splits]} from fractions {list(fractions)}")
+        raise ValueError(
+            f"need non-empty train/dev/test splits, got sizes "
+            f"{[len(s) for s in splits]} from fractions {list(fractions)}"
+        )
     fit, score = (fit_bilinear, evaluate_bilinear) if bilinear else (fit_linear, evaluate)
 
     def fit_and_score(y):
         part = lambda idx: [a[:, idx] for a in arrays]
         train, dev = splits[0], splits[1]
-        probe = fit(*part(train), y[train], *part(dev), y[dev], num_classes,
-                    jax.random.PRNGKey(seed), **fit_kwargs)
-        return probe, [np.asarray(score(probe, *part(idx), y[idx]), np.float64).tolist()
-                       for idx in splits]
+        probe = fit(
+            *part(train),
+            y[train],
+            *part(dev),
+            y[dev],
+            num_classes,
+            jax.random.PRNGKey(seed),
+            **fit_kwargs,
+        )
+        return probe, [
+            np.asarray(score(probe, *part(idx), y[idx]), np.float64).tolist() for idx in splits
+        ]
 
     probe, (train_acc, dev_acc, test_acc) = fit_and_score(labels)
     majority = np.argmax(np.bincount(labels[splits[0]], minlength=num_classes))
     result = ProbeResult(
-        names=names, train_acc=train_acc, dev_acc=dev_acc, test_acc=test_acc,
+        names=names,
+        train_acc=train_acc,
+        dev_acc=dev_acc,
+        test_acc=test_acc,
         best_epoch=np.asarray(probe.record.best_epoch).tolist(),
-        epochs_run=np.asarray(probe.record.epochs_run).tolist(), num_classes=num_classes,
-        num_train=len(splits[0]), num_dev=len(splits[1]), num_test=len(splits[2]),
-        majority_acc=float(np.mean(labels[splits[2]] == majority)))
+        epochs_run=np.asarray(probe.record.epochs_run).tolist(),
+        num_classes=num_classes,
+        num_train=len(splits[0]),
+        num_dev=len(splits[1]),
+        num_test=len(splits[2]),
+        majority_acc=float(np.mean(labels[splits[2]] == majority)),
+    )
     if control_type_ids is not None:
-        control = control_labels(control_type_ids, labels, num_classes,
-                                 np.random.default_rng(seed))
+        control = control_labels(control_type_ids, labels, num_classes, np.random.default_rng(seed))
         result.control_test_acc = fit_and_score(control)[1][2]
         result.selectivity = selectivity(test_acc, result.control_test_acc).tolist()
     return result

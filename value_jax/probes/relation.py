@@ -18,6 +18,7 @@ embeddings of every vision-carrying layer, the raw detector features (baseline) 
 (`row.image`: the probers split by image). Random pairs read `row.image` and `row.item_offset`.
 `seed` drives the random pairs and the probers; `bilinear_rank` 0 = full-rank Eq. 4.
 """
+
 from __future__ import annotations
 
 import jax.numpy as jnp
@@ -32,11 +33,25 @@ from value_jax.probes.results import Result, Table, heatmap
 
 class RelationProbe(Probe):
     name = "relation"
-    collect_keys = ("att_features", "emb_subj", "emb_obj", "raw_subj", "raw_obj", "related",
-                    "pred", "image")
+    collect_keys = (
+        "att_features",
+        "emb_subj",
+        "emb_obj",
+        "raw_subj",
+        "raw_obj",
+        "related",
+        "pred",
+        "image",
+    )
 
-    def __init__(self, predicates: list[str], collect_features: bool = True, name: str = "relation",
-                 seed: int = 0, bilinear_rank: int = 0):
+    def __init__(
+        self,
+        predicates: list[str],
+        collect_features: bool = True,
+        name: str = "relation",
+        seed: int = 0,
+        bilinear_rank: int = 0,
+    ):
         self.predicates = list(predicates)
         self.name = name
         self.collect_features = collect_features
@@ -59,19 +74,26 @@ class RelationProbe(Probe):
         item = targets["rel.mask"] & targets["rel.related"]
         stats = {}
         stats["pair.sum"], stats["pair.count"] = pairs.class_sums(
-            value, targets["rel.pred"], item, len(self.predicates))
-        rand_a, rand_b = pairs.random_region_pairs(self.seed, targets[ROW_IMAGE],
-                                                   targets[ROW_ITEM_OFFSET], trace.region_mask,
-                                                   item.shape[1])
+            value, targets["rel.pred"], item, len(self.predicates)
+        )
+        rand_a, rand_b = pairs.random_region_pairs(
+            self.seed,
+            targets[ROW_IMAGE],
+            targets[ROW_ITEM_OFFSET],
+            trace.region_mask,
+            item.shape[1],
+        )
         ra, _ = pairs.singleton(rand_a)
         rb, _ = pairs.singleton(rand_b)
         rand_ab, rand_ba = pairs.both_directions(v2v, v2v, ra, one, rb, one)
         has_pair = item & (jnp.sum(trace.region_mask > 0, axis=1) >= 2)[:, None]
         stats["rand.sum"], stats["rand.count"] = pairs.class_sums(
-            (rand_ab + rand_ba) / 2, targets["rel.pred"], has_pair, len(self.predicates))
+            (rand_ab + rand_ba) / 2, targets["rel.pred"], has_pair, len(self.predicates)
+        )
         if self.collect_features:
-            stats["att_features"] = attention_pair_features(                  # [B, Q, L·2H]
-                jnp.moveaxis(so, 0, 2), jnp.moveaxis(os_, 0, 2))
+            stats["att_features"] = attention_pair_features(  # [B, Q, L·2H]
+                jnp.moveaxis(so, 0, 2), jnp.moveaxis(os_, 0, 2)
+            )
             image, _ = trace.hidden_states("image", self.embedding_layers)
             stats["emb_subj"] = pairs.gather_rows(image, targets["rel.subj"])
             stats["emb_obj"] = pairs.gather_rows(image, targets["rel.obj"])
@@ -87,33 +109,57 @@ class RelationProbe(Probe):
 
     def finalize(self, stats, info):
         counts = stats["pair.count"]
-        means = stats["pair.sum"] / np.maximum(counts, 1)[:, None, None]    # [C, L, H]
+        means = stats["pair.sum"] / np.maximum(counts, 1)[:, None, None]  # [C, L, H]
         rand = stats["rand.sum"] / np.maximum(stats["rand.count"], 1)[:, None, None]
         rows, per_pred = [], {}
         for c, pred in enumerate(self.predicates):
             if counts[c] == 0:
                 continue
-            per_pred[pred] = {"pairs": int(counts[c]), "random_pairs": int(stats["rand.count"][c]),
-                              **pairs.best_and_random(means, rand, self.layer_names, c)}
+            per_pred[pred] = {
+                "pairs": int(counts[c]),
+                "random_pairs": int(stats["rand.count"][c]),
+                **pairs.best_and_random(means, rand, self.layer_names, c),
+            }
             e = per_pred[pred]
-            rows.append([pred, int(counts[c]), e["head"], e["value"], e["rand_head"],
-                         e["rand_value"]])
-        table = Table("Table 4: visual relations, best head per predicate (mean of max α_{s→o} "
-                      "and max α_{o→s}; Rand. = the best head on random region pairs of the same "
-                      "image, with its own label)",
-                      ["predicate", "pairs", "head", "attention", "Rand. head",
-                       "attention (Rand.)"], rows)
+            rows.append(
+                [pred, int(counts[c]), e["head"], e["value"], e["rand_head"], e["rand_value"]]
+            )
+        table = Table(
+            "Table 4: visual relations, best head per predicate (mean of max α_{s→o} "
+            "and max α_{o→s}; Rand. = the best head on random region pairs of the same "
+            "image, with its own label)",
+            ["predicate", "pairs", "head", "attention", "Rand. head", "attention (Rand.)"],
+            rows,
+        )
         overall = stats["pair.sum"].sum(0) / max(counts.sum(), 1)
-        result = Result(self.name, {"per_predicate": per_pred, "layers": self.layer_names,
-                                    "mean_per_head": means, "mean_per_head_random": rand,
-                                    "pairs": int(counts.sum()),
-                                    "random_baseline": "a random ordered pair of two distinct "
-                                    "regions of the same image per related pair", "seed": self.seed},
-                        [table],
-                        {f"{self.name}_heads": heatmap(overall, "Relation max attention, all "
-                                                       "predicates (Table 4)")})
+        result = Result(
+            self.name,
+            {
+                "per_predicate": per_pred,
+                "layers": self.layer_names,
+                "mean_per_head": means,
+                "mean_per_head_random": rand,
+                "pairs": int(counts.sum()),
+                "random_baseline": "a random ordered pair of two distinct "
+                "regions of the same image per related pair",
+                "seed": self.seed,
+            },
+            [table],
+            {
+                f"{self.name}_heads": heatmap(
+                    overall, "Relation max attention, all predicates (Table 4)"
+                )
+            },
+        )
         if self.collect_features and stats.get("related") is not None and len(stats["related"]):
             from value_jax.probes.pair_probers import relation_probers
-            relation_probers(result, stats, self.predicates, self.embedding_layers, seed=self.seed,
-                             bilinear_rank=self.bilinear_rank)
+
+            relation_probers(
+                result,
+                stats,
+                self.predicates,
+                self.embedding_layers,
+                seed=self.seed,
+                bilinear_rank=self.bilinear_rank,
+            )
         return result

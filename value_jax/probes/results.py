@@ -5,6 +5,7 @@ truncated results.json behind, with the permissions a plain `open` would give (0
 umask). Writing the same Result twice gives byte-identical files, figures included: SVG ids come
 from a fixed hash salt and no date is embedded.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -26,8 +27,12 @@ class Table:
 
     def to_markdown(self) -> str:
         fmt = lambda v: f"{v:.3f}" if isinstance(v, (float, np.floating)) else str(v)
-        lines = [f"**{self.caption}**", "", "| " + " | ".join(self.header) + " |",
-                 "|" + "|".join("---" for _ in self.header) + "|"]
+        lines = [
+            f"**{self.caption}**",
+            "",
+            "| " + " | ".join(self.header) + " |",
+            "|" + "|".join("---" for _ in self.header) + "|",
+        ]
         lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in self.rows]
         return "\n".join(lines) + "\n"
 
@@ -90,8 +95,10 @@ def write_result(result: Result, out_dir: str, flags: dict | None = None) -> lis
         written.append(path)
     if result.figures:
         import matplotlib
+
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+
         for stem, draw in result.figures.items():
             with matplotlib.rc_context({"svg.hashsalt": SVG_HASH_SALT}):
                 fig = plt.figure(figsize=(6, 4.5))
@@ -109,9 +116,17 @@ def write_result(result: Result, out_dir: str, flags: dict | None = None) -> lis
     return written
 
 
-def heatmap(values: np.ndarray, title: str, xlabel="head", ylabel="layer", cmap="viridis",
-            vmin=None, vmax=None) -> Callable:
+def heatmap(
+    values: np.ndarray,
+    title: str,
+    xlabel="head",
+    ylabel="layer",
+    cmap="viridis",
+    vmin=None,
+    vmax=None,
+) -> Callable:
     """A figure drawer for a `[layers, heads]` heatmap with 1-based tick labels (VALUE Fig. 3/4)."""
+
     def draw(fig):
         ax = fig.add_subplot(111)
         im = ax.imshow(values, cmap=cmap, vmin=vmin, vmax=vmax, aspect="auto")
@@ -121,11 +136,17 @@ def heatmap(values: np.ndarray, title: str, xlabel="head", ylabel="layer", cmap=
         ax.set_ylabel(ylabel)
         ax.set_title(title)
         fig.colorbar(im, ax=ax)
+
     return draw
 
 
-def line_plot(series: dict[str, np.ndarray], title: str, xlabel: str, ylabel: str,
-              xticks: list[str] | None = None) -> Callable:
+def line_plot(
+    series: dict[str, np.ndarray],
+    title: str,
+    xlabel: str,
+    ylabel: str,
+    xticks: list[str] | None = None,
+) -> Callable:
     def draw(fig):
         ax = fig.add_subplot(111)
         for label, ys in series.items():
@@ -137,4 +158,5 @@ def line_plot(series: dict[str, np.ndarray], title: str, xlabel: str, ylabel: st
         ax.set_title(title)
         if len(series) > 1:
             ax.legend()
+
     return draw

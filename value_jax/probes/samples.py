@@ -6,6 +6,7 @@ several rows that share its text and regions; the per-sample analyses must count
 once. `row.first` (from `collate.collate`) marks the first row of each example; a loader that
 yields no such target (a hand-made list of batches) has one row per sample.
 """
+
 from __future__ import annotations
 
 import jax.numpy as jnp

@@ -39,6 +39,7 @@ words of the chains region v is linked to, by the loader's rule (IoU >= 0.5 with
 chain's gold boxes). A linked phrase none of whose words is in S(v) (`uncoded_links`) cannot be
 found by any head: it bounds what the coreference tests may ask for.
 """
+
 from __future__ import annotations
 
 import collections
@@ -60,15 +61,16 @@ from value_jax.models import LxmertConfig, UniterConfig, build_model, param_shap
 HIDDEN = 160
 HEADS = 4
 HEAD_DIM = HIDDEN // HEADS
-MAX_KEYS = HEAD_DIM            # the coreference head gives one head dimension to each key word
-FEAT_DIM = 2 + MAX_KEYS        # region features: [region marker, no-code flag, S(v) weights]
-ALPHA = 2.0                    # marker weight: the modality split dominates the codes
-LINK_IOU = 0.5                 # the loader's default --iou_threshold
-COREF_LOGIT = 60.0             # score of a region on a key word of a 1-word S(v)
-MARKER_LOGIT = 25.0            # score of a planted marker pair
+MAX_KEYS = HEAD_DIM  # the coreference head gives one head dimension to each key word
+FEAT_DIM = 2 + MAX_KEYS  # region features: [region marker, no-code flag, S(v) weights]
+ALPHA = 2.0  # marker weight: the modality split dominates the codes
+LINK_IOU = 0.5  # the loader's default --iou_threshold
+COREF_LOGIT = 60.0  # score of a region on a key word of a 1-word S(v)
+MARKER_LOGIT = 25.0  # score of a planted marker pair
 
 
 # ---- the residual stream ----------------------------------------------------------------------
+
 
 class Directions:
     """Named unit directions of R^hidden, orthonormal and orthogonal to the all-ones vector."""
@@ -80,17 +82,19 @@ class Directions:
         if need > hidden - 1:
             raise ValueError(f"{need} directions do not fit a mean-zero subspace of R^{hidden}")
         rng = np.random.default_rng(seed)
-        q, _ = np.linalg.qr(np.concatenate([np.ones((hidden, 1)),
-                                            rng.standard_normal((hidden, need))], axis=1))
-        basis = q[:, 1:need + 1].T                                    # [need, hidden]
+        q, _ = np.linalg.qr(
+            np.concatenate([np.ones((hidden, 1)), rng.standard_normal((hidden, need))], axis=1)
+        )
+        basis = q[:, 1 : need + 1].T  # [need, hidden]
         for name, vec in zip(self.NAMES, basis):
             setattr(self, name, vec)
-        self.key = basis[len(self.NAMES):len(self.NAMES) + num_keys]
-        self.query = basis[len(self.NAMES) + num_keys:]
-        self.c = np.sqrt(hidden / (ALPHA ** 2 + 1.0))                # component per recipe unit
+        self.key = basis[len(self.NAMES) : len(self.NAMES) + num_keys]
+        self.query = basis[len(self.NAMES) + num_keys :]
+        self.c = np.sqrt(hidden / (ALPHA**2 + 1.0))  # component per recipe unit
 
 
 # ---- data -------------------------------------------------------------------------------------
+
 
 @dataclasses.dataclass(frozen=True)
 class PlantedFlickr:
@@ -120,7 +124,9 @@ class PlantedFlickr:
 
 def _lower_pretokens(text: str) -> list[str]:
     norm = normalizers.BertNormalizer(lowercase=True)
-    return [p for p, _ in pre_tokenizers.BertPreTokenizer().pre_tokenize_str(norm.normalize_str(text))]
+    return [
+        p for p, _ in pre_tokenizers.BertPreTokenizer().pre_tokenize_str(norm.normalize_str(text))
+    ]
 
 
 def _iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -137,8 +143,16 @@ def _random_boxes(rng, gold: np.ndarray, n: int, width: int, height: int) -> np.
     out = []
     while len(out) < n:
         x1, y1 = rng.uniform(0, width * 0.8), rng.uniform(0, height * 0.8)
-        box = np.array([[x1, y1, min(width - 1, x1 + rng.uniform(12, width * 0.3)),
-                         min(height - 1, y1 + rng.uniform(12, height * 0.3))]])
+        box = np.array(
+            [
+                [
+                    x1,
+                    y1,
+                    min(width - 1, x1 + rng.uniform(12, width * 0.3)),
+                    min(height - 1, y1 + rng.uniform(12, height * 0.3)),
+                ]
+            ]
+        )
         if _iou(box, gold).max() < 0.3:
             out.append(np.round(box[0]))
     return np.asarray(out).reshape(-1, 4)
@@ -158,8 +172,9 @@ def _key_words(sentences, chains, words) -> dict:
     return keys
 
 
-def write_planted_flickr(root, n_images: int = 12, seed: int = 0, random_regions: int = 4
-                         ) -> PlantedFlickr:
+def write_planted_flickr(
+    root, n_images: int = 12, seed: int = 0, random_regions: int = 4
+) -> PlantedFlickr:
     """Flickr30k Entities (`fixtures.write_flickr30k`), cased and uncased vocabularies, and an
     LXMERT TSV of region features that carry the key-word code (see the module docstring).
 
@@ -180,12 +195,16 @@ def write_planted_flickr(root, n_images: int = 12, seed: int = 0, random_regions
                     words[phrase.chain_id].update(_lower_pretokens(phrase.text))
         chain_keys = _key_words(flickr.sentences[image_id], chains, words)
         gold = np.unique(np.asarray([b for c in chains for b in ann.boxes[c]], np.float64), axis=0)
-        boxes = np.concatenate([gold, _random_boxes(rng, gold, random_regions, ann.width,
-                                                    ann.height)])
-        linked = {c: _iou(boxes, np.asarray(ann.boxes[c], np.float64)).max(1) >= LINK_IOU
-                  for c in chains}
-        sets = [frozenset().union(*(chain_keys[c] for c in chains if linked[c][r]))
-                for r in range(len(boxes))]
+        boxes = np.concatenate(
+            [gold, _random_boxes(rng, gold, random_regions, ann.width, ann.height)]
+        )
+        linked = {
+            c: _iou(boxes, np.asarray(ann.boxes[c], np.float64)).max(1) >= LINK_IOU for c in chains
+        }
+        sets = [
+            frozenset().union(*(chain_keys[c] for c in chains if linked[c][r]))
+            for r in range(len(boxes))
+        ]
         per_image[image_id] = (ann, boxes, sets, linked)
     keys = tuple(sorted(set().union(*(s for _, _, sets, _ in per_image.values() for s in sets))))
     if len(keys) > MAX_KEYS:
@@ -203,11 +222,19 @@ def write_planted_flickr(root, n_images: int = 12, seed: int = 0, random_regions
             else:
                 feats[r, 1] = 1.0
         n = len(boxes)
-        records.append(RegionRecord(
-            image_id=image_id, image_w=ann.width, image_h=ann.height,
-            boxes=boxes.astype(np.float32), features=feats, object_ids=np.zeros(n, np.int64),
-            object_conf=np.ones(n, np.float32), attr_ids=np.zeros(n, np.int64),
-            attr_conf=np.ones(n, np.float32)))
+        records.append(
+            RegionRecord(
+                image_id=image_id,
+                image_w=ann.width,
+                image_h=ann.height,
+                boxes=boxes.astype(np.float32),
+                features=feats,
+                object_ids=np.zeros(n, np.int64),
+                object_conf=np.ones(n, np.float32),
+                attr_ids=np.zeros(n, np.int64),
+                attr_conf=np.ones(n, np.float32),
+            )
+        )
         if image_id not in val:
             continue
         for sentence in flickr.sentences[image_id]:
@@ -226,28 +253,51 @@ def write_planted_flickr(root, n_images: int = 12, seed: int = 0, random_regions
     write_lxmert_tsv(features, records)
     write_vocab(root / "vocab_cased.txt", flickr.words, cased=True)
     write_vocab(root / "vocab_uncased.txt", flickr.words, cased=False)
-    return PlantedFlickr(str(root), str(flickr.root), str(features),
-                         str(root / "vocab_cased.txt"), str(root / "vocab_uncased.txt"), keys,
-                         {i: v[2] for i, v in per_image.items()}, examples, links, uncoded,
-                         unlinked, confusable)
+    return PlantedFlickr(
+        str(root),
+        str(flickr.root),
+        str(features),
+        str(root / "vocab_cased.txt"),
+        str(root / "vocab_uncased.txt"),
+        keys,
+        {i: v[2] for i, v in per_image.items()},
+        examples,
+        links,
+        uncoded,
+        unlinked,
+        confusable,
+    )
 
 
 # ---- configs and the identity model -------------------------------------------------------------
+
 
 def _vocab(path) -> list[str]:
     return Path(path).read_text(encoding="utf-8").splitlines()
 
 
 def uniter_config(data: PlantedFlickr, num_layers: int = 4) -> UniterConfig:
-    return UniterConfig.tiny(vocab_size=len(_vocab(data.vocab_cased)), hidden_size=HIDDEN,
-                             num_heads=HEADS, num_layers=num_layers, intermediate_size=8,
-                             img_dim=FEAT_DIM)
+    return UniterConfig.tiny(
+        vocab_size=len(_vocab(data.vocab_cased)),
+        hidden_size=HIDDEN,
+        num_heads=HEADS,
+        num_layers=num_layers,
+        intermediate_size=8,
+        img_dim=FEAT_DIM,
+    )
 
 
 def lxmert_config(data: PlantedFlickr, x_layers: int = 3) -> LxmertConfig:
-    return LxmertConfig.tiny(vocab_size=len(_vocab(data.vocab_uncased)), hidden_size=HIDDEN,
-                             num_heads=HEADS, intermediate_size=8, l_layers=2, r_layers=2,
-                             x_layers=x_layers, visual_feat_dim=FEAT_DIM)
+    return LxmertConfig.tiny(
+        vocab_size=len(_vocab(data.vocab_uncased)),
+        hidden_size=HIDDEN,
+        num_heads=HEADS,
+        intermediate_size=8,
+        l_layers=2,
+        r_layers=2,
+        x_layers=x_layers,
+        visual_feat_dim=FEAT_DIM,
+    )
 
 
 def identity_params(config, data: PlantedFlickr, d: Directions):
@@ -255,17 +305,23 @@ def identity_params(config, data: PlantedFlickr, d: Directions):
     shapes = flax.core.unfreeze(param_shapes(build_model(config, outputs=())))
     params = jax.tree_util.tree_map_with_path(
         lambda path, s: (np.ones if path[-1].key == "scale" else np.zeros)(s.shape, np.float32),
-        shapes)
+        shapes,
+    )
     tokens = _vocab(data.vocab_uncased if config.lowercase else data.vocab_cased)
     key_of = {w: k for k, w in enumerate(data.keys)}
     table = np.zeros((len(tokens), config.hidden_size))
     for i, tok in enumerate(tokens):
         special = {"[CLS]": d.cls, "[SEP]": d.sep}.get(tok)
         k = key_of.get(tok.lower())
-        table[i] = (ALPHA * (d.text if special is None else special)
-                    + (d.key[k] if special is None and k is not None else d.nocode))
+        table[i] = ALPHA * (d.text if special is None else special) + (
+            d.key[k] if special is None and k is not None else d.nocode
+        )
     region_fc = np.zeros((FEAT_DIM, config.hidden_size))
-    region_fc[0], region_fc[1], region_fc[2:2 + len(d.query)] = ALPHA * d.region, d.nocode, d.query
+    region_fc[0], region_fc[1], region_fc[2 : 2 + len(d.query)] = (
+        ALPHA * d.region,
+        d.nocode,
+        d.query,
+    )
     if config.model_type == "uniter":
         params["uniter"]["embeddings"]["word_embeddings"]["embedding"] = table
         params["uniter"]["img_embeddings"]["img_linear"]["kernel"] = region_fc
@@ -295,6 +351,7 @@ def save_checkpoint(out_dir, config, params) -> str:
 
 # ---- the planted answers -----------------------------------------------------------------------
 
+
 def _coref_pairs(data: PlantedFlickr, d: Directions, direction: str):
     """One (query side, key side) pair per key word: a region's query code meets the word's key
     code (V→T), or a word's key code, read as a query, meets the region's query code (T→V)."""
@@ -308,8 +365,9 @@ def _coref(data, config, v2t, t2v, planted, core_of):
     params = identity_params(config, data, d)
     if planted:
         for direction, (layer, head) in (("v2t", v2t), ("t2v", t2v)):
-            _plant_pairs(core_of(params, layer), head - 1, _coref_pairs(data, d, direction),
-                         COREF_LOGIT, d)
+            _plant_pairs(
+                core_of(params, layer), head - 1, _coref_pairs(data, d, direction), COREF_LOGIT, d
+            )
     return config, params
 
 
@@ -323,8 +381,14 @@ def uniter_coref(data: PlantedFlickr, v2t=(2, 3), t2v=(3, 2), planted: bool = Tr
     Every other head, and these for the other queries, attends uniformly. With `planted=False`
     both heads are uniform too: the negative control.
     """
-    return _coref(data, uniter_config(data), v2t, t2v, planted,
-                  lambda p, layer: p["uniter"]["encoder"][f"layer_{layer - 1}"]["attention"]["self"])
+    return _coref(
+        data,
+        uniter_config(data),
+        v2t,
+        t2v,
+        planted,
+        lambda p, layer: p["uniter"]["encoder"][f"layer_{layer - 1}"]["attention"]["self"],
+    )
 
 
 def lxmert_coref(data: PlantedFlickr, v2t=(2, 3), t2v=(1, 2), planted: bool = True):
@@ -333,9 +397,14 @@ def lxmert_coref(data: PlantedFlickr, v2t=(2, 3), t2v=(1, 2), planted: bool = Tr
     two-stream reading). LXMERT shares the cross-attention weights between the two directions;
     the other direction of a planted head stays uniform because text tokens carry no query code
     and regions no key code."""
-    return _coref(data, lxmert_config(data), v2t, t2v, planted,
-                  lambda p, layer: p["lxmert"]["encoder"][f"x_layers_{layer - 1}"]
-                  ["visual_attention"]["att"])
+    return _coref(
+        data,
+        lxmert_config(data),
+        v2t,
+        t2v,
+        planted,
+        lambda p, layer: p["lxmert"]["encoder"][f"x_layers_{layer - 1}"]["visual_attention"]["att"],
+    )
 
 
 CLS_TARGETS = ("words", "regions", "specials")
@@ -361,7 +430,7 @@ def uniter_modality(data: PlantedFlickr, image_to_text=(), cls_target=None):
             target = cls_target.get((layer, head), "words")
             pairs = [(d.cls, k) for k in keys_of[target]]
             pairs.append((d.region, d.text if (layer, head) in set(image_to_text) else d.region))
-            _plant_pairs(core, head - 1, pairs, MARKER_LOGIT / ALPHA ** 2, d)
+            _plant_pairs(core, head - 1, pairs, MARKER_LOGIT / ALPHA**2, d)
     return config, params
 
 

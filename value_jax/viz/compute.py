@@ -11,6 +11,7 @@ dataset is what the runner accumulates for results.json.
     write_store(session, examples, "out/explore/lxmert/store")
     store = open_store(...); session.add_caption(store, example_index, "a dog on a lake")
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -23,12 +24,12 @@ import numpy as np
 
 from value_jax.data import collate as C
 from value_jax.data.loaders import ExampleLoader
+from value_jax.names import LayerId
+from value_jax.probes.base import Probe
 from value_jax.probes.coref import CorefProbe
 from value_jax.probes.head_summary import HeadSummaryProbe
 from value_jax.probes.modality import ImageToTextProbe, ModalityProbe
-from value_jax.probes.base import Probe
 from value_jax.runner import make_step
-from value_jax.names import LayerId
 from value_jax.trace import Layout
 from value_jax.viz.store import Store, StoreWriter, group_of, map_axes
 
@@ -63,8 +64,7 @@ class ExampleProbe(Probe):
         stats = {}
         for p in self.probes:
             stats[p.name] = jax.vmap(lambda tr, tg, p=p: p.step(one(tr), one(tg)))(trace, targets)
-        return {"attention": half(trace.attention), "hidden": half(trace.hidden),
-                "stats": stats}
+        return {"attention": half(trace.attention), "hidden": half(trace.hidden), "stats": stats}
 
 
 @dataclasses.dataclass
@@ -73,10 +73,10 @@ class ExampleInfo:
 
     example: C.Example
     caption: str
-    image: str = ""            # image file, "" when none
+    image: str = ""  # image file, "" when none
     width: int = 0
     height: int = 0
-    boxes: Optional[np.ndarray] = None     # [R, 4] pixels
+    boxes: Optional[np.ndarray] = None  # [R, 4] pixels
     region_labels: Optional[list] = None
     added: bool = False
 
@@ -85,10 +85,18 @@ class Session:
     """The model, its compiled passes and the data sources, shared by the store writer and the
     app's "add caption"."""
 
-    def __init__(self, model, params, tokenizer, regions: Callable[[str], tuple], *,
-                 batch_size: int = 8, max_text_len: int = 64):
+    def __init__(
+        self,
+        model,
+        params,
+        tokenizer,
+        regions: Callable[[str], tuple],
+        *,
+        batch_size: int = 8,
+        max_text_len: int = 64,
+    ):
         self.model, self.params, self.tokenizer = model, params, tokenizer
-        self.regions = regions          # image_id -> (features [R, F], normalised boxes [R, 4])
+        self.regions = regions  # image_id -> (features [R, F], normalised boxes [R, 4])
         self.batch_size = batch_size
         self.max_text_len = max_text_len
         self.layout = Layout.from_config(model.config)
@@ -108,18 +116,26 @@ class Session:
     def meta(self) -> dict:
         c = self.model.config
         # Layout.from_config lists maps and hidden states in forward order.
-        maps = {n: dict(zip(("query", "key"), map_axes(n)))
-                for n in self.layout.attention}
+        maps = {n: dict(zip(("query", "key"), map_axes(n))) for n in self.layout.attention}
         groups = list(dict.fromkeys(group_of(n) for n in self.layout.hidden))
-        return {"model_type": self.model_type, "num_heads": int(c.num_heads),
-                "maps": maps, "group_order": groups, "hidden_names": list(self.layout.hidden),
-                "directions": {d: self.layout.layer_names(d) for d in ("t2t", "t2v", "v2t", "v2v")},
-                "config": {k: v for k, v in dataclasses.asdict(c).items()
-                           if isinstance(v, (int, float, str, bool))}}
+        return {
+            "model_type": self.model_type,
+            "num_heads": int(c.num_heads),
+            "maps": maps,
+            "group_order": groups,
+            "hidden_names": list(self.layout.hidden),
+            "directions": {d: self.layout.layer_names(d) for d in ("t2t", "t2v", "v2t", "v2v")},
+            "config": {
+                k: v
+                for k, v in dataclasses.asdict(c).items()
+                if isinstance(v, (int, float, str, bool))
+            },
+        }
 
     # ---- examples -------------------------------------------------------------------------
-    def caption_example(self, image_id: str, caption: str, example_id: str, n_regions: int
-                        ) -> C.Example:
+    def caption_example(
+        self, image_id: str, caption: str, example_id: str, n_regions: int
+    ) -> C.Example:
         enc = self.tokenizer.encode_words(caption.split(), self.max_text_len)
         return C.Example(example_id, enc.ids, {}, image_id=image_id, num_regions=n_regions)
 
@@ -130,8 +146,7 @@ class Session:
             if not part:
                 continue
             probe, step = self.step_for(coref)
-            loader = ExampleLoader([i.example for i in part], self.batch_size,
-                                   regions=self.regions)
+            loader = ExampleLoader([i.example for i in part], self.batch_size, regions=self.regions)
             for batch, targets in loader:
                 out = jax.device_get(step(self.params, batch, targets))["explore"]
                 mask_t = np.asarray(batch.text_mask) > 0
@@ -148,7 +163,7 @@ class Session:
         joint = np.concatenate([t_idx, t_slot + r_idx])
         pick = {"joint": joint, "text": t_idx, "image": r_idx}
         attention = {}
-        for name in self.layout.attention:              # forward order
+        for name in self.layout.attention:  # forward order
             a = out["attention"][name]
             q, k = map_axes(name)
             attention[name] = np.asarray(a[row])[:, pick[q]][:, :, pick[k]]
@@ -156,7 +171,7 @@ class Session:
         for name, h in out["hidden"].items():
             h = np.asarray(h[row])
             modalities = LayerId.parse(name).modalities()
-            if len(modalities) == 2:            # UNITER: [text slot | regions] on one axis
+            if len(modalities) == 2:  # UNITER: [text slot | regions] on one axis
                 parts = [(h[t_idx], 0, np.arange(n_text)), (h[t_slot + r_idx], 1, np.arange(n_reg))]
             elif modalities == ("text",):
                 parts = [(h[t_idx], 0, np.arange(n_text))]
@@ -166,8 +181,10 @@ class Session:
             for states, kind, pos in parts:
                 where = np.stack([np.full(len(pos), kind), pos], 1)
                 if g in hidden:
-                    hidden[g] = (np.concatenate([hidden[g][0], states]),
-                                 np.concatenate([hidden[g][1], where]))
+                    hidden[g] = (
+                        np.concatenate([hidden[g][0], states]),
+                        np.concatenate([hidden[g][1], where]),
+                    )
                 else:
                     hidden[g] = (states, where)
         # Within a group: text rows first, then regions (LXMERT's lang then visn).
@@ -180,10 +197,19 @@ class Session:
         labels = info.region_labels or [f"r{i}" for i in range(n_reg)]
         boxes = np.zeros((n_reg, 4), np.float32) if info.boxes is None else info.boxes[:n_reg]
         record = {"boxes": np.asarray(boxes, np.float32), "attention": attention, "stats": stats}
-        entry = {"id": ex.id, "image_id": ex.image_id, "caption": info.caption,
-                 "tokens": tokens, "regions": [str(x) for x in labels[:n_reg]],
-                 "image": info.image, "width": int(info.width), "height": int(info.height),
-                 "n_text": int(n_text), "n_regions": int(n_reg), "added": bool(info.added)}
+        entry = {
+            "id": ex.id,
+            "image_id": ex.image_id,
+            "caption": info.caption,
+            "tokens": tokens,
+            "regions": [str(x) for x in labels[:n_reg]],
+            "image": info.image,
+            "width": int(info.width),
+            "height": int(info.height),
+            "n_text": int(n_text),
+            "n_regions": int(n_reg),
+            "added": bool(info.added),
+        }
         return entry, record, hidden
 
     def add_caption(self, store: Store, like: int, caption: str) -> int:
@@ -193,16 +219,30 @@ class Session:
             raise ValueError("empty caption")
         src = store.examples[like]
         rec = store.record(like)
-        ex = self.caption_example(src["image_id"], caption,
-                                  f"{src['image_id']}:typed{len(store)}", src["n_regions"])
-        info = ExampleInfo(ex, caption, src["image"], src["width"], src["height"],
-                           np.asarray(rec["boxes"]), list(rec["regions"]), added=True)
-        (entry, record, hidden), = list(self.run([info]))
+        ex = self.caption_example(
+            src["image_id"], caption, f"{src['image_id']}:typed{len(store)}", src["n_regions"]
+        )
+        info = ExampleInfo(
+            ex,
+            caption,
+            src["image"],
+            src["width"],
+            src["height"],
+            np.asarray(rec["boxes"]),
+            list(rec["regions"]),
+            added=True,
+        )
+        ((entry, record, hidden),) = list(self.run([info]))
         return store.append(entry, record, hidden)
 
 
-def write_store(session: Session, infos: Sequence[ExampleInfo], path, projection: str = "pca",
-                log: Callable[[str], None] = print) -> dict:
+def write_store(
+    session: Session,
+    infos: Sequence[ExampleInfo],
+    path,
+    projection: str = "pca",
+    log: Callable[[str], None] = print,
+) -> dict:
     """Runs every example and writes the store at `path`; returns timing and size facts."""
     start = time.perf_counter()
     writer = StoreWriter(path, session.meta())

@@ -15,6 +15,7 @@ JSON + npz schema (`value_jax.explore.example/1`, model-agnostic):
   <stem>.npz    attention/<name> [H, Q, K] and hidden/<group> [n, D], float16 as stored;
                 boxes [R, 4] float32. `joint` axes list the text tokens, then the regions.
 """
+
 from __future__ import annotations
 
 import json
@@ -33,13 +34,16 @@ EXAMPLE_SCHEMA = "value_jax.explore.example/1"
 
 def _plt():
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     return plt
 
 
 def _jsonable(x):
     from value_jax.probes.results import _jsonable as j
+
     return j(x)
 
 
@@ -57,18 +61,20 @@ def _image(info: dict) -> np.ndarray | None:
     if not info.get("image") or not os.path.isfile(info["image"]):
         return None
     from PIL import Image
+
     with Image.open(info["image"]) as im:
         return np.asarray(im.convert("RGB"))
 
 
 # ---- one figure per view ---------------------------------------------------------------------
 
+
 def head_summary_figure(store: Store, example: int | None, key: str, zscore: bool = False):
     data, example = S.results_for(store, example, key)
     m, rows, label = S.head_matrix(store, data, key, zscore)
     plt = _plt()
     h = m.shape[1]
-    with warnings.catch_warnings():         # rows a statistic does not cover are all NaN
+    with warnings.catch_warnings():  # rows a statistic does not cover are all NaN
         warnings.simplefilter("ignore", RuntimeWarning)
         full = np.concatenate([m, np.nanmean(m, axis=1, keepdims=True)], axis=1)
     fig, ax = plt.subplots(figsize=(2.0 + 0.45 * (h + 1), 1.2 + 0.28 * len(rows)))
@@ -104,16 +110,30 @@ def overlay_figure(store: Store, example: int, name: str, head, source, k: int =
         alpha = V.overlay_alpha(region_w)
         top = set(V.top_k(region_w, k))
         for r, (x1, y1, x2, y2) in enumerate(boxes):
-            ax.add_patch(plt.Rectangle((x1, y1), x2 - x1, y2 - y1, facecolor=(1, 0.3, 0, alpha[r]),
-                                       edgecolor="red" if r in top else "none",
-                                       lw=2 if r in top else 0))
+            ax.add_patch(
+                plt.Rectangle(
+                    (x1, y1),
+                    x2 - x1,
+                    y2 - y1,
+                    facecolor=(1, 0.3, 0, alpha[r]),
+                    edgecolor="red" if r in top else "none",
+                    lw=2 if r in top else 0,
+                )
+            )
             if r in top:
-                ax.text(x1 + 2, y1 + 10, f"{rec['regions'][r]} {region_w[r]:.2f}", fontsize=7,
-                        color="white", bbox=dict(facecolor="red", alpha=0.8, pad=1, lw=0))
+                ax.text(
+                    x1 + 2,
+                    y1 + 10,
+                    f"{rec['regions'][r]} {region_w[r]:.2f}",
+                    fontsize=7,
+                    color="white",
+                    bbox=dict(facecolor="red", alpha=0.8, pad=1, lw=0),
+                )
     if source[0] == "region":
         x1, y1, x2, y2 = boxes[source[1]]
-        ax.add_patch(plt.Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, edgecolor="blue",
-                                   lw=2, ls="--"))
+        ax.add_patch(
+            plt.Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, edgecolor="blue", lw=2, ls="--")
+        )
     src = rec["tokens"][source[1]] if source[0] == "text" else rec["regions"][source[1]]
     head_label = "mean over heads" if head == "mean" else f"head {int(head) + 1}"
     ax.set_title(f"{name}, {head_label}: attention from {src!r}", fontsize=9)
@@ -123,9 +143,18 @@ def overlay_figure(store: Store, example: int, name: str, head, source, k: int =
     top_w = float(np.max(text_w)) if text_w is not None and len(text_w) else 1.0
     for i, tok in enumerate(rec["tokens"]):
         a = 0.0 if text_w is None else float(text_w[i]) / max(top_w, 1e-9) * 0.85
-        tax.text(x, 0.5, tok, fontsize=9, va="center",
-                     bbox=dict(facecolor=(1, 0.3, 0, a), edgecolor="blue" if (
-                         source == ("text", i)) else "none", pad=2))
+        tax.text(
+            x,
+            0.5,
+            tok,
+            fontsize=9,
+            va="center",
+            bbox=dict(
+                facecolor=(1, 0.3, 0, a),
+                edgecolor="blue" if (source == ("text", i)) else "none",
+                pad=2,
+            ),
+        )
         x += 0.012 * (len(tok) + 2)
         if x > 0.95:
             x = 0.0
@@ -160,18 +189,34 @@ def hidden_figure(store: Store, group: str, example: int | None = None):
         ax.scatter(coords[sel, 0], coords[sel, 1], s=6, c=colour, alpha=0.5, label=label)
     if example is not None:
         sel = rows[:, 0] == example
-        ax.scatter(coords[sel, 0], coords[sel, 1], s=30, facecolors="none", edgecolors="black",
-                   label=f"example {example}")
+        ax.scatter(
+            coords[sel, 0],
+            coords[sel, 1],
+            s=30,
+            facecolors="none",
+            edgecolors="black",
+            label=f"example {example}",
+        )
     ax.legend(fontsize=8)
     method = store.meta.get("projection", "pca")
-    ax.set_title(f"hidden states, {group} ({method.upper()} across {len(store)} examples)",
-                 fontsize=9)
+    ax.set_title(
+        f"hidden states, {group} ({method.upper()} across {len(store)} examples)", fontsize=9
+    )
     return fig
 
 
-def export_views(store: Store, example: int, out_dir, *, map_name: str | None = None, head=0,
-                 source=("text", 1), stat: str = "t2v", zscore: bool = False,
-                 group: str | None = None) -> list[str]:
+def export_views(
+    store: Store,
+    example: int,
+    out_dir,
+    *,
+    map_name: str | None = None,
+    head=0,
+    source=("text", 1),
+    stat: str = "t2v",
+    zscore: bool = False,
+    group: str | None = None,
+) -> list[str]:
     """Every view of one selection as PNG and SVG under `out_dir`; returns the paths."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -179,13 +224,16 @@ def export_views(store: Store, example: int, out_dir, *, map_name: str | None = 
     group = group or store.groups[-1]
     paths = []
     paths += _save(head_summary_figure(store, example, stat, zscore), out, f"head_summary_{stat}")
-    paths += _save(overlay_figure(store, example, map_name, head, source), out, "attention_from_token")
+    paths += _save(
+        overlay_figure(store, example, map_name, head, source), out, "attention_from_token"
+    )
     paths += _save(matrix_figure(store, example, map_name, head), out, "attention_matrix")
     paths += _save(hidden_figure(store, group, example), out, f"hidden_{group}")
     return paths
 
 
 # ---- data -----------------------------------------------------------------------------------
+
 
 def export_data(store: Store, example: int, out_dir, stem: str | None = None) -> list[str]:
     """The example as `<stem>.json` + `<stem>.npz` (schema in the module docstring)."""
@@ -198,23 +246,35 @@ def export_data(store: Store, example: int, out_dir, stem: str | None = None) ->
     attention = {}
     for name, a in rec["attention"].items():
         arrays[f"attention/{name}"] = a
-        attention[name] = {**store.meta["maps"][name], "shape": list(a.shape),
-                           "npz": f"attention/{name}"}
+        attention[name] = {
+            **store.meta["maps"][name],
+            "shape": list(a.shape),
+            "npz": f"attention/{name}",
+        }
     hidden = {}
     for group in store.groups:
         states, where = store.example_hidden(example, group)
         if not len(states):
             continue
         arrays[f"hidden/{group}"] = states.astype(np.float16)
-        hidden[group] = {"shape": list(states.shape), "npz": f"hidden/{group}",
-                         "rows": where.tolist()}
-    doc = {"schema": EXAMPLE_SCHEMA, "model_type": store.model_type, "id": info["id"],
-           "image_id": info["image_id"], "caption": info["caption"],
-           "image": {"file": info["image"], "width": info["width"], "height": info["height"]},
-           "tokens": {"text": rec["tokens"], "regions": rec["regions"]},
-           "boxes_xyxy_pixels": np.asarray(rec["boxes"]).tolist(),
-           "attention": attention, "hidden": hidden,
-           "statistics": _jsonable(S.results(store, example))}
+        hidden[group] = {
+            "shape": list(states.shape),
+            "npz": f"hidden/{group}",
+            "rows": where.tolist(),
+        }
+    doc = {
+        "schema": EXAMPLE_SCHEMA,
+        "model_type": store.model_type,
+        "id": info["id"],
+        "image_id": info["image_id"],
+        "caption": info["caption"],
+        "image": {"file": info["image"], "width": info["width"], "height": info["height"]},
+        "tokens": {"text": rec["tokens"], "regions": rec["regions"]},
+        "boxes_xyxy_pixels": np.asarray(rec["boxes"]).tolist(),
+        "attention": attention,
+        "hidden": hidden,
+        "statistics": _jsonable(S.results(store, example)),
+    }
     json_path, npz_path = out / f"{stem}.json", out / f"{stem}.npz"
     json_path.write_text(json.dumps(doc, indent=1), encoding="utf-8")
     np.savez_compressed(npz_path, **arrays)
@@ -229,5 +289,13 @@ def read_export(json_path) -> tuple[dict, dict[str, np.ndarray]]:
     return doc, arrays
 
 
-__all__ = ["export_views", "export_data", "read_export", "head_summary_figure", "overlay_figure",
-           "matrix_figure", "hidden_figure", "EXAMPLE_SCHEMA"]
+__all__ = [
+    "export_views",
+    "export_data",
+    "read_export",
+    "head_summary_figure",
+    "overlay_figure",
+    "matrix_figure",
+    "hidden_figure",
+    "EXAMPLE_SCHEMA",
+]

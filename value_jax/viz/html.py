@@ -5,6 +5,7 @@ base64, decoded in the page), and draws what the app's "attention from a token" 
 a map and a head (or the mean over heads), click a word piece or a region, and the boxes on the
 image take the token's attention as opacity while the words are coloured by theirs.
 """
+
 from __future__ import annotations
 
 import base64
@@ -97,16 +98,27 @@ def page_data(store: Store, example: int, default_map: str | None = None) -> dic
     attention = {}
     for name, a in rec["attention"].items():
         a16 = np.ascontiguousarray(a, dtype="<f2")
-        attention[name] = {**store.meta["maps"][name], "shape": list(a16.shape),
-                           "data": base64.b64encode(a16.tobytes()).decode("ascii")}
+        attention[name] = {
+            **store.meta["maps"][name],
+            "shape": list(a16.shape),
+            "data": base64.b64encode(a16.tobytes()).decode("ascii"),
+        }
     if default_map is None:
         from value_jax.viz.views import default_map as pick
+
         default_map = pick(store)
-    return {"tokens": rec["tokens"], "regions": rec["regions"],
-            "boxes": np.asarray(rec["boxes"], float).round(2).tolist(),
-            "width": info["width"] or 1, "height": info["height"] or 1, "image": image,
-            "num_heads": store.meta["num_heads"], "attention": attention,
-            "default_map": default_map, "caption": info["caption"]}
+    return {
+        "tokens": rec["tokens"],
+        "regions": rec["regions"],
+        "boxes": np.asarray(rec["boxes"], float).round(2).tolist(),
+        "width": info["width"] or 1,
+        "height": info["height"] or 1,
+        "image": image,
+        "num_heads": store.meta["num_heads"],
+        "attention": attention,
+        "default_map": default_map,
+        "caption": info["caption"],
+    }
 
 
 def write_html(store: Store, example: int, path: str, default_map: str | None = None) -> str:

@@ -1,6 +1,7 @@
 """Where the explorer's examples come from: Flickr30k Entities (with VALUE's coreference
 targets) or a captions file `image_id<TAB>caption`, over any region-feature file the loaders
 read, with the images found by id in a folder."""
+
 from __future__ import annotations
 
 import collections
@@ -22,8 +23,9 @@ class Regions:
     """`image_id -> (features, normalised boxes)` for the loader, plus pixel boxes, image size
     and labels for the store; one small LRU over the feature reader."""
 
-    def __init__(self, reader, object_names: Optional[list[str]] = None, labels=None,
-                 size: int = 64):
+    def __init__(
+        self, reader, object_names: Optional[list[str]] = None, labels=None, size: int = 64
+    ):
         self.reader, self.object_names, self.labels = reader, object_names, labels or {}
         self._cache: collections.OrderedDict = collections.OrderedDict()
         self.size = size
@@ -54,13 +56,18 @@ class Regions:
         if image_id in self.labels:
             labels = [f"r{i} {n}".strip() for i, n in enumerate(self.labels[image_id])]
         elif self.object_names is not None and rec.object_ids is not None:
-            labels = [f"r{i} {self.object_names[int(o)]}" if 0 <= int(o) < len(self.object_names)
-                      else f"r{i}" for i, o in enumerate(rec.object_ids)]
+            labels = [
+                f"r{i} {self.object_names[int(o)]}"
+                if 0 <= int(o) < len(self.object_names)
+                else f"r{i}"
+                for i, o in enumerate(rec.object_ids)
+            ]
         return int(w), int(h), np.asarray(boxes, np.float32), labels
 
 
 def image_size(path: str) -> tuple[int, int]:
     from PIL import Image
+
     with Image.open(path) as im:
         return im.size
 
@@ -83,8 +90,9 @@ def find_image(images_dir: str, image_id: str) -> str:
 
 def read_object_names(path: str) -> list[str]:
     """VG `objects_vocab.txt`: one class per line, synonyms comma-separated (first shown)."""
-    return [line.split(",")[0].strip() for line in
-            Path(path).read_text(encoding="utf-8").splitlines()]
+    return [
+        line.split(",")[0].strip() for line in Path(path).read_text(encoding="utf-8").splitlines()
+    ]
 
 
 def read_captions(path: str) -> list[tuple[str, str]]:
@@ -100,10 +108,16 @@ def read_captions(path: str) -> list[tuple[str, str]]:
     return out
 
 
-def caption_examples(captions_path: str, regions: Regions, tokenizer: WordPieceTokenizer,
-                     images_dir: str = "", max_examples: Optional[int] = None,
-                     max_text_len: int = 64) -> list[ExampleInfo]:
+def caption_examples(
+    captions_path: str,
+    regions: Regions,
+    tokenizer: WordPieceTokenizer,
+    images_dir: str = "",
+    max_examples: Optional[int] = None,
+    max_text_len: int = 64,
+) -> list[ExampleInfo]:
     from value_jax.data import collate as C
+
     infos = []
     for k, (image_id, caption) in enumerate(read_captions(captions_path)):
         if max_examples and k >= max_examples:
@@ -116,12 +130,19 @@ def caption_examples(captions_path: str, regions: Regions, tokenizer: WordPieceT
     return infos
 
 
-def flickr_examples(flickr_root: str, regions: Regions, tokenizer: WordPieceTokenizer,
-                    images_dir: str = "", split: str = "val", max_images: Optional[int] = None,
-                    seed: int = 0) -> list[ExampleInfo]:
+def flickr_examples(
+    flickr_root: str,
+    regions: Regions,
+    tokenizer: WordPieceTokenizer,
+    images_dir: str = "",
+    split: str = "val",
+    max_images: Optional[int] = None,
+    seed: int = 0,
+) -> list[ExampleInfo]:
     """Flickr30k Entities captions with their coreference targets (`prepare_coref`)."""
-    examples = prepare_coref(flickr_root, regions.reader, tokenizer, split=split, seed=seed,
-                             max_images=max_images)
+    examples = prepare_coref(
+        flickr_root, regions.reader, tokenizer, split=split, seed=seed, max_images=max_images
+    )
     entities = Flickr30kEntities(flickr_root)
     captions, done = {}, set()
     infos = []
@@ -140,5 +161,12 @@ def open_regions(features: str, objects_vocab: str = "", labels=None) -> Regions
     return Regions(open_features(features), names, labels)
 
 
-__all__ = ["Regions", "open_regions", "find_image", "read_captions", "caption_examples",
-           "flickr_examples", "read_object_names"]
+__all__ = [
+    "Regions",
+    "open_regions",
+    "find_image",
+    "read_captions",
+    "caption_examples",
+    "flickr_examples",
+    "read_object_names",
+]

@@ -7,6 +7,7 @@ arithmetic here is placing each statistic on the row axis of the heatmap, one ro
 map by its real name, and VL-InterpreT's two combined statistics (cross-modal, intra-modal)
 which are means of the probe's block means; see `combined`.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -37,8 +38,10 @@ LABELS = dict(VL_INTERPRET + VALUE)
 def _finalize(store: Store, stats: dict[str, dict]) -> dict:
     probes = {p.name: p for p in analysis_probes(store.single_stream, coref=True)}
     from value_jax.trace import Layout
-    layout = Layout(store.model_type, tuple(store.map_names),
-                    tuple(store.meta.get("hidden_names", ())))
+
+    layout = Layout(
+        store.model_type, tuple(store.map_names), tuple(store.meta.get("hidden_names", ()))
+    )
     out = {}
     for name, s in stats.items():
         probe = probes.get(name)
@@ -145,15 +148,24 @@ def _value_stat(store: Store, data: dict, key: str) -> dict[str, np.ndarray]:
     # The probe reports means per entity type and each type's link count: their link-weighted
     # mean is the all-types mean the probe plots (`coref_<dir>_heads`).
     links = np.array([c["per_type"].get(t, {}).get("links", 0) for t in _types()], np.float64)
-    means = np.asarray(c["mean_per_head"][direction], np.float64)       # [types, L, H]
+    means = np.asarray(c["mean_per_head"][direction], np.float64)  # [types, L, H]
     overall = np.einsum("c,clh->lh", links, means) / max(links.sum(), 1.0)
     return dict(zip(d[direction], overall))
 
 
 def _types():
     from value_jax.data.flickr30k import PHRASE_TYPES
+
     return PHRASE_TYPES
 
 
-__all__ = ["VL_INTERPRET", "VALUE", "LABELS", "results", "available", "head_matrix", "combined",
-           "zscore_rows"]
+__all__ = [
+    "VL_INTERPRET",
+    "VALUE",
+    "LABELS",
+    "results",
+    "available",
+    "head_matrix",
+    "combined",
+    "zscore_rows",
+]

@@ -38,6 +38,7 @@ Groups are the hidden-state layer names with LXMERT's two streams of one stage j
 (`cross3` holds `cross3.lang` and `cross3.visn`, `embeddings` both embedding outputs), so a
 projection fitted on a group places text and regions of one stage in one space.
 """
+
 from __future__ import annotations
 
 import collections
@@ -54,11 +55,11 @@ from value_jax.io import write_json_atomic
 from value_jax.names import LayerId
 
 SCHEMA = "value_jax.explore/1"
-_MAP_SIZE = 1 << 40          # LMDB reserves address space only; the file grows with the data
+_MAP_SIZE = 1 << 40  # LMDB reserves address space only; the file grows with the data
 
 
 def pack_array(a: np.ndarray) -> dict:
-    a = np.asarray(a)           # (np.ascontiguousarray would make a 0-d array 1-d)
+    a = np.asarray(a)  # (np.ascontiguousarray would make a 0-d array 1-d)
     return {"dtype": a.dtype.str, "shape": list(a.shape), "data": a.tobytes(order="C")}
 
 
@@ -107,8 +108,11 @@ class StoreWriter:
         self.path = Path(path)
         (self.path / "hidden").mkdir(parents=True, exist_ok=True)
         (self.path / "projection").mkdir(parents=True, exist_ok=True)
-        for f in [self.path / "examples.jsonl", *(self.path / "hidden").iterdir(),
-                  *(self.path / "projection").iterdir()]:
+        for f in [
+            self.path / "examples.jsonl",
+            *(self.path / "hidden").iterdir(),
+            *(self.path / "projection").iterdir(),
+        ]:
             if f.is_file():
                 f.unlink()
         with _ENVS_LOCK:
@@ -117,19 +121,30 @@ class StoreWriter:
             stale[0].close()
         if (self.path / "records.lmdb").exists():
             import shutil
+
             shutil.rmtree(self.path / "records.lmdb")
         self.meta = {"schema": SCHEMA, **meta, "n_examples": 0, "projection": None}
         # No fsync per example: the store is rebuilt from scratch if a write is interrupted.
-        self.env = lmdb.open(str(self.path / "records.lmdb"), map_size=_MAP_SIZE, subdir=True,
-                             sync=False, metasync=False)
+        self.env = lmdb.open(
+            str(self.path / "records.lmdb"),
+            map_size=_MAP_SIZE,
+            subdir=True,
+            sync=False,
+            metasync=False,
+        )
         self.count = 0
         self.aggregate: dict[str, np.ndarray] = {}
         self._rows = collections.Counter()
         self._index = open(self.path / "examples.jsonl", "w", encoding="utf-8")
         self._hidden = {}
 
-    def add(self, info: dict, record: dict, hidden: dict[str, tuple[np.ndarray, np.ndarray]],
-            in_aggregate: bool = True) -> int:
+    def add(
+        self,
+        info: dict,
+        record: dict,
+        hidden: dict[str, tuple[np.ndarray, np.ndarray]],
+        in_aggregate: bool = True,
+    ) -> int:
         """Adds one example. info: the examples.jsonl fields; record: tokens, regions, boxes,
         attention, stats; hidden: group → ([n, D] states, [n, 2] (modality, position))."""
         index = self.count
@@ -137,12 +152,15 @@ class StoreWriter:
         for group, (states, where) in hidden.items():
             f = self._hidden.get(group)
             if f is None:
-                f = self._hidden[group] = (open(self.path / "hidden" / f"{group}.f16", "ab"),
-                                           open(self.path / "hidden" / f"{group}.rows", "ab"))
+                f = self._hidden[group] = (
+                    open(self.path / "hidden" / f"{group}.f16", "ab"),
+                    open(self.path / "hidden" / f"{group}.rows", "ab"),
+                )
             rows[group] = int(self._rows[group])
             f[0].write(np.ascontiguousarray(states, np.float16).tobytes())
-            table = np.concatenate([np.full((len(where), 1), index, np.int32),
-                                    np.asarray(where, np.int32)], axis=1)
+            table = np.concatenate(
+                [np.full((len(where), 1), index, np.int32), np.asarray(where, np.int32)], axis=1
+            )
             f[1].write(table.tobytes())
             self._rows[group] += len(states)
             self.meta.setdefault("hidden_dim", int(states.shape[1]))
@@ -204,27 +222,38 @@ def fit_projections(path: Path, meta: dict, method: str = "pca") -> str:
         # Covariance accumulated in float64 over chunks of rows: one pass, one [D, D] in memory.
         total, cov = np.zeros(dim), np.zeros((dim, dim))
         for i in range(0, n, chunk):
-            x = np.nan_to_num(np.asarray(states[i:i + chunk], np.float64))
+            x = np.nan_to_num(np.asarray(states[i : i + chunk], np.float64))
             total += x.sum(0)
             cov += x.T @ x
         mean = total / max(n, 1)
         cov = cov / max(n, 1) - np.outer(mean, mean)
         if n >= 2:
             _, vecs = np.linalg.eigh(cov)
-            comps = vecs[:, ::-1][:, :2].T                              # largest variance first
+            comps = vecs[:, ::-1][:, :2].T  # largest variance first
         else:
             comps = np.eye(2, dim)
         sign = np.sign(comps[np.arange(2), np.argmax(np.abs(comps), axis=1)])
         comps = (comps * np.where(sign == 0, 1, sign)[:, None]).astype(np.float32)
         mean = mean.astype(np.float32)
-        coords = np.concatenate([(np.nan_to_num(np.asarray(states[i:i + chunk], np.float32)) - mean)
-                                 @ comps.T for i in range(0, n, chunk)] or [np.zeros((0, 2))])
+        coords = np.concatenate(
+            [
+                (np.nan_to_num(np.asarray(states[i : i + chunk], np.float32)) - mean) @ comps.T
+                for i in range(0, n, chunk)
+            ]
+            or [np.zeros((0, 2))]
+        )
         if method == "umap" and n > 15:
             import umap
+
             coords = umap.UMAP(n_components=2, random_state=0).fit_transform(
-                np.asarray(states, np.float32))
-        np.savez(path / "projection" / f"{group}.npz", mean=mean, components=comps,
-                 method=np.array(method))
+                np.asarray(states, np.float32)
+            )
+        np.savez(
+            path / "projection" / f"{group}.npz",
+            mean=mean,
+            components=comps,
+            method=np.array(method),
+        )
         coords.astype(np.float32).tofile(path / "projection" / f"{group}.coords")
     return method
 
@@ -236,11 +265,15 @@ class Store:
         self.path = Path(path)
         meta_path = self.path / "meta.json"
         if not meta_path.is_file():
-            raise FileNotFoundError(f"{self.path} is no explorer store ({meta_path} missing): "
-                                    "write one with python -m experiments.explore --export_only")
+            raise FileNotFoundError(
+                f"{self.path} is no explorer store ({meta_path} missing): "
+                "write one with python -m experiments.explore --export_only"
+            )
         self.meta = json.loads(meta_path.read_text(encoding="utf-8"))
         if self.meta.get("schema") != SCHEMA:
-            raise ValueError(f"{meta_path}: schema {self.meta.get('schema')!r}, expected {SCHEMA!r}")
+            raise ValueError(
+                f"{meta_path}: schema {self.meta.get('schema')!r}, expected {SCHEMA!r}"
+            )
         with open(self.path / "examples.jsonl", encoding="utf-8") as f:
             self.examples = [json.loads(line) for line in f if line.strip()]
         self.env = _open_env(self.path / "records.lmdb")
@@ -314,8 +347,9 @@ class Store:
         """`hidden` with the lock already held."""
         if group not in self._tables:
             states, rows = _hidden_table(self.path, group, self.meta["hidden_dim"])
-            coords = np.fromfile(self.path / "projection" / f"{group}.coords",
-                                 np.float32).reshape(-1, 2)
+            coords = np.fromfile(self.path / "projection" / f"{group}.coords", np.float32).reshape(
+                -1, 2
+            )
             self._tables[group] = (states, rows, coords)
         return self._tables[group]
 
@@ -351,8 +385,11 @@ class Store:
         """The group's hidden states as float32 unit rows, kept for the last group asked for
         only (one layer of the store in memory, never all)."""
         with self._lock:
-            if self._unit is None or self._unit[0] != group or len(self._unit[1]) != len(
-                    self._group_table(group)[1]):
+            if (
+                self._unit is None
+                or self._unit[0] != group
+                or len(self._unit[1]) != len(self._group_table(group)[1])
+            ):
                 x = np.asarray(self._group_table(group)[0], np.float32)
                 x /= np.linalg.norm(x, axis=1, keepdims=True) + 1e-12
                 self._unit = (group, x)
@@ -364,8 +401,10 @@ class Store:
         with self._lock:
             cached = self._labels.get(group)
             if cached is None or len(cached) != len(rows):
-                cached = [self.examples[int(e)]["tokens" if k == 0 else "regions"][int(p)]
-                          for e, k, p in rows]
+                cached = [
+                    self.examples[int(e)]["tokens" if k == 0 else "regions"][int(p)]
+                    for e, k, p in rows
+                ]
                 self._labels = {group: cached}
             return cached
 
@@ -381,13 +420,15 @@ class Store:
                 rows[group] = f16.stat().st_size // (2 * self.meta["hidden_dim"])
                 with open(f16, "ab") as f:
                     f.write(np.ascontiguousarray(states, np.float16).tobytes())
-                table = np.concatenate([np.full((len(where), 1), index, np.int32),
-                                        np.asarray(where, np.int32)], axis=1)
+                table = np.concatenate(
+                    [np.full((len(where), 1), index, np.int32), np.asarray(where, np.int32)], axis=1
+                )
                 with open(self.path / "hidden" / f"{group}.rows", "ab") as f:
                     f.write(table.tobytes())
                 with np.load(self.path / "projection" / f"{group}.npz") as p:
-                    coords = (np.asarray(states, np.float16).astype(np.float32) - p["mean"]) \
-                        @ p["components"].T
+                    coords = (np.asarray(states, np.float16).astype(np.float32) - p["mean"]) @ p[
+                        "components"
+                    ].T
                 with open(self.path / "projection" / f"{group}.coords", "ab") as f:
                     f.write(coords.astype(np.float32).tobytes())
                 self._tables.pop(group, None)
@@ -437,9 +478,21 @@ def open_store(path, cache_size: int = 16) -> Store:
 
 def store_bytes(path) -> int:
     """Bytes on disk under a store (allocated blocks, so LMDB's reserved map is not counted)."""
-    return sum(min(f.stat().st_size, f.stat().st_blocks * 512)
-               for f in Path(path).rglob("*") if f.is_file())
+    return sum(
+        min(f.stat().st_size, f.stat().st_blocks * 512)
+        for f in Path(path).rglob("*")
+        if f.is_file()
+    )
 
 
-__all__ = ["SCHEMA", "Store", "StoreWriter", "open_store", "group_of", "map_axes", "store_bytes",
-           "pack_array", "unpack_array"]
+__all__ = [
+    "SCHEMA",
+    "Store",
+    "StoreWriter",
+    "open_store",
+    "group_of",
+    "map_axes",
+    "store_bytes",
+    "pack_array",
+    "unpack_array",
+]

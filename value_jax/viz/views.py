@@ -6,6 +6,7 @@ the map's heads: axis 0 of `[H, Q, K]`; VL-InterpreT's "average over heads" loop
 layer count instead, REFERENCE §1.2 bug 2); the source is ("text", position in the text slot)
 or ("region", region index).
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -24,7 +25,7 @@ def default_map(store: Store) -> str:
 
 def head_map(record: dict, name: str, head) -> np.ndarray:
     """`[Q, K]` float32: one head of a stored map, or the mean over its heads."""
-    a = np.asarray(record["attention"][name], np.float32)          # [H, Q, K]
+    a = np.asarray(record["attention"][name], np.float32)  # [H, Q, K]
     return a.mean(axis=0) if head == "mean" else a[int(head)]
 
 
@@ -71,7 +72,7 @@ def top_k(weights: np.ndarray, k: int = 3, min_share: float = 0.05) -> list[int]
     w = np.asarray(weights, np.float64)
     if not w.size or w.max() <= 0:
         return []
-    order = np.argsort(-w, kind="stable")[:min(k, len(w))]
+    order = np.argsort(-w, kind="stable")[: min(k, len(w))]
     return [int(i) for i in order if w[i] >= min_share * w.max()]
 
 
@@ -82,4 +83,12 @@ def hidden_points(store: Store, group: str, highlight: int | None = None):
     return coords, rows, store.labels(group)
 
 
-__all__ = ["default_map", "head_map", "axis_labels", "attention_from", "overlay_alpha", "top_k", "hidden_points"]
+__all__ = [
+    "default_map",
+    "head_map",
+    "axis_labels",
+    "attention_from",
+    "overlay_alpha",
+    "top_k",
+    "hidden_points",
+]

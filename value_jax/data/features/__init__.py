@@ -67,6 +67,7 @@ feature row turns every downstream mean into NaN without an error:
 One module per format (`lxmert_tsv`, `uniter`, `volta`) behind `base._Reader`; `fields` decodes
 one image's fields; this module picks the reader (`open_region_features`, `detect_format`).
 """
+
 from __future__ import annotations
 
 import collections
@@ -77,19 +78,36 @@ from typing import Iterable, Optional
 import numpy as np
 
 from value_jax.data.errors import DataFormatError, DataReport, PathLike
-from value_jax.data.features.base import (FEATURE_DIM, FORMATS, INDEX_SUFFIX,  # noqa: F401
-                                          NUM_OBJECT_CLASSES, TSV_FIELDS, VOLTA_TSV_FIELDS,
-                                          FeatureReport, ImageNotFoundError, RegionFeatureReader,
-                                          RegionRecord, _as_id, uniter_name_to_image_id)
+from value_jax.data.features.base import (  # noqa: F401
+    FEATURE_DIM,
+    FORMATS,
+    INDEX_SUFFIX,
+    NUM_OBJECT_CLASSES,
+    TSV_FIELDS,
+    VOLTA_TSV_FIELDS,
+    FeatureReport,
+    ImageNotFoundError,
+    RegionFeatureReader,
+    RegionRecord,
+    _as_id,
+    uniter_name_to_image_id,
+)
 from value_jax.data.features.lxmert_tsv import LxmertTsvReader
-from value_jax.data.features.uniter import (UniterLmdbReader, UniterNpzDirReader,  # noqa: F401
-                                            _decode_msgpack_numpy, _unpack_msgpack_numpy,
-                                            uniter_num_bb)
+from value_jax.data.features.uniter import (  # noqa: F401
+    UniterLmdbReader,
+    UniterNpzDirReader,
+    _decode_msgpack_numpy,
+    _unpack_msgpack_numpy,
+    uniter_num_bb,
+)
 from value_jax.data.features.volta import VoltaLmdbReader
 
-
-_READERS = {"lxmert_tsv": LxmertTsvReader, "uniter_npz": UniterNpzDirReader,
-            "uniter_lmdb": UniterLmdbReader, "volta_lmdb": VoltaLmdbReader}
+_READERS = {
+    "lxmert_tsv": LxmertTsvReader,
+    "uniter_npz": UniterNpzDirReader,
+    "uniter_lmdb": UniterLmdbReader,
+    "volta_lmdb": VoltaLmdbReader,
+}
 
 
 def detect_format(path: PathLike) -> str:
@@ -100,8 +118,9 @@ def detect_format(path: PathLike) -> str:
         if os.path.basename(path) == "data.mdb":
             return detect_format(os.path.dirname(path) or ".")
         if path.endswith(".npz"):
-            raise DataFormatError(path, "a single npz file",
-                                  "the directory of UNITER npz files that holds it")
+            raise DataFormatError(
+                path, "a single npz file", "the directory of UNITER npz files that holds it"
+            )
         return "lxmert_tsv"
     if not os.path.isdir(path):
         raise FileNotFoundError(f"no region features at {path}")
@@ -119,18 +138,25 @@ def detect_format(path: PathLike) -> str:
                 first = [bytes(k) for k, _ in zip(txn.cursor().iternext(values=False), range(3))]
         finally:
             env.close()
-        raise DataFormatError(path, f"an LMDB without '__keys__' or 'keys' (first keys {first})",
-                              "a UNITER (__keys__) or VOLTA (keys) feature database")
+        raise DataFormatError(
+            path,
+            f"an LMDB without '__keys__' or 'keys' (first keys {first})",
+            "a UNITER (__keys__) or VOLTA (keys) feature database",
+        )
     if any(e.endswith(".npz") for e in entries):
         return "uniter_npz"
     lmdbs = [e for e in entries if os.path.isfile(os.path.join(path, e, "data.mdb"))]
     hint = f"; LMDB subdirectories here: {lmdbs}" if lmdbs else ""
-    raise DataFormatError(path, f"a directory with no data.mdb and no .npz files{hint}",
-                          "a .tsv file, an LMDB directory or a directory of UNITER npz files")
+    raise DataFormatError(
+        path,
+        f"a directory with no data.mdb and no .npz files{hint}",
+        "a .tsv file, an LMDB directory or a directory of UNITER npz files",
+    )
 
 
-def open_region_features(path: PathLike, format: Optional[str] = None,
-                         **options) -> RegionFeatureReader:
+def open_region_features(
+    path: PathLike, format: Optional[str] = None, **options
+) -> RegionFeatureReader:
     """Opens region features for random access; ``format`` defaults to ``detect_format(path)``.
 
     ``options`` go to the format's reader: ``LxmertTsvReader(index_path, cache_index,
@@ -143,8 +169,11 @@ def open_region_features(path: PathLike, format: Optional[str] = None,
     return _READERS[fmt](path, **options)
 
 
-def dataset_mean_feature(reader: RegionFeatureReader, image_ids: Optional[Iterable] = None,
-                         report: Optional[DataReport] = None) -> np.ndarray:
+def dataset_mean_feature(
+    reader: RegionFeatureReader,
+    image_ids: Optional[Iterable] = None,
+    report: Optional[DataReport] = None,
+) -> np.ndarray:
     """[D] float32 mean feature over every region of the given images (default: all).
 
     Frank et al. (2021) replace ablated regions with this mean. VOLTA's ``_avg_feature`` sums
@@ -153,8 +182,11 @@ def dataset_mean_feature(reader: RegionFeatureReader, image_ids: Optional[Iterab
     float64. Ids without features are counted as images_without_features (in ``report``, else
     ``reader.report``) and, when no report is given, warned about.
     """
-    counts = collections.Counter(_as_id(i) for i in image_ids) if image_ids is not None \
+    counts = (
+        collections.Counter(_as_id(i) for i in image_ids)
+        if image_ids is not None
         else collections.Counter(reader.image_ids())
+    )
     missing = [i for i in counts if i not in reader]
     total: Optional[np.ndarray] = None
     regions = 0
@@ -166,9 +198,14 @@ def dataset_mean_feature(reader: RegionFeatureReader, image_ids: Optional[Iterab
         total = row_sum * times if total is None else total + row_sum * times
         regions += rec.num_boxes * times
     if missing and report is None:
-        warnings.warn(f"dataset_mean_feature: {len(missing)} of {len(counts)} image ids have no "
-                      f"features in {reader.path} (e.g. {missing[:3]})", stacklevel=2)
+        warnings.warn(
+            f"dataset_mean_feature: {len(missing)} of {len(counts)} image ids have no "
+            f"features in {reader.path} (e.g. {missing[:3]})",
+            stacklevel=2,
+        )
     if total is None:
-        raise ValueError(f"no regions to average in {reader.path} ({len(counts)} image ids asked, "
-                         f"{len(missing)} without features)")
+        raise ValueError(
+            f"no regions to average in {reader.path} ({len(counts)} image ids asked, "
+            f"{len(missing)} without features)"
+        )
     return (total / regions).astype(np.float32)

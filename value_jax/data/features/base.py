@@ -2,6 +2,7 @@
 (random access, the checks every record passes before it leaves a reader), the format constants.
 The formats themselves are in the sibling modules; `value_jax.data.features` documents them.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -12,12 +13,21 @@ import numpy as np
 
 from value_jax.data.errors import DataFormatError, DataReport, PathLike
 
-
 FORMATS = ("lxmert_tsv", "uniter_npz", "uniter_lmdb", "volta_lmdb")
-TSV_FIELDS = ("img_id", "img_h", "img_w", "objects_id", "objects_conf", "attrs_id", "attrs_conf",
-              "num_boxes", "boxes", "features")
+TSV_FIELDS = (
+    "img_id",
+    "img_h",
+    "img_w",
+    "objects_id",
+    "objects_conf",
+    "attrs_id",
+    "attrs_conf",
+    "num_boxes",
+    "boxes",
+    "features",
+)
 VOLTA_TSV_FIELDS = TSV_FIELDS + ("cls_prob", "attrs", "classes")
-NUM_OBJECT_CLASSES = 1600   # VG objects, background excluded
+NUM_OBJECT_CLASSES = 1600  # VG objects, background excluded
 FEATURE_DIM = 2048
 INDEX_SUFFIX = ".idx.json"
 FeatureReport = DataReport  # counts: images_without_features, boxes_dropped_by_conf_th
@@ -73,13 +83,16 @@ class RegionRecord:
     def __post_init__(self):
         n = len(self.features)
         if self.features.ndim != 2 or self.boxes.shape != (n, 4):
-            raise ValueError(f"image {self.image_id!r}: features {self.features.shape} and boxes "
-                             f"{self.boxes.shape} (expected [N, D] and [N, 4])")
+            raise ValueError(
+                f"image {self.image_id!r}: features {self.features.shape} and boxes "
+                f"{self.boxes.shape} (expected [N, D] and [N, 4])"
+            )
         for name in ("object_ids", "object_conf", "attr_ids", "attr_conf", "cls_prob"):
             arr = getattr(self, name)
             if arr is not None and len(arr) != n:
-                raise ValueError(f"image {self.image_id!r}: {name} has {len(arr)} rows, "
-                                 f"features {n}")
+                raise ValueError(
+                    f"image {self.image_id!r}: {name} has {len(arr)} rows, features {n}"
+                )
         if self.box_units not in ("pixels", "normalized"):
             raise ValueError(f"box_units {self.box_units!r} (expected 'pixels' or 'normalized')")
 
@@ -92,8 +105,10 @@ class RegionRecord:
         if self.box_units == "normalized" or self.num_boxes == 0:
             return self.boxes.astype(np.float32, copy=True)
         if not (self.image_w > 0 and self.image_h > 0):
-            raise ValueError(f"image {self.image_id!r}: size {self.image_w}x{self.image_h} "
-                             "unknown, cannot normalise its boxes")
+            raise ValueError(
+                f"image {self.image_id!r}: size {self.image_w}x{self.image_h} "
+                "unknown, cannot normalise its boxes"
+            )
         scale = np.array([self.image_w, self.image_h, self.image_w, self.image_h], np.float64)
         return (self.boxes / scale).astype(np.float32)
 
@@ -137,17 +152,25 @@ def uniter_name_to_image_id(name: str) -> str:
 class _Reader:
     format = ""
 
-    def __init__(self, path: PathLike, keys: Iterable[Any],
-                 key_to_image_id: Optional[Callable[[str], str]], feature_dim: Optional[int] = None):
+    def __init__(
+        self,
+        path: PathLike,
+        keys: Iterable[Any],
+        key_to_image_id: Optional[Callable[[str], str]],
+        feature_dim: Optional[int] = None,
+    ):
         self.path = os.fspath(path)
         self._id_to_key: dict[str, Any] = {}
         for key in keys:
             name = key.decode("utf-8") if isinstance(key, bytes) else str(key)
             image_id = key_to_image_id(name) if key_to_image_id else name
             if image_id in self._id_to_key:
-                raise DataFormatError(self.path, f"keys {self._id_to_key[image_id]!r} and {key!r} "
-                                      f"both give image id {image_id!r}",
-                                      "one key per image id (check key_to_image_id)")
+                raise DataFormatError(
+                    self.path,
+                    f"keys {self._id_to_key[image_id]!r} and {key!r} "
+                    f"both give image id {image_id!r}",
+                    "one key per image id (check key_to_image_id)",
+                )
             self._id_to_key[image_id] = key
         self.report = DataReport()
         # The width every image must have: `feature_dim`, else the first non-empty image's.
@@ -172,9 +195,11 @@ class _Reader:
             raise ImageNotFoundError(self._missing_message(image_id))
         rec, nonfinite = self._checked(image_id, key, self.report)
         if nonfinite:
-            raise DataFormatError(found=f"image {image_id!r}: {nonfinite}",
-                                  expected="finite boxes and features (reader.get() counts "
-                                           "and skips such images)", **self._where(key))
+            raise DataFormatError(
+                found=f"image {image_id!r}: {nonfinite}",
+                expected="finite boxes and features (reader.get() counts and skips such images)",
+                **self._where(key),
+            )
         return rec
 
     def get(self, image_id, report: Optional[DataReport] = None) -> Optional[RegionRecord]:
@@ -192,8 +217,10 @@ class _Reader:
         key = self._id_to_key[image_id]
         rec, nonfinite = self._checked(image_id, key, report)
         if nonfinite:
-            report.count("images_with_nonfinite_features",
-                         example=f"{_place(self._where(key))} image {image_id!r}: {nonfinite}")
+            report.count(
+                "images_with_nonfinite_features",
+                example=f"{_place(self._where(key))} image {image_id!r}: {nonfinite}",
+            )
             return None
         return rec
 
@@ -212,7 +239,9 @@ class _Reader:
             elif width != self._width:
                 raise DataFormatError(
                     found=f"image {image_id!r} has {width} feature values per box",
-                    expected=f"{self._width}, as {self._width_from}", **self._where(key))
+                    expected=f"{self._width}, as {self._width_from}",
+                    **self._where(key),
+                )
         return rec, _nonfinite(rec)
 
     def _where(self, key: Any) -> dict:
@@ -221,12 +250,18 @@ class _Reader:
 
     def _missing_message(self, image_id: str) -> str:
         examples = ", ".join(repr(i) for i in list(self._id_to_key)[:3])
-        msg = (f"image id {image_id!r} not in {self.format} features {self.path} "
-               f"({len(self)} images, e.g. {examples})")
-        if any(str(i).endswith(f"_{image_id}.npz") or str(i) == f"{image_id}.npz"
-               for i in self._id_to_key):
-            msg += ("; the ids are UNITER npz names: open with "
-                    "key_to_image_id=uniter_name_to_image_id to use bare ids")
+        msg = (
+            f"image id {image_id!r} not in {self.format} features {self.path} "
+            f"({len(self)} images, e.g. {examples})"
+        )
+        if any(
+            str(i).endswith(f"_{image_id}.npz") or str(i) == f"{image_id}.npz"
+            for i in self._id_to_key
+        ):
+            msg += (
+                "; the ids are UNITER npz names: open with "
+                "key_to_image_id=uniter_name_to_image_id to use bare ids"
+            )
         return msg
 
     def _load(self, image_id: str, key: Any, report: DataReport) -> RegionRecord:
@@ -267,8 +302,10 @@ def _nonfinite(rec: RegionRecord) -> str:
         bad = ~np.isfinite(arr)
         if bad.any():
             first = np.argwhere(bad)[0]
-            return (f"{name}: {int(bad.sum())} non-finite value(s), first "
-                    f"{arr[tuple(first)]} at box {int(first[0])}")
+            return (
+                f"{name}: {int(bad.sum())} non-finite value(s), first "
+                f"{arr[tuple(first)]} at box {int(first[0])}"
+            )
     return ""
 
 
@@ -281,15 +318,20 @@ def _as_id(image_id: object) -> str:
     return str(image_id)
 
 
-
-
 class _LmdbReader(_Reader):
     def _open_env(self, path: str):
         import lmdb
 
         # As VOLTA opens them: shared read-only files, no lock file, no OS read-ahead.
-        self._env = lmdb.open(path, readonly=True, lock=False, readahead=False, meminit=False,
-                              subdir=os.path.isdir(path), max_readers=512)
+        self._env = lmdb.open(
+            path,
+            readonly=True,
+            lock=False,
+            readahead=False,
+            meminit=False,
+            subdir=os.path.isdir(path),
+            max_readers=512,
+        )
 
     def _get(self, key: bytes) -> bytes:
         with self._env.begin(write=False) as txn:

@@ -1,6 +1,7 @@
 """Decoding one image's fields (TSV strings, base64 buffers, raw arrays) into a `RegionRecord`,
 with the checks that name the file, line or key and the field at fault.
 """
+
 from __future__ import annotations
 
 import base64
@@ -34,8 +35,9 @@ def _int_field(value: Any, name: str, where: dict) -> int:
     raise DataFormatError(found=f"field {name!r} = {_short(value)}", expected="an integer", **where)
 
 
-def _array_field(value: Any, name: str, dtype, where: dict, num_boxes: int,
-                 width: Optional[int]) -> np.ndarray:
+def _array_field(
+    value: Any, name: str, dtype, where: dict, num_boxes: int, width: Optional[int]
+) -> np.ndarray:
     """[num_boxes] (width None) or [num_boxes, width] (width -1: inferred) array of ``dtype``.
 
     ``value`` is base64 text/bytes of a little-endian buffer (TSV, VOLTA-from-TSV) or an array
@@ -47,37 +49,51 @@ def _array_field(value: Any, name: str, dtype, where: dict, num_boxes: int,
             raise DataFormatError(
                 found=f"field {name!r} holds a Python bytes literal {_short(value)}",
                 expected="bare base64 text (the writer passed bytes to csv under Python 3; "
-                         "decode the base64 to str before writing)", **where)
+                "decode the base64 to str before writing)",
+                **where,
+            )
         try:
             buf = _b64decode_strict(value)
         except (binascii.Error, ValueError) as e:
             raise DataFormatError(
                 found=f"field {name!r} is not valid base64 ({e}; {len(value)} characters, "
-                      f"ends {_short(value[-12:])})",
+                f"ends {_short(value[-12:])})",
                 expected="base64 of a little-endian buffer; a truncated line looks like this",
-                **where) from None
+                **where,
+            ) from None
         if len(buf) % dtype.itemsize:
-            raise DataFormatError(found=f"field {name!r} decodes to {len(buf)} bytes",
-                                  expected=f"a multiple of {dtype.itemsize} ({dtype.name})",
-                                  **where)
+            raise DataFormatError(
+                found=f"field {name!r} decodes to {len(buf)} bytes",
+                expected=f"a multiple of {dtype.itemsize} ({dtype.name})",
+                **where,
+            )
         flat = np.frombuffer(buf, dtype=dtype.newbyteorder("<")).astype(dtype)
     else:
         flat = np.array(value).reshape(-1)
         if flat.dtype.kind not in "biuf":
-            raise DataFormatError(found=f"field {name!r} of dtype {flat.dtype}",
-                                  expected=f"numbers ({dtype.name})", **where)
+            raise DataFormatError(
+                found=f"field {name!r} of dtype {flat.dtype}",
+                expected=f"numbers ({dtype.name})",
+                **where,
+            )
         flat = flat.astype(dtype)
     if width is None:
         need = num_boxes
     elif width == -1:
         if num_boxes == 0:
             if flat.size:
-                raise DataFormatError(found=f"field {name!r} holds {flat.size} values",
-                                      expected="none, since num_boxes = 0", **where)
+                raise DataFormatError(
+                    found=f"field {name!r} holds {flat.size} values",
+                    expected="none, since num_boxes = 0",
+                    **where,
+                )
             return flat.reshape(0, 0)
         if flat.size % num_boxes:
-            raise DataFormatError(found=f"field {name!r} holds {flat.size} {dtype.name} values",
-                                  expected=f"a multiple of num_boxes = {num_boxes}", **where)
+            raise DataFormatError(
+                found=f"field {name!r} holds {flat.size} {dtype.name} values",
+                expected=f"a multiple of num_boxes = {num_boxes}",
+                **where,
+            )
         return flat.reshape(num_boxes, flat.size // num_boxes)
     else:
         need = num_boxes * width
@@ -86,7 +102,8 @@ def _array_field(value: Any, name: str, dtype, where: dict, num_boxes: int,
         raise DataFormatError(
             found=f"field {name!r} holds {flat.size} {dtype.name} values{per}",
             expected=f"{need} for num_boxes = {num_boxes}" + (f" x {width}" if width else ""),
-            **where)
+            **where,
+        )
     return flat if width is None else flat.reshape(num_boxes, width)
 
 
@@ -113,19 +130,25 @@ def _short(value: Any, n: int = 24) -> str:
 
 def _record_from_item(item: Mapping, image_id: str, where: dict) -> RegionRecord:
     """A RegionRecord from LXMERT-TSV-named fields (TSV line, or VOLTA's pickled dict)."""
+
     def required(name):
         alias, value = _pick(item, name)
         if alias is None:
-            raise DataFormatError(found=f"no field {name!r} (has {sorted(map(str, item))})",
-                                  expected=" or ".join(map(repr, _ALIASES[name])), **where)
+            raise DataFormatError(
+                found=f"no field {name!r} (has {sorted(map(str, item))})",
+                expected=" or ".join(map(repr, _ALIASES[name])),
+                **where,
+            )
         return alias, value
 
     image_h = _int_field(required("img_h")[1], "img_h", where)
     image_w = _int_field(required("img_w")[1], "img_w", where)
     if image_w <= 0 or image_h <= 0:
-        raise DataFormatError(found=f"image {image_id!r}: img_w x img_h = {image_w}x{image_h}",
-                              expected="a positive image size (boxes are normalised by it)",
-                              **where)
+        raise DataFormatError(
+            found=f"image {image_id!r}: img_w x img_h = {image_w}x{image_h}",
+            expected="a positive image size (boxes are normalised by it)",
+            **where,
+        )
     alias, value = _pick(item, "num_boxes")
     if alias is not None:
         num_boxes = _int_field(value, alias, where)
@@ -151,10 +174,18 @@ def _record_from_item(item: Mapping, image_id: str, where: dict) -> RegionRecord
     object_conf = optional("objects_conf", np.float32, None)
     if object_ids is None and cls_prob is not None and cls_prob.shape[1] > 1:
         object_ids, object_conf = _argmax_foreground(cls_prob)
-    return RegionRecord(image_id=image_id, image_w=image_w, image_h=image_h, boxes=boxes,
-                        features=features, object_ids=object_ids, object_conf=object_conf,
-                        attr_ids=optional("attrs_id", np.int64, None),
-                        attr_conf=optional("attrs_conf", np.float32, None), cls_prob=cls_prob)
+    return RegionRecord(
+        image_id=image_id,
+        image_w=image_w,
+        image_h=image_h,
+        boxes=boxes,
+        features=features,
+        object_ids=object_ids,
+        object_conf=object_conf,
+        attr_ids=optional("attrs_id", np.int64, None),
+        attr_conf=optional("attrs_conf", np.float32, None),
+        cls_prob=cls_prob,
+    )
 
 
 def _argmax_foreground(cls_prob: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

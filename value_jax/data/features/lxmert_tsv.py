@@ -1,6 +1,7 @@
 """``lxmert_tsv``: airsplay/lxmert's ``load_obj_tsv`` format (and VOLTA's 13-field variant), read
 through a byte-offset index kept next to the file.
 """
+
 from __future__ import annotations
 
 import csv
@@ -13,8 +14,14 @@ from typing import Optional
 import numpy as np
 
 from value_jax.data.errors import DataFormatError, DataReport, PathLike
-from value_jax.data.features.base import (_INDEX_VERSION, INDEX_SUFFIX, TSV_FIELDS,
-                                          VOLTA_TSV_FIELDS, RegionRecord, _Reader)
+from value_jax.data.features.base import (
+    _INDEX_VERSION,
+    INDEX_SUFFIX,
+    TSV_FIELDS,
+    VOLTA_TSV_FIELDS,
+    RegionRecord,
+    _Reader,
+)
 from value_jax.data.features.fields import _record_from_item
 from value_jax.io import write_json_atomic
 
@@ -41,15 +48,24 @@ class LxmertTsvReader(_Reader):
 
     format = "lxmert_tsv"
 
-    def __init__(self, path: PathLike, *, index_path: Optional[PathLike] = None,
-                 cache_index: bool = True, feature_dim: Optional[int] = None):
+    def __init__(
+        self,
+        path: PathLike,
+        *,
+        index_path: Optional[PathLike] = None,
+        cache_index: bool = True,
+        feature_dim: Optional[int] = None,
+    ):
         _raise_csv_field_limit()
         path = os.fspath(path)
         self._fd = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
         try:
             stat = os.fstat(self._fd)
-            self.index_file = (os.fspath(index_path) if index_path is not None
-                               else path + INDEX_SUFFIX) if cache_index else None
+            self.index_file = (
+                (os.fspath(index_path) if index_path is not None else path + INDEX_SUFFIX)
+                if cache_index
+                else None
+            )
             index = self._load_index(stat) if self.index_file else None
             self.index_status = "loaded" if index else "built"
             if index is None:
@@ -72,8 +88,12 @@ class LxmertTsvReader(_Reader):
                 index = json.load(f)
         except (OSError, ValueError):
             return None
-        if (not isinstance(index, dict) or index.get("version") != _INDEX_VERSION
-                or index.get("size") != stat.st_size or index.get("mtime_ns") != stat.st_mtime_ns):
+        if (
+            not isinstance(index, dict)
+            or index.get("version") != _INDEX_VERSION
+            or index.get("size") != stat.st_size
+            or index.get("mtime_ns") != stat.st_mtime_ns
+        ):
             return None
         return index
 
@@ -86,9 +106,12 @@ class LxmertTsvReader(_Reader):
                 os.lseek(self._fd, offset, os.SEEK_SET)
                 data = os.read(self._fd, length)
         if len(data) != length:
-            raise DataFormatError(self.path, f"{len(data)} bytes at offset {offset}",
-                                  f"{length} (the file changed after it was indexed)",
-                                  line=int(self._lines[row]))
+            raise DataFormatError(
+                self.path,
+                f"{len(data)} bytes at offset {offset}",
+                f"{length} (the file changed after it was indexed)",
+                line=int(self._lines[row]),
+            )
         return data
 
     def _where(self, row: int) -> dict:
@@ -105,11 +128,13 @@ class LxmertTsvReader(_Reader):
             else:
                 fields = next(csv.reader([data.decode("utf-8")], delimiter="\t"))
         except UnicodeDecodeError as e:
-            raise DataFormatError(found=f"bytes that are not UTF-8 ({e})", expected="text",
-                                  **where) from None
+            raise DataFormatError(
+                found=f"bytes that are not UTF-8 ({e})", expected="text", **where
+            ) from None
         except csv.Error as e:
-            raise DataFormatError(found=f"unparsable line ({e})", expected="tab-separated fields",
-                                  **where) from None
+            raise DataFormatError(
+                found=f"unparsable line ({e})", expected="tab-separated fields", **where
+            ) from None
         if len(fields) == len(TSV_FIELDS):
             item = dict(zip(TSV_FIELDS, fields))
         elif len(fields) == len(VOLTA_TSV_FIELDS):
@@ -118,11 +143,15 @@ class LxmertTsvReader(_Reader):
             raise DataFormatError(
                 found=f"{len(fields)} tab-separated fields",
                 expected=f"10 ({', '.join(TSV_FIELDS)}) or 13 (VOLTA adds cls_prob, attrs, "
-                         "classes)", **where)
+                "classes)",
+                **where,
+            )
         if item["img_id"] != image_id:
-            raise DataFormatError(found=f"img_id {item['img_id']!r}",
-                                  expected=f"{image_id!r} (the file changed after it was indexed)",
-                                  **where)
+            raise DataFormatError(
+                found=f"img_id {item['img_id']!r}",
+                expected=f"{image_id!r} (the file changed after it was indexed)",
+                **where,
+            )
         return _record_from_item(item, image_id, where)
 
     def close(self) -> None:
@@ -146,16 +175,21 @@ def _build_tsv_index(path: str, stat) -> dict:
             if line.strip():
                 tab = line.find(b"\t")
                 if tab <= 0:
-                    raise DataFormatError(path, "a line without a leading img_id field",
-                                          "img_id<TAB>img_h<TAB>...", line=lineno)
+                    raise DataFormatError(
+                        path,
+                        "a line without a leading img_id field",
+                        "img_id<TAB>img_h<TAB>...",
+                        line=lineno,
+                    )
                 try:
                     image_id = line[:tab].decode("utf-8")
                     if image_id.startswith('"'):  # csv quoted it: it holds a quote or a tab
                         _raise_csv_field_limit()
                         image_id = next(csv.reader([line.decode("utf-8")], delimiter="\t"))[0]
                 except UnicodeDecodeError:
-                    raise DataFormatError(path, f"img_id {line[:tab][:40]!r}",
-                                          "UTF-8 text", line=lineno) from None
+                    raise DataFormatError(
+                        path, f"img_id {line[:tab][:40]!r}", "UTF-8 text", line=lineno
+                    ) from None
                 if image_id in seen:
                     duplicates.append((image_id, lines[seen[image_id]], lineno))
                     row = seen[image_id]
@@ -169,14 +203,23 @@ def _build_tsv_index(path: str, stat) -> dict:
             offset += len(line)
     if duplicates:
         shown = "; ".join(f"{i!r} at lines {a} and {b}" for i, a, b in duplicates[:3])
-        warnings.warn(f"{path}: {len(duplicates)} repeated img_id(s), last line kept: {shown}",
-                      stacklevel=3)
+        warnings.warn(
+            f"{path}: {len(duplicates)} repeated img_id(s), last line kept: {shown}", stacklevel=3
+        )
     if offset != stat.st_size:
-        raise DataFormatError(path, f"{offset} bytes read", f"{stat.st_size} (file changed "
-                              "while being indexed)")
-    return {"version": _INDEX_VERSION, "source": os.path.basename(path), "size": stat.st_size,
-            "mtime_ns": stat.st_mtime_ns, "ids": ids, "offsets": offsets, "lengths": lengths,
-            "lines": lines}
+        raise DataFormatError(
+            path, f"{offset} bytes read", f"{stat.st_size} (file changed while being indexed)"
+        )
+    return {
+        "version": _INDEX_VERSION,
+        "source": os.path.basename(path),
+        "size": stat.st_size,
+        "mtime_ns": stat.st_mtime_ns,
+        "ids": ids,
+        "offsets": offsets,
+        "lengths": lengths,
+        "lines": lines,
+    }
 
 
 def _write_json_atomic(path: str, obj: dict) -> bool:

@@ -1,6 +1,7 @@
 """``uniter_npz`` and ``uniter_lmdb``: the BUTD docker's npz directories and UNITER's
 ``DetectFeatLmdb`` (msgpack-numpy or compressed npz values).
 """
+
 from __future__ import annotations
 
 import io
@@ -20,24 +21,36 @@ class _UniterMixin:
         self._image_sizes = dict(image_sizes) if image_sizes is not None else None
         for image_id, size in (self._image_sizes or {}).items():
             if len(size) != 2 or not all(v > 0 for v in size):
-                raise ValueError(f"image_sizes[{image_id!r}] = {size!r} for {self.path} (expected a "
-                                 "positive (width, height): boxes are scaled by it)")
+                raise ValueError(
+                    f"image_sizes[{image_id!r}] = {size!r} for {self.path} (expected a "
+                    "positive (width, height): boxes are scaled by it)"
+                )
         self._conf_th, self._min_bb, self._max_bb = conf_th, min_bb, max_bb
 
-    def _uniter_record(self, image_id: str, dump: Mapping, where: dict,
-                       report: DataReport) -> RegionRecord:
+    def _uniter_record(
+        self, image_id: str, dump: Mapping, where: dict, report: DataReport
+    ) -> RegionRecord:
         """``features, norm_bb, conf, soft_labels`` (UNITER's npz keys) -> RegionRecord."""
         for name in ("features", "norm_bb"):
             if name not in dump:
-                raise DataFormatError(found=f"no {name!r} (has {sorted(dump)})",
-                                      expected="UNITER keys features, norm_bb, conf, soft_labels",
-                                      **where)
+                raise DataFormatError(
+                    found=f"no {name!r} (has {sorted(dump)})",
+                    expected="UNITER keys features, norm_bb, conf, soft_labels",
+                    **where,
+                )
         features = np.asarray(dump["features"]).astype(np.float32)
         norm_bb = np.asarray(dump["norm_bb"]).astype(np.float32)
-        if features.ndim != 2 or norm_bb.ndim != 2 or norm_bb.shape[0] != features.shape[0] \
-                or norm_bb.shape[1] < 4:
-            raise DataFormatError(found=f"features {features.shape}, norm_bb {norm_bb.shape}",
-                                  expected="[N, D] and [N, 6]", **where)
+        if (
+            features.ndim != 2
+            or norm_bb.ndim != 2
+            or norm_bb.shape[0] != features.shape[0]
+            or norm_bb.shape[1] < 4
+        ):
+            raise DataFormatError(
+                found=f"features {features.shape}, norm_bb {norm_bb.shape}",
+                expected="[N, D] and [N, 6]",
+                **where,
+            )
         n = features.shape[0]
         conf = dump.get("conf")
         conf = None if conf is None else np.asarray(conf).astype(np.float32).reshape(-1)
@@ -46,12 +59,14 @@ class _UniterMixin:
         if conf is not None and conf.shape != (n,):
             raise DataFormatError(found=f"conf {conf.shape}", expected=f"({n},)", **where)
         if soft is not None and (soft.ndim != 2 or len(soft) != n):
-            raise DataFormatError(found=f"soft_labels {soft.shape}", expected=f"[{n}, 1601]",
-                                  **where)
+            raise DataFormatError(
+                found=f"soft_labels {soft.shape}", expected=f"[{n}, 1601]", **where
+            )
         if self._conf_th is not None:
             if conf is None:
-                raise DataFormatError(found="no 'conf'", expected="conf, since conf_th is set",
-                                      **where)
+                raise DataFormatError(
+                    found="no 'conf'", expected="conf, since conf_th is set", **where
+                )
             keep = uniter_num_bb(conf, self._conf_th, self._min_bb, self._max_bb)
             if keep < n:
                 report.count("boxes_dropped_by_conf_th", n - keep, example=image_id)
@@ -72,13 +87,23 @@ class _UniterMixin:
         if soft is not None and soft.shape[1] > 1:
             object_ids, object_conf = _argmax_foreground(soft)
         extras = {} if conf is None else {"conf": conf}
-        return RegionRecord(image_id=image_id, image_w=width, image_h=height, boxes=boxes,
-                            features=features, object_ids=object_ids, object_conf=object_conf,
-                            cls_prob=soft, box_units=units, extras=extras)
+        return RegionRecord(
+            image_id=image_id,
+            image_w=width,
+            image_h=height,
+            boxes=boxes,
+            features=features,
+            object_ids=object_ids,
+            object_conf=object_conf,
+            cls_prob=soft,
+            box_units=units,
+            extras=extras,
+        )
 
 
-def uniter_num_bb(conf: np.ndarray, conf_th: float = 0.2, min_bb: int = 10,
-                  max_bb: int = 100) -> int:
+def uniter_num_bb(
+    conf: np.ndarray, conf_th: float = 0.2, min_bb: int = 10, max_bb: int = 100
+) -> int:
     """UNITER's box count: ``clip(#(conf > conf_th), min_bb, max_bb)`` (convert_imgdir.py)."""
     return int(min(max_bb, max(min_bb, int((np.asarray(conf) > conf_th).sum()))))
 
@@ -98,10 +123,17 @@ class UniterNpzDirReader(_UniterMixin, _Reader):
 
     format = "uniter_npz"
 
-    def __init__(self, path: PathLike, *, image_sizes: Optional[Mapping[str, tuple]] = None,
-                 key_to_image_id: Optional[Callable[[str], str]] = None,
-                 conf_th: Optional[float] = None, min_bb: int = 10, max_bb: int = 100,
-                 feature_dim: Optional[int] = None):
+    def __init__(
+        self,
+        path: PathLike,
+        *,
+        image_sizes: Optional[Mapping[str, tuple]] = None,
+        key_to_image_id: Optional[Callable[[str], str]] = None,
+        conf_th: Optional[float] = None,
+        min_bb: int = 10,
+        max_bb: int = 100,
+        feature_dim: Optional[int] = None,
+    ):
         names = sorted(e.name for e in os.scandir(path) if e.name.endswith(".npz") and e.is_file())
         super().__init__(path, names, key_to_image_id, feature_dim)
         self._init_uniter(image_sizes, conf_th, min_bb, max_bb)
@@ -119,18 +151,23 @@ class UniterNpzDirReader(_UniterMixin, _Reader):
         return self._uniter_record(image_id, dump, {"path": file}, report)
 
 
-
-
 class UniterLmdbReader(_UniterMixin, _LmdbReader):
     """UNITER ``DetectFeatLmdb`` database (msgpack or compressed-npz values); options as
     ``UniterNpzDirReader``."""
 
     format = "uniter_lmdb"
 
-    def __init__(self, path: PathLike, *, image_sizes: Optional[Mapping[str, tuple]] = None,
-                 key_to_image_id: Optional[Callable[[str], str]] = None,
-                 conf_th: Optional[float] = None, min_bb: int = 10, max_bb: int = 100,
-                 feature_dim: Optional[int] = None):
+    def __init__(
+        self,
+        path: PathLike,
+        *,
+        image_sizes: Optional[Mapping[str, tuple]] = None,
+        key_to_image_id: Optional[Callable[[str], str]] = None,
+        conf_th: Optional[float] = None,
+        min_bb: int = 10,
+        max_bb: int = 100,
+        feature_dim: Optional[int] = None,
+    ):
         path = os.fspath(path)
         self._open_env(path)
         try:
@@ -140,8 +177,9 @@ class UniterLmdbReader(_UniterMixin, _LmdbReader):
             try:
                 names = json.loads(bytes(raw).decode("utf-8"))
             except ValueError as e:
-                raise DataFormatError(path, f"'__keys__' is not JSON ({e})", "a JSON list",
-                                      key="__keys__") from None
+                raise DataFormatError(
+                    path, f"'__keys__' is not JSON ({e})", "a JSON list", key="__keys__"
+                ) from None
             super().__init__(path, names, key_to_image_id, feature_dim)
             self._init_uniter(image_sizes, conf_th, min_bb, max_bb)
         except BaseException:
@@ -155,15 +193,21 @@ class UniterLmdbReader(_UniterMixin, _LmdbReader):
         where = self._where(name)
         raw = self._get(name.encode("utf-8"))
         if raw is None:
-            raise DataFormatError(found="a key listed in '__keys__' with no value",
-                                  expected="a value for every listed key", **where)
+            raise DataFormatError(
+                found="a key listed in '__keys__' with no value",
+                expected="a value for every listed key",
+                **where,
+            )
         if raw[:2] == b"PK":  # the *_compressed databases hold np.savez_compressed bytes
             try:
                 with np.load(io.BytesIO(raw), allow_pickle=False) as npz:
                     dump = {k: npz[k] for k in npz.files if k != "allow_pickle"}
             except (OSError, ValueError, EOFError) as e:
-                raise DataFormatError(found=f"unreadable npz bytes ({e})",
-                                      expected="np.savez_compressed output", **where) from None
+                raise DataFormatError(
+                    found=f"unreadable npz bytes ({e})",
+                    expected="np.savez_compressed output",
+                    **where,
+                ) from None
         else:
             dump = _unpack_msgpack_numpy(raw, where)
         return self._uniter_record(image_id, dump, where, report)
@@ -173,21 +217,26 @@ def _unpack_msgpack_numpy(raw: bytes, where: dict) -> dict:
     import msgpack
 
     try:
-        dump = msgpack.unpackb(raw, raw=False, object_hook=_decode_msgpack_numpy,
-                               strict_map_key=False)
+        dump = msgpack.unpackb(
+            raw, raw=False, object_hook=_decode_msgpack_numpy, strict_map_key=False
+        )
     except (ValueError, TypeError, msgpack.UnpackException) as e:
-        raise DataFormatError(found=f"undecodable msgpack ({e})",
-                              expected="msgpack of a dict of arrays (msgpack-numpy)",
-                              **where) from None
+        raise DataFormatError(
+            found=f"undecodable msgpack ({e})",
+            expected="msgpack of a dict of arrays (msgpack-numpy)",
+            **where,
+        ) from None
     if not isinstance(dump, dict):
-        raise DataFormatError(found=f"msgpack of a {type(dump).__name__}", expected="a dict",
-                              **where)
+        raise DataFormatError(
+            found=f"msgpack of a {type(dump).__name__}", expected="a dict", **where
+        )
     return {k.decode("utf-8") if isinstance(k, bytes) else k: v for k, v in dump.items()}
 
 
 def _decode_msgpack_numpy(obj: dict):
     """msgpack-numpy's array encoding: ``{nd: True, type: '<f2', kind: b'', shape, data}`` (keys
     bytes in current versions, str in old ones); ``nd: False`` is a numpy scalar."""
+
     def field(name):
         return obj[name.encode()] if name.encode() in obj else obj.get(name)
 

@@ -1,12 +1,12 @@
 """``volta_lmdb``: e-bug/volta's ``ImageFeaturesH5Reader`` LMDB (pickled values from its TSV or
 H5 converter).
 """
+
 from __future__ import annotations
 
 import os
 import pickle
 from typing import Callable, Mapping, Optional
-
 
 from value_jax.data.errors import DataFormatError, DataReport, PathLike
 from value_jax.data.features.base import RegionRecord, _LmdbReader
@@ -21,8 +21,13 @@ class VoltaLmdbReader(_LmdbReader):
 
     format = "volta_lmdb"
 
-    def __init__(self, path: PathLike, *, feature_dim: Optional[int] = None,
-                 key_to_image_id: Optional[Callable[[str], str]] = None):
+    def __init__(
+        self,
+        path: PathLike,
+        *,
+        feature_dim: Optional[int] = None,
+        key_to_image_id: Optional[Callable[[str], str]] = None,
+    ):
         path = os.fspath(path)
         self._open_env(path)
         try:
@@ -32,8 +37,12 @@ class VoltaLmdbReader(_LmdbReader):
             try:
                 keys = pickle.loads(raw)
             except Exception as e:  # a damaged pickle can raise nearly anything
-                raise DataFormatError(path, f"unpicklable 'keys' ({type(e).__name__}: {e})",
-                                      "a pickled list of id bytes", key="keys") from None
+                raise DataFormatError(
+                    path,
+                    f"unpicklable 'keys' ({type(e).__name__}: {e})",
+                    "a pickled list of id bytes",
+                    key="keys",
+                ) from None
             super().__init__(path, keys, key_to_image_id, feature_dim)
         except BaseException:
             self.close()
@@ -48,14 +57,21 @@ class VoltaLmdbReader(_LmdbReader):
         where = self._where(key)
         raw = self._get(key_bytes)
         if raw is None:
-            raise DataFormatError(found="a key listed in 'keys' with no value",
-                                  expected="a value for every listed key", **where)
+            raise DataFormatError(
+                found="a key listed in 'keys' with no value",
+                expected="a value for every listed key",
+                **where,
+            )
         try:
             item = pickle.loads(raw)
         except Exception as e:
-            raise DataFormatError(found=f"unpicklable value ({type(e).__name__}: {e})",
-                                  expected="a pickled dict", **where) from None
+            raise DataFormatError(
+                found=f"unpicklable value ({type(e).__name__}: {e})",
+                expected="a pickled dict",
+                **where,
+            ) from None
         if not isinstance(item, Mapping):
-            raise DataFormatError(found=f"a pickled {type(item).__name__}",
-                                  expected="a dict of TSV fields", **where)
+            raise DataFormatError(
+                found=f"a pickled {type(item).__name__}", expected="a dict of TSV fields", **where
+            )
         return _record_from_item(item, image_id, where)
