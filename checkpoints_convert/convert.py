@@ -9,7 +9,7 @@ source key must match a rule, be a tied duplicate (checked bit-equal, then dropp
 unused key; shapes are checked after the transform. A head group is either complete or absent.
 Nothing is ever randomly initialised.
 
-The report and the conversion steps that fill it stay in one module (about 410 lines): each step
+The report and the conversion steps that fill it stay in one module (about 490 lines): each step
 writes one section of the report.
 """
 

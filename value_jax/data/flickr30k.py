@@ -14,6 +14,9 @@ Conventions:
     tokens with the markup removed; `word_span` is half-open.
   * `Annotation.boxes` are `[x1, y1, x2, y2]` ints, 0-based: 1 is subtracted from each file
     coordinate, as the reference parser does.
+
+The Sentences and Annotations readers stay in one module (about 450 lines): chain ids link the
+two files, and the checks that join them name both.
 """
 
 from __future__ import annotations

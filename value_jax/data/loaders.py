@@ -22,6 +22,9 @@ The Visual Genome relations loader (`RelationLoader`, `prepare_relations`) is in
 
 Example ids cite their source as `<file>:<1-based line>` where there is one (a caption:
 `<image id>.txt:<line>`, a SentEval sentence: `<task>.txt:<line>`), else the image id.
+
+This module (about 540 lines) holds the base loader and the two loaders with no other home
+(coreference, SentEval); the relations loader is `relation_loader.py`.
 """
 
 from __future__ import annotations

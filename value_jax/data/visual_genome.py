@@ -13,6 +13,9 @@ Memory: each reader does one `json.load` of the whole file, then converts entry 
 frees each raw entry once converted, so the peak is about the raw objects plus the dataclasses
 built so far. For the full v1.2 `relationships.json` (~0.7 GB of text) plan on several GB of
 RAM; the 5-image samples and fixtures are tiny.
+
+The Visual Genome readers (v1.0 and v1.2 forms) and the relation sampling stay together
+(about 510 lines): they share the id and name normalisation.
 """
 
 from __future__ import annotations

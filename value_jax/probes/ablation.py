@@ -37,6 +37,9 @@ scores the class BEFORE the detected one, and background for class 0); that is n
 CTRL models' global [IMG] feature is not modelled (the original UNITER and LXMERT have none).
 Every setting is one row per example of the same pass: `experiments.ablation.run_ablation` runs
 each direction in one `run_probes` pass (one compilation per batch shape), so the sweep costs forward passes only.
+
+The probes of both directions and their loss functions stay together (about 460 lines): they
+read one targets layout and are reported as one Result.
 """
 
 from __future__ import annotations

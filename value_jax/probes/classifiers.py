@@ -13,6 +13,9 @@ statistics, and early stopping on dev accuracy: per probe, the parameters of its
 are kept (`jnp.where`, no per-probe Python control flow), dev loss breaking accuracy ties, and a
 probe stops after `patience` epochs without improving. The loop ends when every probe has stopped
 or at `max_epochs`. Epochs are 0-based indices into `TrainRecord.dev_acc_history`.
+
+One module for both fits (about 430 lines): the Eq. 3 and Eq. 4 probers share the vmapped
+training loop, standardisation and early stopping.
 """
 
 from __future__ import annotations

@@ -38,6 +38,9 @@ key/query direction pair (a one-hot code, global over the data set). S(v) is the
 words of the chains region v is linked to, by the loader's rule (IoU >= 0.5 with one of the
 chain's gold boxes). A linked phrase none of whose words is in S(v) (`uncoded_links`) cannot be
 found by any head: it bounds what the coreference tests may ask for.
+
+One module (about 460 lines): every planted construction shares the direction vectors and
+the data that they code.
 """
 
 from __future__ import annotations

@@ -7,6 +7,9 @@ token over box overlays and words, the full attention matrix, hidden states, exp
 Every callback reads one example lazily from the store and builds its figure from
 `value_jax.viz.figures`; statistics come from the probes (`stats`). Element ids are stable
 (the browser tests use them).
+
+The Dash layout and its callbacks stay in one module (about 530 lines): each callback names
+the layout's component ids.
 """
 
 from __future__ import annotations

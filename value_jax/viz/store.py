@@ -6,7 +6,7 @@ memory-mapped float16 table, so a store of 1,000 base-size examples opens in mil
 never sits in memory whole.
 
 The writer (`StoreWriter`) and the reader (`Store`) of the format stay in this one module (about
-440 lines): the layout below is their contract, and keeping both sides next to it is what keeps
+500 lines): the layout below is their contract, and keeping both sides next to it is what keeps
 them in step.
 
 Layout of `<store>/` (schema `value_jax.explore/1`):
