@@ -140,3 +140,51 @@ def test_the_rule_checker_sees_a_violation(tmp_path):
         if _forbidden(name, RULES["probes"][1])
     ]
     assert found == ["value_jax.models.uniter"]
+
+
+# Functions of `experiments` allowed to read flag values: each script's `main` and the one place
+# that turns flags into a RunConfig.
+FLAG_READERS = {"main", "from_flags", "_script_flags", "_default"}
+
+
+def _flag_reads(tree: ast.AST):
+    """(line, function) of every `FLAGS` use inside a function, and every assignment to a flag."""
+    found = []
+
+    def uses_flags(node):
+        return any(
+            (isinstance(n, ast.Name) and n.id == "FLAGS")
+            or (isinstance(n, ast.Attribute) and n.attr == "FLAGS")
+            for n in ast.walk(node)
+        )
+
+    for fn in ast.walk(tree):
+        if isinstance(fn, (ast.FunctionDef, ast.Lambda)) and getattr(fn, "name", "") not in (
+            FLAG_READERS
+        ):
+            for node in ast.walk(fn):
+                if isinstance(node, (ast.Name, ast.Attribute)) and uses_flags(node):
+                    found.append((node.lineno, getattr(fn, "name", "<lambda>")))
+                    break
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Assign, ast.AugAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            if any(isinstance(t, ast.Attribute) and uses_flags(t.value) for t in targets):
+                found.append((node.lineno, "assignment to a flag"))
+    return found
+
+
+def test_experiment_helpers_take_the_run_config_not_the_flags():
+    """Flags are read once, in `main` (via `RunConfig.from_flags`), and never assigned."""
+    bad = []
+    for path in sorted((ROOT / "experiments").glob("*.py")):
+        for line, where in _flag_reads(ast.parse(path.read_text(), str(path))):
+            bad.append(f"{path.relative_to(ROOT)}:{line} ({where}) reads FLAGS")
+    assert not bad, "\n".join(bad)
+
+
+def test_the_flag_checker_sees_a_helper_reading_flags():
+    planted = ast.parse(
+        "def helper(cfg):\n    return FLAGS.seed\ndef main(argv):\n    FLAGS.model = 'x'\n"
+    )
+    assert [w for _, w in _flag_reads(planted)] == ["helper", "assignment to a flag"]
