@@ -39,6 +39,7 @@ from value_jax.data.ablation_data import (
 from value_jax.data.ablation_loader import AblationLoader
 from value_jax.data.flickr30k import PHRASE_TYPES
 from value_jax.data.tokenization import WordPieceTokenizer
+from value_jax.models.configs import CONFIGS
 from value_jax.probes.ablation import LANG4VIS_AVERAGES, Lang4VisProbe, Vis4LangProbe, merge_results
 from value_jax.probes.results import Result
 from value_jax.runner import run_probes
@@ -100,9 +101,10 @@ def _sources(cfg: RunConfig, demo):
     if demo is None:
         return cfg.flickr30k_root, cfg.flickr30k_features
     root = cfg.flickr30k_root or demo.flickr_root
-    # UNITER's MRC-KL needs the detector's 1601-way distributions: the demo's npz files hold them.
+    # MRC-KL of a head with the background class (UNITER's 1601-way) needs the detector's
+    # distributions: the demo's npz files hold them.
     features = cfg.flickr30k_features or (
-        demo.flickr_features_npz if cfg.model == "uniter" else demo.flickr_features_tsv
+        demo.flickr_features_npz if CONFIGS[cfg.model].mrc_background else demo.flickr_features_tsv
     )
     return root, features
 

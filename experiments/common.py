@@ -107,13 +107,16 @@ def build_demo_checkpoint(root: str, model_type: str, vocab_size: int, seed: int
 
 
 def vocab_path(cfg: RunConfig, demo) -> tuple[str, bool]:
-    """(vocab file, lowercase). The demo: UNITER's vocab is cased, LXMERT's uncased. A user's
-    `--vocab`: casing from `--lowercase`, by default from the vocabulary itself, so that an
-    uncased BERT baseline loaded as `--model=uniter` is lowercased as it was trained."""
+    """(vocab file, lowercase). The demo: the vocab of the model's released casing
+    (`config.lowercase`: UNITER cased, LXMERT uncased). A user's `--vocab`: casing from
+    `--lowercase`, by default from the vocabulary itself, so that an uncased BERT baseline loaded
+    as `--model=uniter` is lowercased as it was trained."""
+    from value_jax.models.configs import CONFIGS
+
     if cfg.vocab:
         path = cfg.vocab
     elif demo is not None:
-        path = demo.vocab_uncased if cfg.model == "lxmert" else demo.vocab_cased
+        path = demo.vocab_uncased if CONFIGS[cfg.model].lowercase else demo.vocab_cased
     else:
         raise SystemExit(
             "--checkpoint needs --vocab: the WordPiece vocab.txt the checkpoint was "

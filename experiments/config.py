@@ -135,13 +135,6 @@ flags.DEFINE_enum(
     "SentEval sentence embedding: mean of the word tokens or the [CLS] state.",
 )
 
-flags.register_validator("batch_size", lambda v: v >= 1, "--batch_size must be at least 1")
-flags.register_validator(
-    "checkpoint_every", lambda v: v >= 1, "--checkpoint_every must be at least 1"
-)
-flags.register_validator(
-    "max_images", lambda v: v >= 0, "--max_images must be 0 (all) or a positive count"
-)
 flags.DEFINE_integer(
     "bilinear_rank",
     0,
@@ -160,9 +153,12 @@ flags.register_validator(
 )
 
 
-def _default(name: str):
-    value = FLAGS[name].default
+def _frozen(value):
     return tuple(value) if isinstance(value, list) else value
+
+
+def _default(name: str):
+    return _frozen(FLAGS[name].default)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -230,10 +226,6 @@ def script_options(options_class, cfg: RunConfig):
     script's flags are not defined in this process, e.g. a test) keeps the dataclass default."""
     names = {f.name for f in dataclasses.fields(options_class)}
     return options_class(**{k: v for k, v in cfg.script.items() if k in names})
-
-
-def _frozen(value):
-    return tuple(value) if isinstance(value, list) else value
 
 
 def _script_flags() -> list[str]:

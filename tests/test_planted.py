@@ -54,10 +54,11 @@ RUNS = {
 def _experiment(root: Path, data: P.PlantedFlickr, name: str) -> Path:
     from experiments import suite
     from experiments.config import RunConfig
+    from value_jax.models.configs import CONFIGS
 
     analysis, model, _ = RUNS[name]
     out = root / "out" / name
-    vocab = data.vocab_uncased if model == "lxmert" else data.vocab_cased
+    vocab = data.vocab_uncased if CONFIGS[model].lowercase else data.vocab_cased
     cfg = RunConfig(
         model=model,
         checkpoint=str(root / "checkpoints" / name),
