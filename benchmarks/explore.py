@@ -95,31 +95,35 @@ def _regions(infos):
     return fetch
 
 
-def build(model_type, path):
+def build(model_type, path, examples, computed, batch):
+    """A store of `examples` records at `path`: `computed` examples run through the base model
+    in batches of `batch`, then written again under new indices."""
     import jax
 
-    from value_jax.models import LxmertConfig, UniterConfig, build_model, init_params
+    from value_jax.models import build_model, init_params
+    from value_jax.models.configs import CONFIGS
     from value_jax.viz import compute
     from value_jax.viz.store import StoreWriter
 
-    config = UniterConfig() if model_type == "uniter" else LxmertConfig()
+    config = CONFIGS[model_type]()
     model = build_model(config, outputs=())
     params = init_params(model, jax.random.PRNGKey(0))
-    infos = _infos(FLAGS.computed, config.vocab_size)
-    session = compute.Session(model, params, _Pieces(), _regions(infos), batch_size=FLAGS.batch)
+    infos = _infos(computed, config.vocab_size)
+    session = compute.Session(model, params, _Pieces(), _regions(infos), batch_size=batch)
     start = time.perf_counter()
-    computed = list(session.run(infos))
+    records = list(session.run(infos))
     forward_s = time.perf_counter() - start
     writer = StoreWriter(path, session.meta())
     start = time.perf_counter()
-    for k in range(FLAGS.examples):
-        entry, record, hidden = computed[k % len(computed)]
+    for k in range(examples):
+        entry, record, hidden = records[k % len(records)]
         writer.add(dict(entry, id=f"{entry['id']}#{k}"), record, hidden)
     writer.close()
     return session, forward_s, time.perf_counter() - start
 
 
-def clicks(store, model_type):
+def clicks(store, n_clicks):
+    """Median seconds per kind of click, over `n_clicks` clicks each."""
     import numpy as np
     import plotly.io as pio
 
@@ -149,7 +153,7 @@ def clicks(store, model_type):
     for name, fn in kinds.items():
         for cached in (False, True):
             times = []
-            for _ in range(FLAGS.clicks):
+            for _ in range(n_clicks):
                 ex = int(rng.integers(len(store)))
                 if cached:
                     store.record(ex)
@@ -173,7 +177,7 @@ def clicks(store, model_type):
         time.perf_counter() - start
     )
     times = []
-    for _ in range(FLAGS.clicks):
+    for _ in range(n_clicks):
         row = int(rng.integers(len(store.hidden(group)[1])))
         start = time.perf_counter()
         near = store.nearest(group, row)
@@ -183,31 +187,31 @@ def clicks(store, model_type):
     return out
 
 
-def run(model_type, root):
+def run(model_type, root, examples, computed, batch, n_clicks):
     from value_jax.viz.store import Store, store_bytes
 
     path = os.path.join(root, model_type)
-    _, forward_s, write_s = build(model_type, path)
-    size = store_bytes(path) / FLAGS.examples
+    _, forward_s, write_s = build(model_type, path, examples, computed, batch)
+    size = store_bytes(path) / examples
     start = time.perf_counter()
     store = Store(path)
     open_s = time.perf_counter() - start
     start = time.perf_counter()
-    store.record(FLAGS.examples // 2)
+    store.record(examples // 2)
     first_s = time.perf_counter() - start
     print(
         f"\n{model_type}-base, {TEXT} word pieces + {REGIONS} regions, {len(store.map_names)} maps"
     )
     print(
-        f"  forward + record of {FLAGS.computed} examples: {forward_s:.1f} s "
-        f"(first batch compiles); writing {FLAGS.examples}: {write_s:.1f} s"
+        f"  forward + record of {computed} examples: {forward_s:.1f} s "
+        f"(first batch compiles); writing {examples}: {write_s:.1f} s"
     )
     print(f"  bytes on disk per example: {size / 1e6:.2f} MB (target <= 2.5)")
     print(
         f"  open a {len(store)}-example store: {open_s * 1000:.0f} ms; first example read: "
         f"{first_s * 1000:.1f} ms (target <= 2000 ms)"
     )
-    for name, seconds in clicks(store, model_type).items():
+    for name, seconds in clicks(store, n_clicks).items():
         print(f"  click, {name}: {seconds * 1000:.0f} ms (target <= 150)")
     sys.stdout.flush()
 
@@ -216,7 +220,7 @@ def main(argv):
     del argv
     root = FLAGS.dir or tempfile.mkdtemp(prefix="explore-bench-")
     for m in ["uniter", "lxmert"] if FLAGS.model == "both" else [FLAGS.model]:
-        run(m, root)
+        run(m, root, FLAGS.examples, FLAGS.computed, FLAGS.batch, FLAGS.clicks)
     print(f"\nstores left in {root}")
 
 

@@ -47,7 +47,7 @@ def uniter_flops(c, b, t, r):
     f = encoder_flops(
         c.hidden_size, c.intermediate_size, [n] * c.num_layers, [(n, n)] * c.num_layers
     )
-    return b * (f + 2 * r * (c.img_dim * c.hidden_size + 7 * c.hidden_size))
+    return b * (f + 2 * r * (c.feature_dim * c.hidden_size + 7 * c.hidden_size))
 
 
 def lxmert_flops(c, b, t, r):
@@ -60,7 +60,10 @@ def lxmert_flops(c, b, t, r):
     per_x = 2 * (2 * (t + r) * 4 * h * h + (t + r) * 2 * h * i) + 2 * 2 * h * (
         2 * t * r + t * t + r * r
     )
-    return b * (f + c.x_layers * per_x + 2 * r * (c.visual_feat_dim * h + 4 * h))
+    return b * (f + c.x_layers * per_x + 2 * r * (c.feature_dim * h + 4 * h))
+
+
+FLOPS = {"uniter": uniter_flops, "lxmert": lxmert_flops}  # per architecture
 
 
 def _median_time(fn, repeats):
@@ -111,7 +114,8 @@ def main(argv):
     import numpy as np
 
     import value_jax
-    from value_jax.models import LxmertConfig, UniterConfig, build_model, init_params
+    from value_jax.models import build_model, init_params
+    from value_jax.models.configs import CONFIGS
 
     b, t, r = FLAGS.batch, FLAGS.text, FLAGS.regions
     backend = jax.default_backend()
@@ -120,9 +124,9 @@ def main(argv):
     models = ["uniter", "lxmert"] if FLAGS.model == "both" else [FLAGS.model]
     rng = np.random.default_rng(0)
     for name in models:
-        cfg = UniterConfig() if name == "uniter" else LxmertConfig()
-        feat = cfg.img_dim if name == "uniter" else cfg.visual_feat_dim
-        flop = (uniter_flops if name == "uniter" else lxmert_flops)(cfg, b, t, r)
+        cfg = CONFIGS[name]()
+        feat = cfg.feature_dim
+        flop = FLOPS[name](cfg, b, t, r)
         model = build_model(cfg)
         params = init_params(model, jax.random.PRNGKey(0))
         x1y1 = rng.uniform(0, 0.5, (b, r, 2))
@@ -140,7 +144,7 @@ def main(argv):
             jax.block_until_ready((trace.attention, trace.hidden))
 
         flax_forward()
-        hf_forward = _hf_forward(name, cfg, batch) if FLAGS.hf else None
+        hf_forward = _hf_forward(name, cfg, batch, FLAGS.threads) if FLAGS.hf else None
         if hf_forward:
             hf_forward()
         flax_times, hf_times = [], []
@@ -169,7 +173,7 @@ def main(argv):
             print(f"  ratio flax speed / HF speed: {ht / ft:.2f}x (target >= 1.0)")
 
 
-def _hf_forward(name, cfg, batch):
+def _hf_forward(name, cfg, batch, threads):
     import numpy as np
 
     try:
@@ -178,7 +182,7 @@ def _hf_forward(name, cfg, batch):
     except ImportError:
         print("torch/transformers not installed: skipping the HF reference (pip install .[test])")
         return None
-    torch.set_num_threads(FLAGS.threads)
+    torch.set_num_threads(threads)
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     tt = lambda x: torch.from_numpy(np.array(x)).to(dev)
     if name == "uniter":

@@ -62,16 +62,19 @@ flags.DEFINE_integer(
 flags.DEFINE_integer("seed", 0, "numpy Generator seed for the synthetic data.")
 
 
-def make_data(rng: np.random.Generator):
-    """Returns x `[L, S, N, D]` float32, labels `[S, N]` (0 text, 1 region), mask `[S, N]`."""
-    s, l, t, r, d, k = (
-        FLAGS.samples,
-        FLAGS.layers,
-        FLAGS.text,
-        FLAGS.regions,
-        FLAGS.dim,
-        FLAGS.rank,
-    )
+def make_data(
+    rng: np.random.Generator,
+    s: int,
+    l: int,
+    t: int,
+    r: int,
+    d: int,
+    k: int,
+    sep_first: float,
+    sep_last: float,
+):
+    """Returns x `[L, S, N, D]` float32, labels `[S, N]` (0 text, 1 region), mask `[S, N]`, for
+    `s` samples, `l` layers, `t` text slots, `r` regions, hidden size `d` and content rank `k`."""
     n = t + r
     text_len = rng.integers(int(0.6 * t), t + 1, size=s)
     mask = np.concatenate([np.arange(t)[None] < text_len[:, None], np.ones((s, r), bool)], 1)
@@ -80,7 +83,7 @@ def make_data(rng: np.random.Generator):
     content = rng.normal(size=(s, n, k)).astype(np.float32)  # token identity
     common = np.zeros(d, np.float32)
     common[rng.choice(d, 4, replace=False)] = 20.0  # outlier dimensions
-    sep = np.linspace(FLAGS.sep_first, FLAGS.sep_last, l, dtype=np.float32)
+    sep = np.linspace(sep_first, sep_last, l, dtype=np.float32)
     x = np.empty((l, s, n, d), np.float32)
     side = (labels - 0.5).astype(np.float32)[..., None]
     for layer in range(l):
@@ -94,10 +97,10 @@ def make_data(rng: np.random.Generator):
     return x, labels, mask
 
 
-def run_jax(x, labels, mask):
-    """Per-batch jitted calls; returns (NMI `[L, S]`, list of pass times in seconds)."""
+def run_jax(x, labels, mask, bs: int, num_iters: int, repeats: int):
+    """Per-batch jitted calls of `bs` samples; returns (NMI `[L, S]`, list of pass times in
+    seconds)."""
     l, s, n, d = x.shape
-    bs = FLAGS.batch_size
     pad = (-s) % bs
     x = np.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0)))
     labels = np.pad(labels, ((0, pad), (0, 0)))
@@ -111,9 +114,7 @@ def run_jax(x, labels, mask):
         for i in range(0, s + pad, bs)
     ]
     step = jax.jit(
-        kernels.over_layers(
-            lambda xl, lab, m: kernels.kmeans2_nmi(xl, lab, m, num_iters=FLAGS.num_iters)
-        )
+        kernels.over_layers(lambda xl, lab, m: kernels.kmeans2_nmi(xl, lab, m, num_iters=num_iters))
     )
 
     def one_pass():
@@ -123,18 +124,18 @@ def run_jax(x, labels, mask):
 
     outs = one_pass()  # compile + warm-up
     times = []
-    for _ in range(FLAGS.repeats):
+    for _ in range(repeats):
         start = time.perf_counter()
         outs = one_pass()
         times.append(time.perf_counter() - start)
     return np.concatenate([np.asarray(o) for o in outs], axis=1)[:, :s], times
 
 
-def run_sklearn(x, labels, mask, num_samples, seed_offset=0):
-    n_init = FLAGS.n_init if FLAGS.n_init == "auto" else int(FLAGS.n_init)
+def run_sklearn(x, labels, mask, num_samples, n_init, sk_threads: int, seed_offset=0):
+    """sklearn on the first `num_samples` samples; `sk_threads` 0: its default thread pools."""
     out = np.zeros((x.shape[0], num_samples))
     start = time.perf_counter()
-    limits = threadpool_limits(FLAGS.sk_threads) if FLAGS.sk_threads else nullcontext()
+    limits = threadpool_limits(sk_threads) if sk_threads else nullcontext()
     with warnings.catch_warnings(), limits:
         # Collapsed layers legitimately yield fewer than 2 distinct clusters.
         warnings.simplefilter("ignore", ConvergenceWarning)
@@ -150,7 +151,18 @@ def run_sklearn(x, labels, mask, num_samples, seed_offset=0):
 def main(argv):
     del argv
     rng = np.random.default_rng(FLAGS.seed)
-    x, labels, mask = make_data(rng)
+    x, labels, mask = make_data(
+        rng,
+        FLAGS.samples,
+        FLAGS.layers,
+        FLAGS.text,
+        FLAGS.regions,
+        FLAGS.dim,
+        FLAGS.rank,
+        FLAGS.sep_first,
+        FLAGS.sep_last,
+    )
+    n_init = FLAGS.n_init if FLAGS.n_init == "auto" else int(FLAGS.n_init)
     l, s, n, d = x.shape
     print(
         f"data: {s} samples x {l} layers x {n} tokens ({FLAGS.text} text slots, "
@@ -158,10 +170,10 @@ def main(argv):
         f"({jax.devices()[0].device_kind})"
     )
 
-    nmi_jax, times = run_jax(x, labels, mask)
+    nmi_jax, times = run_jax(x, labels, mask, FLAGS.batch_size, FLAGS.num_iters, FLAGS.repeats)
     t_jax = statistics.median(times)
     k = min(FLAGS.sk_samples, s)
-    nmi_sk, t_sk_subset = run_sklearn(x, labels, mask, k)
+    nmi_sk, t_sk_subset = run_sklearn(x, labels, mask, k, n_init, FLAGS.sk_threads)
     t_sk = t_sk_subset * s / k
 
     print(
@@ -189,7 +201,7 @@ def main(argv):
     )
     nmi_sk2 = None
     if FLAGS.sk_noise_floor:
-        nmi_sk2, _ = run_sklearn(x, labels, mask, k, seed_offset=10_000)
+        nmi_sk2, _ = run_sklearn(x, labels, mask, k, n_init, FLAGS.sk_threads, seed_offset=10_000)
         print(
             f"sklearn against itself, other random_states: mean NMI {nmi_sk2.mean():.4f}, "
             f"difference {nmi_sk2.mean() - nmi_sk.mean():+.4f}; |per-problem difference| "

@@ -78,20 +78,19 @@ def main(argv):
         f"{FLAGS.classes} classes; split {len(train)}/{len(dev)}/{len(test)}"
     )
 
+    classes, key = FLAGS.classes, jax.random.PRNGKey(FLAGS.seed)
+    fit = dict(
+        l2=FLAGS.l2,
+        learning_rate=FLAGS.learning_rate,
+        max_epochs=FLAGS.max_epochs,
+        patience=FLAGS.patience,
+        optimizer=FLAGS.optimizer,
+    )
+
     def run_jax():
         start = time.perf_counter()
         probe = classifiers.fit_linear(
-            x[:, train],
-            y[train],
-            x[:, dev],
-            y[dev],
-            FLAGS.classes,
-            jax.random.PRNGKey(FLAGS.seed),
-            l2=FLAGS.l2,
-            learning_rate=FLAGS.learning_rate,
-            max_epochs=FLAGS.max_epochs,
-            patience=FLAGS.patience,
-            optimizer=FLAGS.optimizer,
+            x[:, train], y[train], x[:, dev], y[dev], classes, key, **fit
         )
         acc = np.asarray(classifiers.evaluate(probe, x[:, test], y[test]))
         return time.perf_counter() - start, probe, acc

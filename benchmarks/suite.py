@@ -33,13 +33,13 @@ flags.DEFINE_boolean("hf", True, "Time the HF PyTorch + numpy pipeline.")
 FLAGS = flags.FLAGS
 
 
-def make_inputs(cfg, seed):
+def make_inputs(cfg, seed, b, t, r, p):
+    """A batch of `b` examples of `t` text tokens and `r` regions, `p` coreference links each."""
     import numpy as np
 
     import value_jax
 
     rng = np.random.default_rng(seed)
-    b, t, r, p = FLAGS.batch, FLAGS.text, FLAGS.regions, FLAGS.links
     feat = cfg.feature_dim
     x1y1 = rng.uniform(0, 0.5, (b, r, 2))
     batch = value_jax.Batch.create(
@@ -64,32 +64,32 @@ def make_inputs(cfg, seed):
     return batch, targets
 
 
-def probes(model_type):
+def probes(config):
     from value_jax.probes.coref import CorefProbe
     from value_jax.probes.fusion import FusionProbe
     from value_jax.probes.head_summary import HeadSummaryProbe
     from value_jax.probes.modality import ImageToTextProbe, ModalityProbe
 
     ps = [FusionProbe(), CorefProbe(collect_features=False), HeadSummaryProbe()]
-    if model_type == "uniter":
+    if config.single_stream:
         ps += [ModalityProbe(), ImageToTextProbe()]
     return ps
 
 
-def numpy_pipeline(model_type, hf_forward, batch, targets):
+def numpy_pipeline(config, hf_forward, batch, targets):
     """One HF forward + numpy computation per analysis, as separate analysis scripts do."""
     import numpy as np
     from sklearn.cluster import KMeans
     from sklearn.metrics import normalized_mutual_info_score
 
-    t = FLAGS.text
+    t = batch.text_len
     tm = np.asarray(batch.text_mask)
     words = tm.copy()
     words[:, 0] = 0
     words[np.arange(len(tm)), tm.sum(1) - 1] = 0
 
     def blocks(att, direction):  # att: list of [B, H, N, N] (UNITER) or dict (LXMERT)
-        if model_type == "uniter":
+        if config.single_stream:
             q = slice(0, t) if direction[0] == "t" else slice(t, None)
             k = slice(0, t) if direction[2] == "t" else slice(t, None)
             return [a[:, :, q, k] for a in att]
@@ -118,7 +118,7 @@ def numpy_pipeline(model_type, hf_forward, batch, targets):
     for d in ("t2t", "t2v", "v2t", "v2v"):
         for a in blocks(out["attention"], d):
             a.mean(axis=(2, 3))
-    if model_type == "uniter":
+    if config.single_stream:
         # modality importance
         out = hf_forward()
         for a in out["attention"]:
@@ -130,12 +130,12 @@ def numpy_pipeline(model_type, hf_forward, batch, targets):
             ((a * words[:, None, None]).sum(-1) > 0.5).any(-1)
 
 
-def hf_model(model_type, batch):
+def hf_model(model_type, batch, threads):
     import numpy as np
     import torch
     import transformers
 
-    torch.set_num_threads(FLAGS.threads)
+    torch.set_num_threads(threads)
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     tt = lambda x: torch.from_numpy(np.array(x)).to(dev)
     if model_type == "uniter":
@@ -177,7 +177,7 @@ def hf_model(model_type, batch):
         lang = [a.numpy() for a in o.language_attentions]
         visn = [a.numpy() for a in o.vision_attentions]
         cross = [a.numpy() for a in o.cross_encoder_attentions]
-        x = FLAGS.regions
+        x = batch.num_regions
         l_states = [h.numpy() for h in o.language_hidden_states[-5:]]
         v_states = [h.numpy() for h in o.vision_hidden_states[-5:]]
         # HF returns neither vision→language nor the cross self-attention: the numpy pipeline
@@ -203,26 +203,23 @@ def main(argv):
     import jax
     import numpy as np
 
-    from value_jax.models import LxmertConfig, UniterConfig, build_model, init_params
+    from value_jax.models import build_model, init_params
+    from value_jax.models.configs import CONFIGS
     from value_jax.runner import make_step
 
-    cfg = UniterConfig() if FLAGS.model == "uniter" else LxmertConfig()
+    cfg = CONFIGS[FLAGS.model]()
     model = build_model(cfg)
     params = init_params(model, jax.random.PRNGKey(0))
-    batch, targets = make_inputs(cfg, 0)
+    batch, targets = make_inputs(cfg, 0, FLAGS.batch, FLAGS.text, FLAGS.regions, FLAGS.links)
     batch, targets, params = jax.device_put((batch, targets, params))
     bare = jax.jit(lambda p, b: model.apply({"params": p}, b))
-    suite = make_step(model, probes(cfg.model_type))
+    suite = make_step(model, probes(cfg))
     run_bare = lambda: jax.block_until_ready(bare(params, batch))
     run_suite = lambda: jax.device_get(suite(params, batch, targets))
     run_bare(), run_suite()
-    hf_forward = hf_model(cfg.model_type, batch) if FLAGS.hf else None
+    hf_forward = hf_model(cfg.model_type, batch, FLAGS.threads) if FLAGS.hf else None
     np_batch, np_targets = jax.device_get((batch, targets))
-    run_hf = (
-        (lambda: numpy_pipeline(cfg.model_type, hf_forward, np_batch, np_targets))
-        if hf_forward
-        else None
-    )
+    run_hf = (lambda: numpy_pipeline(cfg, hf_forward, np_batch, np_targets)) if hf_forward else None
     times = {"bare": [], "suite": [], "hf": []}
     for _ in range(FLAGS.batches):  # alternate, so drift hits all alike
         times["bare"].append(_time(run_bare))
@@ -230,7 +227,7 @@ def main(argv):
         if run_hf:
             times["hf"].append(_time(run_hf))
     med = {k: float(np.median(v)) for k, v in times.items() if v}
-    n_analyses = len(probes(cfg.model_type))
+    n_analyses = len(probes(cfg))
     print(
         f"backend {jax.default_backend()}; {cfg.model_type}-base, batch {FLAGS.batch} x "
         f"({FLAGS.text} text + {FLAGS.regions} regions), {n_analyses} analyses"

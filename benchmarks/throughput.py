@@ -46,25 +46,25 @@ flags.DEFINE_integer(
 flags.DEFINE_string("dir", None, "Where to generate the data (default: a new temp dir).")
 
 
-def _model(vocab_size):
+def _model(model_type, vocab_size, layers):
+    """The base-size model with random weights; `layers` > 0: that many encoder layers (LXMERT:
+    language layers, and half as many relational and cross layers)."""
     import jax
 
     from value_jax.models import LxmertConfig, UniterConfig, build_model, init_params
 
-    if FLAGS.model == "uniter":
-        cfg = UniterConfig(
-            vocab_size=vocab_size, **({"num_layers": FLAGS.layers} if FLAGS.layers else {})
-        )
+    if model_type == "uniter":
+        cfg = UniterConfig(vocab_size=vocab_size, **({"num_layers": layers} if layers else {}))
     else:
         cfg = LxmertConfig(
             vocab_size=vocab_size,
             **(
                 {
-                    "l_layers": FLAGS.layers,
-                    "r_layers": max(1, FLAGS.layers // 2),
-                    "x_layers": max(1, FLAGS.layers // 2),
+                    "l_layers": layers,
+                    "r_layers": max(1, layers // 2),
+                    "x_layers": max(1, layers // 2),
                 }
-                if FLAGS.layers
+                if layers
                 else {}
             ),
         )
@@ -124,6 +124,7 @@ def main(argv):
     from value_jax.data.loaders import CorefLoader
     from value_jax.data.relation_loader import RelationLoader
     from value_jax.data.tokenization import read_vocab
+    from value_jax.models.configs import CONFIGS
     from value_jax.probes.coref import CorefProbe
     from value_jax.probes.fusion import FusionProbe
     from value_jax.probes.head_summary import HeadSummaryProbe
@@ -141,9 +142,9 @@ def main(argv):
         f"({time.perf_counter() - start:.0f} s to generate)",
         flush=True,
     )
-    uncased = FLAGS.model == "lxmert"
+    uncased = CONFIGS[FLAGS.model].lowercase
     vocab = demo.vocab_uncased if uncased else demo.vocab_cased
-    model, params = _model(len(read_vocab(vocab)))
+    model, params = _model(FLAGS.model, len(read_vocab(vocab)), FLAGS.layers)
     print(
         f"model: {FLAGS.model}, {jax.devices()[0].device_kind}, batch {FLAGS.batch_size}",
         flush=True,
@@ -174,7 +175,7 @@ def main(argv):
     _collate_all(prepared)
     prepared_read = time.perf_counter() - start
     probes = [FusionProbe(), CorefProbe(types=loader.types), HeadSummaryProbe()]
-    if FLAGS.model == "uniter":
+    if model.config.single_stream:
         probes += [ModalityProbe(), ImageToTextProbe()]
     forward, finalize, items = _pass(model, params, batches, probes)
     rows["flickr"] = dict(

@@ -50,19 +50,17 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
-def write(path: str) -> None:
+def write(path: str, images: int, boxes: int, feat_dim: int, seed: int) -> None:
     from value_jax.data.fixtures.features import iter_random_records, write_lxmert_tsv
 
-    records = iter_random_records(
-        FLAGS.images, FLAGS.boxes, FLAGS.seed, feat_dim=FLAGS.feat_dim, with_cls_prob=False
-    )
+    records = iter_random_records(images, boxes, seed, feat_dim=feat_dim, with_cls_prob=False)
     write_lxmert_tsv(path, records)
 
 
 def main(argv):
     del argv
     if FLAGS.write_only:
-        write(FLAGS.write_only)
+        write(FLAGS.write_only, FLAGS.images, FLAGS.boxes, FLAGS.feat_dim, FLAGS.seed)
         return
     from value_jax.data.features import LxmertTsvReader
 
