@@ -206,6 +206,7 @@ def main(argv):
     from value_jax.models import build_model, init_params
     from value_jax.models.configs import CONFIGS
     from value_jax.runner import make_step
+    from value_jax.trace import Layout
 
     cfg = CONFIGS[FLAGS.model]()
     model = build_model(cfg)
@@ -213,7 +214,10 @@ def main(argv):
     batch, targets = make_inputs(cfg, 0, FLAGS.batch, FLAGS.text, FLAGS.regions, FLAGS.links)
     batch, targets, params = jax.device_put((batch, targets, params))
     bare = jax.jit(lambda p, b: model.apply({"params": p}, b))
-    suite = make_step(model, probes(cfg))
+    suite_probes = probes(cfg)
+    for p in suite_probes:  # layer names from the config, as run_probes does before a pass
+        p.bind(Layout.from_config(cfg))
+    suite = make_step(model, suite_probes)
     run_bare = lambda: jax.block_until_ready(bare(params, batch))
     run_suite = lambda: jax.device_get(suite(params, batch, targets))
     run_bare(), run_suite()
