@@ -2,7 +2,7 @@
 with their gold boxes, aligned to detected regions, collated per ablation setting.
 
     data = prepare_ablation(flickr_root, "flickr30k_obj36.tsv", tokenizer, split="val")
-    loader = AblationLoader(                      # value_jax.data.ablation_loaderdata, [Vis4Lang("none"), Vis4Lang("object", 0.5)], batch_size=16,
+    loader = AblationLoader(data, [Vis4Lang("none"), Vis4Lang("object", 0.5)], batch_size=16,
                             model_type="uniter", head_classes=1601)
     for batch, targets in loader: ...
 
@@ -35,6 +35,10 @@ Counted in `data.report`, never dropped silently: the readers' counts (notvisual
 phrases_without_box, images_without_features, truncated_sentences, ...), `phrases_truncated`
 (a phrase cut off by max_text_len), `phrases_of_unknown_type`, `images_without_regions`,
 `images_without_object_ids`, `lang4vis_no_region_masked`.
+
+This module prepares the examples (`prepare_ablation`, `AblationData`, the settings, `summary`);
+`AblationLoader`, which collates them per setting, is in `value_jax.data.ablation_loader` and
+still importable from here.
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ from typing import Optional, Sequence, Union
 
 import numpy as np
 
+from value_jax.data._moved import moved_names
 from value_jax.data.alignment import phrase_overlap
 from value_jax.data.errors import (
     DataFormatError,
@@ -55,7 +60,7 @@ from value_jax.data.errors import (
 )
 from value_jax.data.features import NUM_OBJECT_CLASSES, RegionFeatureReader, dataset_mean_feature
 from value_jax.data.flickr30k import PHRASE_TYPES, Flickr30kEntities, coref_links, sentence_place
-from value_jax.data.loaders import open_features, pixel_boxes
+from value_jax.data.loader_base import open_features, pixel_boxes
 from value_jax.data.tokenization import WordPieceTokenizer, phrase_piece_span
 
 VISION_ABLATIONS = ("none", "object", "all", "outside")
@@ -387,3 +392,13 @@ def summary(data: AblationData) -> dict:
         out["label_match_examples"] = n_match
         out["detector_top1_agrees_with_label"] = agree / n_scored if n_scored else math.nan
     return out
+
+
+# `ablation_loader` imports this module, so its names are looked up on first use (PEP 562).
+__getattr__ = moved_names(
+    __name__,
+    {
+        "value_jax.data.ablation_loader": ("AblationLoader",),
+        "value_jax.batch": ("Batch",),
+    },
+)

@@ -20,7 +20,7 @@ from value_jax.data import collate as C
 from value_jax.data.alignment import iou, mismatched_caption_pairs
 from value_jax.data.errors import DataReport, PathLike, report_or_new
 from value_jax.data.features import RegionFeatureReader
-from value_jax.data.loaders import _check_text_len, _FeatureLoader, _RegionCache, pixel_boxes
+from value_jax.data.loader_base import _check_text_len, _FeatureLoader, _RegionCache, pixel_boxes
 from value_jax.data.tokenization import WordPieceTokenizer
 from value_jax.data.visual_genome import (
     read_image_data,
