@@ -248,6 +248,9 @@ def make_demo_data(
             "refusing to replace it: pass an empty or new directory"
         )
     root.parent.mkdir(parents=True, exist_ok=True)
+    # Not `value_jax.io.replace_dir`: that one moves the old tree to a fixed `<root>.old` and
+    # fails when another process has just put a tree in place; here each builder moves aside to
+    # its own temporary name and keeps a concurrent builder's tree when it holds the same demo.
     tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp-", dir=root.parent))
     try:
         _build(tmp, params)
