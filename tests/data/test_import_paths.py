@@ -1,11 +1,11 @@
-"""The data modules that were split keep their old import paths: every name the one-module
-versions defined is importable from the old module and is the same object as in its new home."""
+"""The data modules that were split keep their old import paths: a name the one-module version
+defined is importable from the old module and is the same object as in its new home."""
 
 import importlib
 
 import pytest
 
-# A sample of each module's moved names (public and private), one per line of its old home.
+# A sample of each module's moved names, public and private.
 MOVED = {
     "value_jax.data.loaders": {
         "value_jax.data.loader_base": ("pixel_boxes", "_FeatureLoader", "ExampleLoader"),
