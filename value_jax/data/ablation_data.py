@@ -37,8 +37,7 @@ phrases_without_box, images_without_features, truncated_sentences, ...), `phrase
 `images_without_object_ids`, `lang4vis_no_region_masked`.
 
 This module prepares the examples (`prepare_ablation`, `AblationData`, the settings, `summary`);
-`AblationLoader`, which collates them per setting, is in `value_jax.data.ablation_loader` and
-still importable from here.
+`AblationLoader`, which collates them per setting, is in `value_jax.data.ablation_loader`.
 """
 
 from __future__ import annotations
@@ -49,7 +48,6 @@ from typing import Optional, Sequence, Union
 
 import numpy as np
 
-from value_jax.data._moved import moved_names
 from value_jax.data.alignment import phrase_overlap
 from value_jax.data.errors import (
     DataFormatError,
@@ -392,13 +390,3 @@ def summary(data: AblationData) -> dict:
         out["label_match_examples"] = n_match
         out["detector_top1_agrees_with_label"] = agree / n_scored if n_scored else math.nan
     return out
-
-
-# `ablation_loader` imports this module, so its names are looked up on first use (PEP 562).
-__getattr__ = moved_names(
-    __name__,
-    {
-        "value_jax.data.ablation_loader": ("AblationLoader",),
-        "value_jax.batch": ("Batch",),
-    },
-)

@@ -31,8 +31,7 @@ counted (`overflow="truncate"`); an example with more items than the largest ite
 split into several rows sharing its text and regions (counted, nothing lost).
 
 This module holds the examples, shapes, padding and `collate`; the planning (`plan_batches`,
-`bucket_of`, `BatchPlan`, overflow and splitting) is in `value_jax.data.batch_plan`, and its
-names are still importable from here.
+`bucket_of`, `BatchPlan`, overflow and splitting) is in `value_jax.data.batch_plan`.
 """
 
 from __future__ import annotations
@@ -44,7 +43,6 @@ from typing import Callable, NamedTuple, Optional, Sequence
 import numpy as np
 
 from value_jax.batch import Batch
-from value_jax.data._moved import moved_names
 
 EXAMPLE_INDEX = "example_index"
 ROW_FIRST, ROW_IMAGE, ROW_ITEM_OFFSET = "row.first", "row.image", "row.item_offset"
@@ -373,21 +371,3 @@ def collate(
         first[i], image[i], offset[i] = ex.item_offset == 0, image_key(ex.image_id), ex.item_offset
     targets[ROW_FIRST], targets[ROW_IMAGE], targets[ROW_ITEM_OFFSET] = first, image, offset
     return Batch.create(ids, text_mask, feats, boxes, region_mask), targets
-
-
-# `batch_plan` imports this module, so its names are looked up on first use (PEP 562).
-__getattr__ = moved_names(
-    __name__,
-    {
-        "value_jax.data.batch_plan": (
-            "BatchPlan",
-            "bucket_of",
-            "plan_batches",
-            "_items_within",
-            "_keep_items",
-            "_too_large",
-            "_truncate",
-        ),
-        "value_jax.data.errors": ("DataReport", "report_or_new"),
-    },
-)

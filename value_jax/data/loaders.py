@@ -20,8 +20,8 @@ says "no examples left" and lists the report, so a caller never runs the probes 
 Where the loaders live: `loader_base` holds what every loader builds on (`ExampleLoader`,
 `open_features`, `pixel_boxes`, the region cache); this module the coreference and SentEval
 loaders; `relation_loader` the Visual Genome relations loader (`RelationLoader`,
-`prepare_relations`). Every name of the one-module past (`ExampleLoader`, `RelationLoader`, ...)
-is still importable from here.
+`prepare_relations`). `ExampleLoader`, `open_features` and `pixel_boxes` are also part of this
+module's interface (`__all__`).
 
 Example ids cite their source as `<file>:<1-based line>` where there is one (a caption:
 `<image id>.txt:<line>`, a SentEval sentence: `<task>.txt:<line>`), else the image id.
@@ -36,12 +36,11 @@ from typing import Optional, Union
 import numpy as np
 
 from value_jax.data import collate as C
-from value_jax.data._moved import moved_names
 from value_jax.data.alignment import match_gold_boxes, phrase_overlap
 from value_jax.data.errors import DataReport, PathLike, file_line, report_or_new
 from value_jax.data.features import RegionFeatureReader
 from value_jax.data.flickr30k import PHRASE_TYPES, Flickr30kEntities, coref_links, sentence_place
-from value_jax.data.loader_base import (  # noqa: F401  (re-exported: their old home)
+from value_jax.data.loader_base import (
     ExampleLoader,
     _check_text_len,
     _FeatureLoader,
@@ -360,43 +359,11 @@ class SentEvalLoader(ExampleLoader):
         )
 
 
-# The relations loader moved to `relation_loader`, which imports this module: its names are
-# looked up on first use, so `from value_jax.data.loaders import RelationLoader` still works
-# (as do the names this module used to import for the code that moved to `loader_base`).
-__getattr__ = moved_names(
-    __name__,
-    {
-        "value_jax.data.relation_loader": (
-            "RelationLoader",
-            "prepare_relations",
-            "CAPTION_MODES",
-            "_encode_caption",
-            "_relation_captions",
-            "_relation_targets",
-            "iou",
-            "mismatched_caption_pairs",
-            "read_image_data",
-            "read_region_descriptions",
-            "read_relationships",
-            "sample_relation_pairs",
-        ),
-        "value_jax.data.features": (
-            "RegionRecord",
-            "detect_format",
-            "open_region_features",
-            "uniter_name_to_image_id",
-        ),
-        "value_jax.data.errors": ("NoExamplesError",),
-    },
-)
-
 __all__ = [
     "ExampleLoader",
     "CorefLoader",
-    "RelationLoader",  # noqa: F822  (found by __getattr__)
     "SentEvalLoader",
     "prepare_coref",
-    "prepare_relations",  # noqa: F822
     "prepare_senteval",
     "open_features",
     "pixel_boxes",

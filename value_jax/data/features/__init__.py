@@ -78,14 +78,7 @@ from typing import Iterable, Optional
 import numpy as np
 
 from value_jax.data.errors import DataFormatError, DataReport, PathLike
-
-# Every name the one-module `features.py` defined stays importable from here, private helpers
-# included (each is the very object its format module uses). The code that calls them looks them
-# up in its own module, so a monkeypatch must name that module (no test patches any of them).
 from value_jax.data.features.base import (  # noqa: F401
-    _ALIASES,
-    _CHECKED_FIELDS,
-    _INDEX_VERSION,
     FEATURE_DIM,
     FORMATS,
     INDEX_SUFFIX,
@@ -97,33 +90,13 @@ from value_jax.data.features.base import (  # noqa: F401
     RegionFeatureReader,
     RegionRecord,
     _as_id,
-    _LmdbReader,
-    _nonfinite,
-    _place,
-    _Reader,
     uniter_name_to_image_id,
 )
-from value_jax.data.features.fields import (  # noqa: F401
-    _argmax_foreground,
-    _array_field,
-    _b64decode_strict,
-    _count_values,
-    _int_field,
-    _pick,
-    _record_from_item,
-    _short,
-)
-from value_jax.data.features.lxmert_tsv import (  # noqa: F401
-    LxmertTsvReader,
-    _build_tsv_index,
-    _raise_csv_field_limit,
-    _write_json_atomic,
-)
+from value_jax.data.features.lxmert_tsv import LxmertTsvReader
 from value_jax.data.features.uniter import (  # noqa: F401
     UniterLmdbReader,
     UniterNpzDirReader,
     _decode_msgpack_numpy,
-    _UniterMixin,
     _unpack_msgpack_numpy,
     uniter_num_bb,
 )
