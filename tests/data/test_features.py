@@ -279,6 +279,30 @@ def test_index_in_memory_when_not_cached_or_unwritable(tmp_path):
     assert not (tmp_path / "f.tsv.idx.json").exists()
     with LxmertTsvReader(path, index_path=tmp_path / "no_such_dir" / "i.json") as r:
         assert r.index_file is None and r.index_status == "built" and len(r) == 2
+    assert not (tmp_path / "no_such_dir").exists()
+
+
+def test_index_in_memory_when_the_folder_refuses_the_write(tmp_path, monkeypatch):
+    # A read-only dataset folder (chmod does not stop root, so the write is made to fail).
+    from value_jax.data.features import lxmert_tsv
+
+    def refuse(path, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", path)
+
+    monkeypatch.setattr(lxmert_tsv, "write_json_atomic", refuse)
+    path = tmp_path / "f.tsv"
+    write_lxmert_tsv(path, random_records(2, num_boxes=1, feat_dim=4))
+    with LxmertTsvReader(path) as r:
+        assert r.index_file is None and r.index_status == "built" and len(r) == 2
+    assert os.listdir(tmp_path) == ["f.tsv"]
+
+
+def test_index_file_bytes_are_compact_json(tmp_path):
+    path = tmp_path / "f.tsv"
+    write_lxmert_tsv(path, random_records(2, num_boxes=1, feat_dim=4))
+    with LxmertTsvReader(path) as r:
+        written = open(r.index_file, "rb").read()
+    assert written == json.dumps(json.loads(written), separators=(",", ":")).encode("ascii")
 
 
 # --------------------------------------------------------------------------- UNITER
