@@ -176,8 +176,13 @@ def test_early_stopping_restores_best_dev_params():
     assert float(C.evaluate(probe, x_dv, y_dv)[0]) == pytest.approx(seen.max(), abs=1e-6)
 
 
+def _lockstep(monkeypatch):
+    """Makes `classifiers` train its probes together, as it does on an accelerator."""
+    monkeypatch.setattr(C.jax, "default_backend", lambda: "gpu")
+
+
 @pytest.mark.parametrize("optimizer", ["lbfgs", "adam"])
-def test_vmapped_probes_equal_probes_trained_alone(optimizer):
+def test_vmapped_probes_equal_probes_trained_alone(optimizer, monkeypatch):
     rng = np.random.default_rng(3)
     x = rng.normal(size=(3, N, F)).astype(np.float32)
     y = np.stack(
@@ -187,7 +192,9 @@ def test_vmapped_probes_equal_probes_trained_alone(optimizer):
         ]
     )  # a different noisy task per probe
     tr, dv, te = _split(N)
-    together = C.fit_linear(x[:, tr], y[:, tr], x[:, dv], y[:, dv], K, KEY, optimizer=optimizer)
+    with monkeypatch.context() as m:
+        _lockstep(m)
+        together = C.fit_linear(x[:, tr], y[:, tr], x[:, dv], y[:, dv], K, KEY, optimizer=optimizer)
     acc = np.asarray(C.evaluate(together, x[:, te], y[:, te]))
     for p in range(3):
         alone = C.fit_linear(
@@ -203,6 +210,65 @@ def test_vmapped_probes_equal_probes_trained_alone(optimizer):
         np.testing.assert_allclose(alone.weights["w"][0], together.weights["w"][p], atol=1e-4)
         np.testing.assert_allclose(alone.weights["b"][0], together.weights["b"][p], atol=1e-4)
         assert float(C.evaluate(alone, x[p : p + 1, te], y[p, te])[0]) == pytest.approx(acc[p])
+
+
+def test_bilinear_probes_one_at_a_time_equal_lockstep(monkeypatch):
+    # Three layers whose probes stop at different epochs: on CPU each is trained alone (no
+    # steps after it stopped); in lockstep (accelerators) all run until the last one stops.
+    rng = np.random.default_rng(5)
+    n, d = 1200, 6
+    e_i, e_j = rng.normal(size=(2, 3, n, d)).astype(np.float32)
+    a = rng.normal(size=(d, d))
+    y = (np.einsum("nd,de,ne->n", e_i[0], a, e_j[0]) > 0).astype(np.int32)
+    tr, dv, _ = _split(n)
+    args = (e_i[:, tr], e_j[:, tr], y[tr], e_i[:, dv], e_j[:, dv], y[dv], 2, KEY)
+    kw = dict(learning_rate=3e-3, max_epochs=30, patience=3, batch_size=100)
+    alone = C.fit_bilinear(*args, **kw)
+    with monkeypatch.context() as m:
+        _lockstep(m)
+        together = C.fit_bilinear(*args, **kw)
+    runs = np.asarray(alone.record.epochs_run)
+    assert len(set(runs.tolist())) > 1, runs  # the probes really stop at different epochs
+    for field in ("best_epoch", "epochs_run", "best_dev_acc"):
+        np.testing.assert_array_equal(
+            getattr(alone.record, field), getattr(together.record, field), err_msg=field
+        )
+    for k in alone.weights:
+        np.testing.assert_allclose(alone.weights[k], together.weights[k], atol=1e-5, err_msg=k)
+
+
+@pytest.mark.parametrize("epoch_items, steps", [(64, 1), (256, 4), (None, 16)])
+def test_bilinear_epoch_is_capped_at_epoch_items(epoch_items, steps):
+    # Labels 85% class 1: every minibatch pushes the (zero-initialised) bias the same way, and
+    # Adam moves it by ~learning_rate per step. One epoch kept (max_epochs=1) then shows the
+    # steps an epoch took: 1024 train items in batches of 64 are 16 steps, fewer when capped.
+    rng = np.random.default_rng(6)
+    n, d, lr = 1024, 4, 1e-3
+    e_i, e_j = rng.normal(size=(2, 1, n, d)).astype(np.float32)
+    y = (rng.random(n) < 0.85).astype(np.int32)
+    probe = C.fit_bilinear(
+        e_i, e_j, y, e_i[:, :200], e_j[:, :200], y[:200], 2, KEY,
+        learning_rate=lr, max_epochs=1, batch_size=64, epoch_items=epoch_items,
+    )  # fmt: skip
+    moved = float(np.max(np.abs(np.asarray(probe.weights["b"]))))
+    assert moved == pytest.approx(steps * lr, rel=0.1), (moved, steps * lr)
+
+
+def test_bilinear_early_stopping_scores_a_dev_subset():
+    # 500 dev items, stopping_dev_items=7: every dev accuracy in the history is k/7; the
+    # whole dev set (None) gives accuracies that are not.
+    rng = np.random.default_rng(7)
+    n, d = 600, 4
+    e_i, e_j = rng.normal(size=(2, 1, n, d)).astype(np.float32)
+    y = rng.integers(0, 2, n).astype(np.int32)
+    kw = dict(max_epochs=4, patience=10, batch_size=50)
+    args = (e_i[:, :100], e_j[:, :100], y[:100], e_i[:, 100:], e_j[:, 100:], y[100:], 2, KEY)
+    history = [
+        np.asarray(C.fit_bilinear(*args, stopping_dev_items=m, **kw).record.dev_acc_history)[0]
+        for m in (7, None)
+    ]
+    np.testing.assert_allclose(history[0] * 7, np.round(history[0] * 7), atol=1e-5)
+    assert not np.allclose(history[1] * 7, np.round(history[1] * 7), atol=1e-5)
 
 
 def test_control_labels_one_label_per_type_and_marginals():

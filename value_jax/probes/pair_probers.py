@@ -27,13 +27,20 @@ from __future__ import annotations
 import numpy as np
 
 from value_jax import names
-from value_jax.probes import probing
+from value_jax.probes import classifiers, probing
 from value_jax.probes.results import Table
 
-# Small, explicit prober budgets; pass larger ones from the experiment for real data.
+# Prober budgets, recorded in results.json (`prober_settings.training`). A bilinear epoch is at
+# most `epoch_items` train items, so `patience` bounds the work after the best epoch whatever
+# the data size; early stopping scores at most `stopping_dev_items` dev items.
 PROBER_SETTINGS = {
     "linear": dict(max_epochs=300, patience=30),
-    "bilinear": dict(max_epochs=200, patience=20),
+    "bilinear": dict(
+        max_epochs=200,
+        patience=20,
+        epoch_items=classifiers.EPOCH_ITEMS,
+        stopping_dev_items=classifiers.STOPPING_DEV_ITEMS,
+    ),
 }
 SPLIT = "by image: every image's items in one of train/dev/test (80/10/10 of the items)"
 CONTROL_ITEMS_PER_TYPE = 20
@@ -240,9 +247,10 @@ def _table(caption, rows):
     )
 
 
-def _settings(seed, bilinear_rank, dim, control):
+def _settings(seed, bilinear_rank, dim, control, settings):
     return {
         "seed": seed,
+        "training": settings or PROBER_SETTINGS,
         "split": SPLIT,
         "bilinear_rank": int(min(bilinear_rank, dim)) if bilinear_rank else int(dim),
         "bilinear_rank_flag": int(bilinear_rank),
@@ -281,6 +289,7 @@ def coref_probers(result, stats, types, embedding_layers, seed=0, settings=None,
             "scheme": "the phrase's word pieces",
             "types": int(item_types.max() + 1) if len(item_types) else 0,
         },
+        settings,
     )
     result.data["probers"], result.data["prober_settings"] = res, used
     result.tables.append(
@@ -330,7 +339,7 @@ def relation_probers(
         )
         res[task]["raw_feature_baseline"] = raw
         rows += _rows(task, raw, "Faster R-CNN baseline,")
-    used = _settings(seed, bilinear_rank, stats["emb_subj"].shape[-1], control)
+    used = _settings(seed, bilinear_rank, stats["emb_subj"].shape[-1], control, settings)
     result.data["probers"], result.data["prober_settings"] = res, used
     result.tables.append(
         _table(
