@@ -16,7 +16,7 @@ trained one after another (each stops on its own); on an accelerator they share 
 loop ends when every probe has stopped. Epochs are 0-based indices into
 `TrainRecord.dev_acc_history`; a bilinear epoch is capped at `EPOCH_ITEMS` train items.
 
-One module for both fits (about 430 lines): the Eq. 3 and Eq. 4 probers share the vmapped
+One module for both fits (about 430 lines): the Eq. 3 and Eq. 4 probers share the
 training loop, standardisation and early stopping.
 """
 
@@ -199,19 +199,30 @@ def _train_together(
     if steps_per_epoch:
         num_batches = min(num_batches, steps_per_epoch)
 
-    def run_epoch(w, state, epoch):
+    # One order shared by all probes, so a probe trains the same alone or alongside others. An
+    # uncapped epoch is a fresh permutation of the train set; capped epochs (steps_per_epoch)
+    # walk through one permutation, `per_pass` epochs of `epoch_size` items each, then draw the
+    # next (permuting a million items costs about half a capped epoch's training on CPU).
+    epoch_size = num_batches * batch_size
+    per_pass = max(1, n // epoch_size)
+
+    def run_epoch(w, state, epoch, order):
         if batch_size == n:  # full batch: no gather of the whole train set
-            return step(w, state, train, y_train)
-        # One order shared by all probes, so a probe trains the same alone or alongside others.
-        # A capped epoch (steps_per_epoch) takes the first items of a fresh permutation.
-        order = jax.random.permutation(jax.random.fold_in(key, epoch), n)
-        batches = order[: num_batches * batch_size].reshape(num_batches, batch_size)
+            return step(w, state, train, y_train), order
+        order = jax.lax.cond(
+            epoch % per_pass == 0,
+            lambda: jax.random.permutation(jax.random.fold_in(key, epoch // per_pass), n),
+            lambda: order,
+        )
+        start = (epoch % per_pass) * epoch_size
+        batches = jax.lax.dynamic_slice_in_dim(order, start, epoch_size)
+        batches = batches.reshape(num_batches, batch_size)
 
         def body(carry, idx):
             inputs = tuple(jnp.take(x, idx, axis=1) for x in train)
             return step(*carry, inputs, jnp.take(y_train, idx, axis=1)), None
 
-        return jax.lax.scan(body, (w, state), batches)[0]
+        return jax.lax.scan(body, (w, state), batches)[0], order
 
     def keep(mask, new, old):
         return jax.tree.map(
@@ -219,7 +230,7 @@ def _train_together(
         )
 
     def body(s):
-        w, state = run_epoch(s["w"], s["state"], s["epoch"])
+        (w, state), order = run_epoch(s["w"], s["state"], s["epoch"], s["order"])
         acc, nll = scores(w, dev, y_dev)
         # Dev loss breaks accuracy ties: on a plateau of accuracy keep the better-fitted epoch.
         improved = s["active"] & (
@@ -228,6 +239,7 @@ def _train_together(
         bad = jnp.where(improved, 0, s["bad"] + 1)
         return dict(
             epoch=s["epoch"] + 1,
+            order=order,
             w=w,
             state=state,
             bad=bad,
@@ -241,6 +253,7 @@ def _train_together(
 
     init = dict(
         epoch=jnp.int32(0),
+        order=jnp.zeros((n,), jnp.int32),
         w=weights,
         state=jax.vmap(opt.init)(weights),
         best_w=weights,
@@ -452,9 +465,10 @@ def fit_bilinear(
       key: draws the initialisation (the same for every probe) and the minibatch order.
       rank: D' (default D); a smaller rank gives a low-rank bilinear form.
       l2: penalty `l2/2 (||W_w||² + ||W_μ||² + ||w||²)` added to the mean cross-entropy.
-      epoch_items: an epoch (the unit of `max_epochs`, `patience` and the dev checks) is one
-        pass over `min(N, epoch_items)` train items, drawn afresh from a new permutation each
-        epoch; None: always all N. With a large train set a full pass would hold thousands of
+      epoch_items: an epoch (the unit of `max_epochs`, `patience` and the dev checks) is
+        `min(N, epoch_items)` train items: the next ones of a permutation of the train set, so
+        that `N // epoch_items` epochs see every item once before a new permutation; None:
+        always all N. With a large train set a full pass would hold thousands of
         steps between two dev checks, and `patience` epochs of them would dwarf the training
         that found the best epoch. Below the cap nothing changes.
       stopping_dev_items: early stopping scores at most this many dev items (one seeded subset
