@@ -1,4 +1,5 @@
-"""Vmapped JAX linear probers for all layers vs scikit-learn LogisticRegression layer by layer.
+"""JAX linear probers for all layers (one `fit_linear` call) vs scikit-learn
+LogisticRegression layer by layer.
 
 Default size is that of VALUE's pair probes: 12 layers × 10,000 pairs × 1,536 features (two
 768-d embeddings side by side), 8 classes (VCC). Data are synthetic: per layer, class means in a
@@ -110,7 +111,7 @@ def main(argv):
     sk_time = (time.perf_counter() - start) * FLAGS.layers / len(sk_layers)
 
     print(
-        f"jax ({FLAGS.optimizer}, vmapped, {FLAGS.layers} probes): {jax_time:.2f} s "
+        f"jax ({FLAGS.optimizer}, {FLAGS.layers} probes in one call): {jax_time:.2f} s "
         f"(first call with compilation {jax_first:.2f} s); epochs run "
         f"{np.asarray(probe.record.epochs_run).tolist()}"
     )

@@ -16,8 +16,15 @@ times, on a base-size model with random weights:
   probers          each probe's finalize (the attention/embedding probers train here).
 
 Examples/s per stage, then the projection for 158,915 captions (31,783 images) and
---full_vg_images Visual Genome images: each stage's time scaled linearly in examples (the
-probers in collected items), summed. Targets: < 6 h on the 2-core CPU, < 15 min on one GPU.
+--full_vg_images Visual Genome images (VG's items capped at VALUE's sampling, 2 x 32 predicates
+x 15,000 pairs): reading, the forward passes and the linear (Eq. 3) probers scale linearly in
+examples or items. The Eq. 4 probers do not: at full size every epoch is capped at
+`epoch_items` train items and early stopping scores `stopping_dev_items` dev items, so a probe
+costs (its epochs) x (one capped epoch, timed here at that size for each input width) plus one
+evaluation of all its items. Each probe is assumed to run as many epochs as it ran here (at
+least patience + 1; the lower bound is printed too). The same cost model applied to this run's
+sizes is printed next to the measured prober time. Targets: < 6 h on the 2-core CPU, < 15 min
+on one GPU.
 """
 
 from __future__ import annotations
@@ -78,8 +85,153 @@ def _collate_all(loader):
     return batches, time.perf_counter() - start
 
 
+class _FitLog:
+    """Records, inside it, every prober fit (`probing.fit_linear` / `fit_bilinear`, task and
+    control: kind, probes, width, rank, train and dev items, epochs per probe, seconds) and every
+    Eq. 4 evaluation (`probing.evaluate_bilinear`: probes, width, rank, items, seconds)."""
+
+    def __init__(self):
+        self.fits, self.scored = [], []
+
+    def __enter__(self):
+        import jax
+
+        from value_jax.probes import probing
+
+        self._saved = probing.fit_linear, probing.fit_bilinear, probing.evaluate_bilinear
+
+        def timed(fn, record):
+            def run(*args, **kwargs):
+                start = time.perf_counter()
+                out = jax.block_until_ready(fn(*args, **kwargs))
+                record(out, args, kwargs, time.perf_counter() - start)
+                return out
+
+            return run
+
+        def fit(kind):
+            def record(probe, args, kwargs, seconds):
+                x = args[0]
+                self.fits.append(
+                    dict(
+                        kind=kind,
+                        probes=x.shape[0],
+                        width=x.shape[-1],
+                        rank=kwargs.get("rank") or x.shape[-1],
+                        train=x.shape[1],
+                        dev=args[2 if kind == "linear" else 3].shape[1],
+                        epochs=[int(e) for e in probe.record.epochs_run],
+                        patience=kwargs.get("patience"),
+                        seconds=seconds,
+                    )
+                )
+
+            return record
+
+        def scored(_, args, kwargs, seconds):
+            probe, e_i = args[0], args[1]
+            self.scored.append(
+                dict(
+                    probes=e_i.shape[0],
+                    width=e_i.shape[-1],
+                    rank=probe.weights["w_i"].shape[-1],
+                    items=e_i.shape[1],
+                    seconds=seconds,
+                )
+            )
+
+        probing.fit_linear = timed(probing.fit_linear, fit("linear"))
+        probing.fit_bilinear = timed(probing.fit_bilinear, fit("bilinear"))
+        probing.evaluate_bilinear = timed(probing.evaluate_bilinear, scored)
+        return self
+
+    def __exit__(self, *exc):
+        from value_jax.probes import probing
+
+        probing.fit_linear, probing.fit_bilinear, probing.evaluate_bilinear = self._saved
+
+
+def _epoch_costs(widths, batch_size=256):
+    """Per (width, rank): seconds of one capped Eq. 4 epoch (EPOCH_ITEMS train items in
+    minibatches of `batch_size`, and the dev check on STOPPING_DEV_ITEMS items) and of
+    evaluating one item, for one probe, timed on random data of that size."""
+    import jax
+    import numpy as np
+
+    from value_jax.probes import classifiers as C
+
+    out = {}
+    n, m = C.EPOCH_ITEMS, C.STOPPING_DEV_ITEMS
+    for width, rank in sorted(widths):
+        rng = np.random.default_rng(0)
+        e_i, e_j = rng.normal(size=(2, 1, n + m, width)).astype(np.float32)
+        y = rng.integers(0, 2, n + m).astype(np.int32)
+        args = (e_i[:, :n], e_j[:, :n], y[:n], e_i[:, n:], e_j[:, n:], y[n:], 2)
+        times = {}
+        for epochs in (1, 3, 1, 3):  # the first call of each compiles
+            start = time.perf_counter()
+            probe = C.fit_bilinear(
+                *args,
+                jax.random.PRNGKey(0),
+                rank=rank,
+                max_epochs=epochs,
+                patience=epochs,
+                batch_size=batch_size,
+            )
+            jax.block_until_ready(probe.weights)
+            times[epochs] = time.perf_counter() - start
+        jax.block_until_ready(C.evaluate_bilinear(probe, e_i, e_j, y))  # compile
+        start = time.perf_counter()
+        jax.block_until_ready(C.evaluate_bilinear(probe, e_i, e_j, y))
+        out[(width, rank)] = dict(
+            epoch=(times[3] - times[1]) / 2, item=(time.perf_counter() - start) / (n + m)
+        )
+    return out
+
+
+def _project_probers(log, scale, costs):
+    """Seconds of the logged fits and evaluations at `scale` x their items (see the module
+    docstring), and the same with every Eq. 4 probe at patience + 1 epochs."""
+    from value_jax.probes import classifiers as C
+
+    total = lower = 0.0
+    for f in log.fits:
+        if f["kind"] == "linear" or f["train"] * scale < C.EPOCH_ITEMS:
+            total += f["seconds"] * scale
+            lower += f["seconds"] * scale
+            continue
+        epoch = costs[(f["width"], f["rank"])]["epoch"]
+        total += sum(f["epochs"]) * epoch
+        lower += f["probes"] * (f["patience"] + 1) * epoch
+    scoring = sum(
+        e["probes"] * e["items"] * scale * costs[(e["width"], e["rank"])]["item"]
+        for e in log.scored
+    )
+    return total + scoring, lower + scoring
+
+
+def _model_at_run_size(log, costs):
+    """The cost model of `_project_probers` at the logged fits' own sizes (uncapped epochs)."""
+    from value_jax.probes import classifiers as C
+
+    total = 0.0
+    for f in log.fits:
+        if f["kind"] == "linear":
+            total += f["seconds"]
+            continue
+        c = costs[(f["width"], f["rank"])]
+        train_share = (f["train"] // 256 * 256) / C.EPOCH_ITEMS
+        dev_share = min(f["dev"], C.STOPPING_DEV_ITEMS) / C.STOPPING_DEV_ITEMS
+        dev_item_cost = C.STOPPING_DEV_ITEMS * c["item"]
+        epoch = (c["epoch"] - dev_item_cost) * train_share + dev_item_cost * dev_share
+        total += sum(f["epochs"]) * epoch
+    return total + sum(
+        e["probes"] * e["items"] * costs[(e["width"], e["rank"])]["item"] for e in log.scored
+    )
+
+
 def _pass(model, params, batches, probes):
-    """(seconds of the timed pass, finalize seconds per probe, collected items)."""
+    """(seconds of the timed pass, finalize seconds per probe, collected items, `_FitLog`)."""
     import jax
 
     from value_jax.runner import _shard, data_mesh, make_step
@@ -106,13 +258,14 @@ def _pass(model, params, batches, probes):
             accs[name].update(s)
     forward = time.perf_counter() - start
     finalize, items = {}, 0
-    for p in probes:
-        start = time.perf_counter()
-        stats = accs[p.name].result()
-        p.finalize(stats, {"batches": len(batches), "devices": 1})
-        finalize[p.name] = time.perf_counter() - start
-        items += max((len(stats[k]) for k in p.collect_keys if k in stats), default=0)
-    return forward, finalize, items
+    with _FitLog() as log:
+        for p in probes:
+            start = time.perf_counter()
+            stats = accs[p.name].result()
+            p.finalize(stats, {"batches": len(batches), "devices": 1})
+            finalize[p.name] = time.perf_counter() - start
+            items += max((len(stats[k]) for k in p.collect_keys if k in stats), default=0)
+    return forward, finalize, items, log
 
 
 def main(argv):
@@ -177,7 +330,7 @@ def main(argv):
     probes = [FusionProbe(), CorefProbe(types=loader.types), HeadSummaryProbe()]
     if model.config.single_stream:
         probes += [ModalityProbe(), ImageToTextProbe()]
-    forward, finalize, items = _pass(model, params, batches, probes)
+    forward, finalize, items, log_f = _pass(model, params, batches, probes)
     rows["flickr"] = dict(
         examples=n,
         read=raw_read,
@@ -206,7 +359,7 @@ def main(argv):
     )
     vg_batches, _ = _collate_all(vg)
     vg_read = time.perf_counter() - start
-    forward_vg, finalize_vg, items_vg = _pass(
+    forward_vg, finalize_vg, items_vg, log_v = _pass(
         model, params, vg_batches, [RelationProbe(vg.predicates)]
     )
     m = len(vg.examples)
@@ -228,23 +381,44 @@ def main(argv):
     # ---- projection -----------------------------------------------------------------------
     f, v = rows["flickr"], rows["vg"]
     scale_f, scale_v = FLAGS.full_captions / f["examples"], FLAGS.full_vg_images / v["examples"]
+    # VALUE's sampling keeps at most 15,000 pairs of each of 32 predicates, as many negatives.
+    scale_v_items = min(v["items"] * scale_v, 2 * 32 * 15000) / max(v["items"], 1)
+    costs = _epoch_costs(
+        {(x["width"], x["rank"]) for x in log_f.fits + log_v.fits if x["kind"] != "linear"}
+    )
+    print(
+        "\nOne capped Eq. 4 epoch, one probe: "
+        + ", ".join(
+            f"width {w} rank {r}: {c['epoch']:.2f} s (+ {c['item'] * 1e6:.1f} µs per item evaluated)"
+            for (w, r), c in costs.items()
+        )
+    )
+    print(
+        f"Cost model at this run's sizes: Flickr30k probers {_model_at_run_size(log_f, costs):.0f} s "
+        f"(measured {f['probers']:.0f} s), VG {_model_at_run_size(log_v, costs):.0f} s "
+        f"(measured {v['probers']:.0f} s)"
+    )
+    probers_f, lower_f = _project_probers(log_f, scale_f, costs)
+    probers_v, lower_v = _project_probers(log_v, scale_v_items, costs)
     stages = {
         "Flickr30k read+collate (prepared)": f["prepared_read"] * scale_f,
         "Flickr30k forward+probes": f["forward"] * scale_f,
-        "Flickr30k probers": f["probers"] * scale_f,
+        "Flickr30k probers": probers_f,
         "VG read+collate (raw)": v["read"] * scale_v,
         "VG forward+probes": v["forward"] * scale_v,
-        "VG probers": v["probers"] * scale_v,
+        "VG probers": probers_v,
     }
     total = sum(stages.values())
     print(
         f"\nProjected full run ({FLAGS.full_captions} captions + {FLAGS.full_vg_images} VG "
-        f"images) on this machine: {total / 3600:.2f} h"
+        f"images, {v['items'] * scale_v_items:.0f} VG pairs) on this machine: {total / 3600:.2f} h"
     )
     for name, secs in sorted(stages.items(), key=lambda kv: -kv[1]):
         print(f"  {name:36s} {secs / 3600:6.2f} h  ({100 * secs / total:4.1f} %)")
     raw_total = total - stages["Flickr30k read+collate (prepared)"] + f["read"] * scale_f
     print(f"  (from the raw Flickr30k files instead: {raw_total / 3600:.2f} h)")
+    lower = total - probers_f - probers_v + lower_f + lower_v
+    print(f"  (every Eq. 4 probe stopping at patience + 1 epochs: {lower / 3600:.2f} h)")
 
 
 if __name__ == "__main__":
