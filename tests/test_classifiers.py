@@ -254,6 +254,26 @@ def test_bilinear_epoch_is_capped_at_epoch_items(epoch_items, steps):
     assert moved == pytest.approx(steps * lr, rel=0.1), (moved, steps * lr)
 
 
+def test_capped_epochs_walk_one_permutation():
+    # 512 train items, epoch_items=128: four capped epochs take the four quarters of the
+    # permutation one uncapped epoch would use, then the next four those of the next epoch's,
+    # so after 8 capped epochs the weights are those of 2 uncapped ones. A planted rule and a
+    # small step make every epoch the best so far.
+    rng = np.random.default_rng(8)
+    n, d = 512, 4
+    e_i, e_j = rng.normal(size=(2, 1, n + 200, d)).astype(np.float32)
+    y = (np.sum(e_i[0] * e_j[0], axis=1) > 0).astype(np.int32)
+    args = (e_i[:, :n], e_j[:, :n], y[:n], e_i[:, n:], e_j[:, n:], y[n:], 2, KEY)
+    kw = dict(learning_rate=1e-3, batch_size=32, patience=10)
+    for passes in (1, 2):
+        capped = C.fit_bilinear(*args, max_epochs=4 * passes, epoch_items=128, **kw)
+        whole = C.fit_bilinear(*args, max_epochs=passes, epoch_items=None, **kw)
+        assert int(capped.record.best_epoch[0]) == 4 * passes - 1  # else nothing is compared
+        assert int(whole.record.best_epoch[0]) == passes - 1
+        for k in whole.weights:
+            np.testing.assert_allclose(capped.weights[k], whole.weights[k], atol=1e-6, err_msg=k)
+
+
 def test_bilinear_early_stopping_scores_a_dev_subset():
     # 500 dev items, stopping_dev_items=7: every dev accuracy in the history is k/7; the
     # whole dev set (None) gives accuracies that are not.
