@@ -50,10 +50,11 @@ flags.DEFINE_integer(
     108077,
     "VG images of the full run (every image; an upper bound, VALUE's sampling keeps fewer).",
 )
+flags.DEFINE_integer("feat_dim", 2048, "Detector feature size of the generated data.")
 flags.DEFINE_string("dir", None, "Where to generate the data (default: a new temp dir).")
 
 
-def _model(model_type, vocab_size, layers):
+def _model(model_type, vocab_size, layers, feat_dim=2048):
     """The base-size model with random weights; `layers` > 0: that many encoder layers (LXMERT:
     language layers, and half as many relational and cross layers)."""
     import jax
@@ -61,10 +62,15 @@ def _model(model_type, vocab_size, layers):
     from value_jax.models import LxmertConfig, UniterConfig, build_model, init_params
 
     if model_type == "uniter":
-        cfg = UniterConfig(vocab_size=vocab_size, **({"num_layers": layers} if layers else {}))
+        cfg = UniterConfig(
+            vocab_size=vocab_size,
+            img_dim=feat_dim,
+            **({"num_layers": layers} if layers else {}),
+        )
     else:
         cfg = LxmertConfig(
             vocab_size=vocab_size,
+            visual_feat_dim=feat_dim,
             **(
                 {
                     "l_layers": layers,
@@ -288,7 +294,10 @@ def main(argv):
     images = 3 * math.ceil(FLAGS.captions / 5)
     start = time.perf_counter()
     demo = make_demo_data(
-        os.path.join(root, "data"), n_images=images, feat_dim=2048, n_vg_images=FLAGS.vg_images
+        os.path.join(root, "data"),
+        n_images=images,
+        feat_dim=FLAGS.feat_dim,
+        n_vg_images=FLAGS.vg_images,
     )
     print(
         f"data: {images} Flickr30k-shaped images, {FLAGS.vg_images} VG images under {root} "
@@ -297,7 +306,7 @@ def main(argv):
     )
     uncased = CONFIGS[FLAGS.model].lowercase
     vocab = demo.vocab_uncased if uncased else demo.vocab_cased
-    model, params = _model(FLAGS.model, len(read_vocab(vocab)), FLAGS.layers)
+    model, params = _model(FLAGS.model, len(read_vocab(vocab)), FLAGS.layers, FLAGS.feat_dim)
     print(
         f"model: {FLAGS.model}, {jax.devices()[0].device_kind}, batch {FLAGS.batch_size}",
         flush=True,

@@ -105,7 +105,7 @@ def main(argv):
         for k, image_id in enumerate(order, start=1):
             rec = reader[image_id]
             checksum += float(rec.features[0, 0]) + float(rec.boxes[-1, 3])
-            if k % FLAGS.sample_every == 0:
+            if k % FLAGS.sample_every == 0 or k == len(order):  # the last one too
                 samples.append(rss_mb())
         t_read = time.perf_counter() - t0
         reader.close()
