@@ -234,7 +234,7 @@ def test_bilinear_probes_one_at_a_time_equal_lockstep(monkeypatch):
             getattr(alone.record, field), getattr(together.record, field), err_msg=field
         )
     for k in alone.weights:
-        np.testing.assert_allclose(alone.weights[k], together.weights[k], atol=1e-5, err_msg=k)
+        np.testing.assert_allclose(alone.weights[k], together.weights[k], atol=1e-4, err_msg=k)
 
 
 @pytest.mark.parametrize("epoch_items, steps", [(64, 1), (256, 4), (None, 16)])
