@@ -23,8 +23,9 @@ examples or items. The Eq. 4 probers do not: at full size every epoch is capped 
 costs (its epochs) x (one capped epoch, timed here at that size for each input width) plus one
 evaluation of all its items. Each probe is assumed to run as many epochs as it ran here (at
 least patience + 1; the lower bound is printed too). The same cost model applied to this run's
-sizes is printed next to the measured prober time. Targets: < 6 h on the 2-core CPU, < 15 min
-on one GPU.
+sizes is printed next to the measured prober time, and the host memory the largest
+embedding-prober fit would hold at full size (one layer at a time, ~3.9x its pair inputs).
+Targets: < 6 h on the 2-core CPU, < 15 min on one GPU.
 """
 
 from __future__ import annotations
@@ -52,6 +53,10 @@ flags.DEFINE_integer(
 )
 flags.DEFINE_integer("feat_dim", 2048, "Detector feature size of the generated data.")
 flags.DEFINE_string("dir", None, "Where to generate the data (default: a new temp dir).")
+
+
+# A layer's Eq. 4 fit holds ~3.9x its pair inputs (see the end of `main`).
+_FIT_MEMORY_FACTOR = 3.9
 
 
 def _model(model_type, vocab_size, layers, feat_dim=2048):
@@ -428,6 +433,24 @@ def main(argv):
     print(f"  (from the raw Flickr30k files instead: {raw_total / 3600:.2f} h)")
     lower = total - probers_f - probers_v + lower_f + lower_v
     print(f"  (every Eq. 4 probe stopping at patience + 1 epochs: {lower / 3600:.2f} h)")
+    # Host memory of the largest Eq. 4 fit at full size: one layer's pair inputs, their split
+    # copies, the device copy and the standardised copy, ~3.9x the inputs (measured at 200,000
+    # items; BUILD.md), whatever the collection budget.
+    largest = max(
+        [(x["train"] + 2 * x["dev"]) * x["width"] for x in log_f.fits if x["kind"] != "linear"]
+        + [
+            (x["train"] + 2 * x["dev"]) * x["width"] * scale_v_items / scale_f
+            for x in log_v.fits
+            if x["kind"] != "linear"
+        ],
+        default=0,
+    )
+    need = _FIT_MEMORY_FACTOR * 2 * 4 * largest * scale_f
+    host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    print(
+        f"  (memory: the largest embedding-prober fit would hold ~{need / 2**30:.0f} GiB, "
+        f"this host has {host / 2**30:.0f} GiB{'' if need < host else ': it would not fit'})"
+    )
 
 
 if __name__ == "__main__":
