@@ -395,3 +395,7 @@ def test_errors_name_the_argument():
         C.fit_linear(x[0], np.zeros(10, int), x, np.zeros(10, int), 2, KEY)
     with pytest.raises(ValueError, match="y_dev"):
         C.fit_linear(x, np.zeros(10, int), x, np.full(10, 5), 2, KEY)
+    y = np.zeros(10, int)
+    for name in ("epoch_items", "stopping_dev_items"):
+        with pytest.raises(ValueError, match=f"{name} must be None"):
+            C.fit_bilinear(x, x, y, x, x, y, 2, KEY, **{name: 0})

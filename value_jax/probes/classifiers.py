@@ -475,6 +475,9 @@ def fit_bilinear(
         for the whole fit); None: all M. The dev accuracy reported by `train_prober` is always
         computed on the whole dev split.
     """
+    for name, value in (("epoch_items", epoch_items), ("stopping_dev_items", stopping_dev_items)):
+        if value is not None and value < 1:
+            raise ValueError(f"{name} must be None (no cap) or >= 1, got {value}")
     e_i_train, e_j_train = _features(e_i_train, "e_i_train"), _features(e_j_train, "e_j_train")
     e_i_dev, e_j_dev = _features(e_i_dev, "e_i_dev"), _features(e_j_dev, "e_j_dev")
     num_probes, n, d = e_i_train.shape
