@@ -291,6 +291,64 @@ def test_bilinear_early_stopping_scores_a_dev_subset():
     assert not np.allclose(history[1] * 7, np.round(history[1] * 7), atol=1e-5)
 
 
+@pytest.mark.parametrize("layer", [1, None])
+def test_streamed_bilinear_fit_trains_as_the_in_memory_one(layer, monkeypatch):
+    # Rows read on demand from a collected [N, L, D] (or [N, D]) array, in chunks of 128 rows
+    # for the statistics and scores: capped epochs walking 3 passes of the permutation, a dev
+    # subset for early stopping. Same epochs, dev history, weights and scores as the in-memory
+    # fit, up to the float rounding of the standardisation statistics (float64 chunks there).
+    monkeypatch.setattr(C, "STREAM_ROWS", 128)
+    rng = np.random.default_rng(5)
+    n, d = 3000, 6
+    scale = np.array([1.0, 3.0])[:, None]  # layers of different spread, off-centre
+    e_i, e_j = (rng.normal(size=(2, n, 2, d)) * scale + 5.0).astype(np.float32)
+    a = rng.normal(size=(d, d))
+    y = (np.einsum("nd,de,ne->n", e_i[:, 1] - 5, a, e_j[:, 1] - 5) > 0).astype(np.int32)
+    if layer is None:
+        e_i, e_j = e_i[:, 1], e_j[:, 1]
+    tr, dv, te = _split(n)
+    kw = dict(
+        learning_rate=3e-3, max_epochs=40, patience=4, batch_size=100, epoch_items=800,
+        stopping_dev_items=250,
+    )  # fmt: skip
+    at = lambda e, idx: (e[idx] if layer is None else e[idx, layer])[None]
+    mem = C.fit_bilinear(
+        at(e_i, tr), at(e_j, tr), y[tr], at(e_i, dv), at(e_j, dv), y[dv], 2, KEY, **kw
+    )
+    rows = lambda e, idx: C.CollectedRows(e, idx, layer)
+    st = C.fit_bilinear(
+        rows(e_i, tr), rows(e_j, tr), y[tr], rows(e_i, dv), rows(e_j, dv), y[dv], 2, KEY, **kw
+    )
+    assert 4 < int(mem.record.epochs_run[0]) < kw["max_epochs"]  # stopped by patience
+    for field in ("best_epoch", "epochs_run"):
+        np.testing.assert_array_equal(getattr(st.record, field), getattr(mem.record, field))
+    np.testing.assert_allclose(st.record.dev_acc_history, mem.record.dev_acc_history, atol=1e-6)
+    for k in ("mean_i", "std_i", "mean_j", "std_j"):
+        np.testing.assert_allclose(getattr(st, k), getattr(mem, k), rtol=1e-6, err_msg=k)
+    for k in mem.weights:
+        np.testing.assert_allclose(st.weights[k], mem.weights[k], atol=1e-4, err_msg=k)
+    acc_mem = float(C.evaluate_bilinear(mem, at(e_i, te), at(e_j, te), y[te])[0])
+    acc_st = float(C.evaluate_bilinear(st, rows(e_i, te), rows(e_j, te), y[te])[0])
+    assert acc_mem > 0.8 and acc_st == pytest.approx(acc_mem, abs=1.5 / len(te))
+    # The same probe scored in chunks or in memory: the same count of correct items.
+    assert float(C.evaluate_bilinear(mem, rows(e_i, te), rows(e_j, te), y[te])[0]) == pytest.approx(
+        acc_mem, abs=1e-7
+    )
+
+
+def test_collected_rows_read_what_they_index():
+    rng = np.random.default_rng(0)
+    base = rng.normal(size=(50, 3, 4)).astype(np.float32)
+    rows = C.CollectedRows(base, [7, 3, 3, 40, 0], 2)
+    assert rows.shape == (1, 5, 4) and len(rows) == 5
+    np.testing.assert_array_equal(rows.take([4, 0, 2]), base[[0, 7, 3], 2])
+    np.testing.assert_array_equal(rows.subset([3, 1]).take([0, 1]), base[[40, 3], 2])
+    got = np.concatenate([x for _, x in rows.chunks(2)])
+    np.testing.assert_array_equal(got, base[[7, 3, 3, 40, 0], 2])
+    with pytest.raises(ValueError, match="layer"):
+        C.CollectedRows(base, [0], None)
+
+
 def test_control_labels_one_label_per_type_and_marginals():
     rng = np.random.default_rng(4)
     labels = rng.choice(4, size=20000, p=[0.55, 0.25, 0.15, 0.05])

@@ -309,8 +309,11 @@ def test_table2_rand_is_the_best_random_head_with_its_own_label():
 
 
 def test_embedding_probers_beyond_the_budget_train_in_layer_chunks_from_disk(tmp_path):
-    """Planted: only layer 2 of 3 carries the label (the sign of e_a·e_b). With a budget below one
-    layer, each layer is read from the memmaps alone and trained alone; the layer is found."""
+    """Planted: only layer 2 of 3 carries the label (the sign of e_a·e_b). With a budget of one
+    layer, each layer is read from the memmaps alone and trained alone; below one layer, each
+    layer's rows are streamed from the memmaps an epoch at a time. Every way finds the layer,
+    and the streamed fits train as the in-memory ones (same epochs, same scores but for the
+    float rounding of the standardisation statistics)."""
     rng = np.random.default_rng(0)
     n, d = 600, 4
     a, b = (
@@ -329,9 +332,16 @@ def test_embedding_probers_beyond_the_budget_train_in_layer_chunks_from_disk(tmp
     slow = {"bilinear": dict(max_epochs=300, patience=30)}
     args = (sel, labels, types, groups, 0, ["l1", "l2", "l3"], slow, 0)
     whole = pair_probers._fit_layers(a, b, *args)
-    chunked = pair_probers._fit_layers(*disk, *args, budget=1)
+    one_layer = pair_probers._fit_memory(n, d)
+    chunked = pair_probers._fit_layers(*disk, *args, budget=one_layer)
+    streamed = pair_probers._fit_layers(*disk, *args, budget=one_layer - 1)
     assert "layers_per_fit" not in whole and chunked["layers_per_fit"] == 1
-    assert chunked["names"] == whole["names"] == ["l1", "l2", "l3"]
-    for res in (whole, chunked):
+    assert streamed["streamed"] and "streamed" not in chunked
+    assert chunked["names"] == whole["names"] == streamed["names"] == ["l1", "l2", "l3"]
+    for res in (whole, chunked, streamed):
         acc = res["test_acc"]
         assert acc[1] > 0.85 and max(acc[0], acc[2]) < 0.7, acc
+    for key in ("best_epoch", "epochs_run", "num_train", "num_dev", "num_test"):
+        assert streamed[key] == chunked[key], key
+    for key in ("train_acc", "dev_acc", "test_acc", "control_test_acc"):
+        np.testing.assert_allclose(streamed[key], chunked[key], atol=1.5 / n, err_msg=key)

@@ -40,6 +40,9 @@ _EXACT = jax.lax.Precision.HIGHEST
 EPOCH_ITEMS = 65536
 STOPPING_DEV_ITEMS = 16384
 _STOPPING_DEV_SALT = 0x5D
+# Streamed inputs (`CollectedRows`) are read this many rows at a time for statistics and scores.
+STREAM_ROWS = 65536
+_BILINEAR_INPUTS = ("e_i_train", "e_j_train", "e_i_dev", "e_j_dev")
 
 
 @flax.struct.dataclass
@@ -138,6 +141,110 @@ def _bilinear_logits(w, e_i, e_j):
     return ((e_i @ w["w_i"]) * (e_j @ w["w_j"])) @ w["w_cls"] + w["b"]
 
 
+def _trainer(logits_fn, optimizer, learning_rate, l2, num_probes):
+    """`(opt, step, scores)` of a fit: `step(w, state, inputs, y)` one optimiser step and
+    `scores(w, inputs, y)` the dev `(accuracy, loss)`, both over `num_probes` probes."""
+    # L-BFGS sets its step by line search: learning_rate is Adam's alone.
+    opt = optax.lbfgs() if optimizer == "lbfgs" else optax.adam(learning_rate)
+
+    def objective(w, inputs, y):
+        logits = logits_fn(w, *inputs)
+        nll = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+        penalty = sum(jnp.sum(jnp.square(v)) for v in jax.tree.leaves(w) if v.ndim >= 2)
+        return nll + 0.5 * l2 * penalty
+
+    def one_step(w, state, inputs, y):
+        if optimizer == "lbfgs":
+            value_fn = functools.partial(objective, inputs=inputs, y=y)
+            value, grad = optax.value_and_grad_from_state(value_fn)(w, state=state)
+            updates, state = opt.update(grad, state, w, value=value, grad=grad, value_fn=value_fn)
+        else:
+            updates, state = opt.update(jax.grad(objective)(w, inputs, y), state, w)
+        return optax.apply_updates(w, updates), state
+
+    def dev_scores(w, inputs, y):
+        logits = logits_fn(w, *inputs)
+        nll = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+        return jnp.mean(jnp.argmax(logits, -1) == y), nll
+
+    return opt, _over_probes(one_step, num_probes), _over_probes(dev_scores, num_probes)
+
+
+def _epoch_plan(n, batch_size, steps_per_epoch):
+    """`(num_batches, epoch_size, per_pass)` of an epoch over `n` train items.
+
+    One order is shared by all probes, so a probe trains the same alone or alongside others. An
+    uncapped epoch is a fresh permutation of the train set; capped epochs (steps_per_epoch)
+    walk through one permutation, `per_pass` epochs of `epoch_size` items each, then draw the
+    next (permuting a million items costs about half a capped epoch's training on CPU)."""
+    num_batches = n // batch_size
+    if steps_per_epoch:
+        num_batches = min(num_batches, steps_per_epoch)
+    epoch_size = num_batches * batch_size
+    return num_batches, epoch_size, max(1, n // epoch_size)
+
+
+def _permutation(key, epoch, per_pass, n):
+    """The train order that epochs `per_pass * (epoch // per_pass)` onwards walk through."""
+    return jax.random.permutation(jax.random.fold_in(key, epoch // per_pass), n)
+
+
+def _loop_start(weights, opt, max_epochs):
+    """Early-stopping state before the first epoch (`_after_epoch` advances it)."""
+    num_probes = jax.tree.leaves(weights)[0].shape[0]
+    return dict(
+        epoch=jnp.int32(0),
+        w=weights,
+        state=jax.vmap(opt.init)(weights),
+        best_w=weights,
+        best_acc=jnp.full((num_probes,), -1.0),
+        best_nll=jnp.full((num_probes,), jnp.inf),
+        best_epoch=jnp.zeros((num_probes,), jnp.int32),
+        bad=jnp.zeros((num_probes,), jnp.int32),
+        active=jnp.ones((num_probes,), bool),
+        history=jnp.full((num_probes, max_epochs), jnp.nan),
+    )
+
+
+def _after_epoch(s, w, state, acc, nll, patience):
+    """Early stopping after an epoch that left `w, state` and scored `acc, nll` on dev: per
+    probe, keep the parameters of the best dev epoch, stop after `patience` without a gain."""
+
+    def keep(mask, new, old):
+        return jax.tree.map(
+            lambda a, b: jnp.where(mask.reshape((-1,) + (1,) * (a.ndim - 1)), a, b), new, old
+        )
+
+    # Dev loss breaks accuracy ties: on a plateau of accuracy keep the better-fitted epoch.
+    improved = s["active"] & (
+        (acc > s["best_acc"]) | ((acc == s["best_acc"]) & (nll < s["best_nll"]))
+    )
+    bad = jnp.where(improved, 0, s["bad"] + 1)
+    return dict(
+        epoch=s["epoch"] + 1,
+        w=w,
+        state=state,
+        bad=bad,
+        best_w=keep(improved, w, s["best_w"]),
+        best_acc=jnp.where(improved, acc, s["best_acc"]),
+        best_nll=jnp.where(improved, nll, s["best_nll"]),
+        best_epoch=jnp.where(improved, s["epoch"], s["best_epoch"]),
+        history=s["history"].at[:, s["epoch"]].set(jnp.where(s["active"], acc, jnp.nan)),
+        active=s["active"] & (bad < patience),
+    )
+
+
+def _loop_end(s):
+    """`(best weights, TrainRecord)` of a finished early-stopping loop."""
+    record = TrainRecord(
+        best_epoch=s["best_epoch"],
+        best_dev_acc=s["best_acc"],
+        epochs_run=jnp.sum(~jnp.isnan(s["history"]), axis=1),
+        dev_acc_history=s["history"],
+    )
+    return s["best_w"], record
+
+
 @functools.partial(
     jax.jit,
     static_argnames=(
@@ -170,49 +277,14 @@ def _train_together(
     y `[P, N]`. The loop runs until the last probe stops (stopped probes keep computing, their
     results masked); `_train` decides whether to call it for all probes or one at a time."""
     num_probes, n = y_train.shape
-    # L-BFGS sets its step by line search: learning_rate is Adam's alone.
-    opt = optax.lbfgs() if optimizer == "lbfgs" else optax.adam(learning_rate)
-
-    def objective(w, inputs, y):
-        logits = logits_fn(w, *inputs)
-        nll = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-        penalty = sum(jnp.sum(jnp.square(v)) for v in jax.tree.leaves(w) if v.ndim >= 2)
-        return nll + 0.5 * l2 * penalty
-
-    def one_step(w, state, inputs, y):
-        if optimizer == "lbfgs":
-            value_fn = functools.partial(objective, inputs=inputs, y=y)
-            value, grad = optax.value_and_grad_from_state(value_fn)(w, state=state)
-            updates, state = opt.update(grad, state, w, value=value, grad=grad, value_fn=value_fn)
-        else:
-            updates, state = opt.update(jax.grad(objective)(w, inputs, y), state, w)
-        return optax.apply_updates(w, updates), state
-
-    def dev_scores(w, inputs, y):
-        logits = logits_fn(w, *inputs)
-        nll = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-        return jnp.mean(jnp.argmax(logits, -1) == y), nll
-
-    step = _over_probes(one_step, num_probes)
-    scores = _over_probes(dev_scores, num_probes)
-    num_batches = n // batch_size
-    if steps_per_epoch:
-        num_batches = min(num_batches, steps_per_epoch)
-
-    # One order shared by all probes, so a probe trains the same alone or alongside others. An
-    # uncapped epoch is a fresh permutation of the train set; capped epochs (steps_per_epoch)
-    # walk through one permutation, `per_pass` epochs of `epoch_size` items each, then draw the
-    # next (permuting a million items costs about half a capped epoch's training on CPU).
-    epoch_size = num_batches * batch_size
-    per_pass = max(1, n // epoch_size)
+    opt, step, scores = _trainer(logits_fn, optimizer, learning_rate, l2, num_probes)
+    num_batches, epoch_size, per_pass = _epoch_plan(n, batch_size, steps_per_epoch)
 
     def run_epoch(w, state, epoch, order):
         if batch_size == n:  # full batch: no gather of the whole train set
             return step(w, state, train, y_train), order
         order = jax.lax.cond(
-            epoch % per_pass == 0,
-            lambda: jax.random.permutation(jax.random.fold_in(key, epoch // per_pass), n),
-            lambda: order,
+            epoch % per_pass == 0, lambda: _permutation(key, epoch, per_pass, n), lambda: order
         )
         start = (epoch % per_pass) * epoch_size
         batches = jax.lax.dynamic_slice_in_dim(order, start, epoch_size)
@@ -224,54 +296,18 @@ def _train_together(
 
         return jax.lax.scan(body, (w, state), batches)[0], order
 
-    def keep(mask, new, old):
-        return jax.tree.map(
-            lambda a, b: jnp.where(mask.reshape((-1,) + (1,) * (a.ndim - 1)), a, b), new, old
-        )
-
-    def body(s):
-        (w, state), order = run_epoch(s["w"], s["state"], s["epoch"], s["order"])
+    def body(carry):
+        s, order = carry
+        (w, state), order = run_epoch(s["w"], s["state"], s["epoch"], order)
         acc, nll = scores(w, dev, y_dev)
-        # Dev loss breaks accuracy ties: on a plateau of accuracy keep the better-fitted epoch.
-        improved = s["active"] & (
-            (acc > s["best_acc"]) | ((acc == s["best_acc"]) & (nll < s["best_nll"]))
-        )
-        bad = jnp.where(improved, 0, s["bad"] + 1)
-        return dict(
-            epoch=s["epoch"] + 1,
-            order=order,
-            w=w,
-            state=state,
-            bad=bad,
-            best_w=keep(improved, w, s["best_w"]),
-            best_acc=jnp.where(improved, acc, s["best_acc"]),
-            best_nll=jnp.where(improved, nll, s["best_nll"]),
-            best_epoch=jnp.where(improved, s["epoch"], s["best_epoch"]),
-            history=s["history"].at[:, s["epoch"]].set(jnp.where(s["active"], acc, jnp.nan)),
-            active=s["active"] & (bad < patience),
-        )
+        return _after_epoch(s, w, state, acc, nll, patience), order
 
-    init = dict(
-        epoch=jnp.int32(0),
-        order=jnp.zeros((n,), jnp.int32),
-        w=weights,
-        state=jax.vmap(opt.init)(weights),
-        best_w=weights,
-        best_acc=jnp.full((num_probes,), -1.0),
-        best_nll=jnp.full((num_probes,), jnp.inf),
-        best_epoch=jnp.zeros((num_probes,), jnp.int32),
-        bad=jnp.zeros((num_probes,), jnp.int32),
-        active=jnp.ones((num_probes,), bool),
-        history=jnp.full((num_probes, max_epochs), jnp.nan),
+    s, _ = jax.lax.while_loop(
+        lambda c: (c[0]["epoch"] < max_epochs) & jnp.any(c[0]["active"]),
+        body,
+        (_loop_start(weights, opt, max_epochs), jnp.zeros((n,), jnp.int32)),
     )
-    s = jax.lax.while_loop(lambda s: (s["epoch"] < max_epochs) & jnp.any(s["active"]), body, init)
-    record = TrainRecord(
-        best_epoch=s["best_epoch"],
-        best_dev_acc=s["best_acc"],
-        epochs_run=jnp.sum(~jnp.isnan(s["history"]), axis=1),
-        dev_acc_history=s["history"],
-    )
-    return s["best_w"], record
+    return _loop_end(s)
 
 
 def _over_probes(fn, num_probes):
@@ -434,6 +470,148 @@ def evaluate(probe: LinearProbe, x, y):
     return _accuracy(probe.weights, (_standardise(x, probe.mean, probe.std),), y, _linear_logits)
 
 
+class CollectedRows:
+    """`[N, D]` float32 rows `base[index, layer]` of a collected `[N_all, L, D]` array (or
+    `base[index]` of an `[N_all, D]` one, `layer=None`), read on demand: `base` is typically
+    the read-only memmap a spilled collection comes back as. `fit_bilinear` and
+    `evaluate_bilinear` stream such inputs, an epoch or a chunk at a time, instead of holding
+    them; `probing.train_prober` splits them by index (`subset`)."""
+
+    def __init__(self, base, index, layer: Optional[int] = None):
+        self.base, self.index, self.layer = base, np.asarray(index, np.int64), layer
+        if self.index.ndim != 1 or base.ndim != (2 if layer is None else 3):
+            raise ValueError(
+                f"CollectedRows needs an [N, D] base with layer=None or an [N, L, D] one with "
+                f"a layer, and an [n] index; got base {base.shape}, layer {layer}, "
+                f"index {self.index.shape}"
+            )
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    @property
+    def shape(self) -> tuple:
+        """`(1, n, D)`: the one probe's `[P, N, D]` the rows stand for."""
+        return (1, len(self.index), self.base.shape[-1])
+
+    def subset(self, positions) -> "CollectedRows":
+        return CollectedRows(self.base, self.index[positions], self.layer)
+
+    def take(self, positions) -> np.ndarray:
+        """`[len(positions), D]` float32, read in increasing row order (disk locality)."""
+        rows = self.index[positions]
+        order = np.argsort(rows, kind="stable")
+        out = np.empty((len(rows), self.base.shape[-1]), np.float32)
+        picked = rows[order]
+        out[order] = self.base[picked] if self.layer is None else self.base[picked, self.layer]
+        return out
+
+    def chunks(self, size: int):
+        """`(positions, rows)` over all rows in order, `size` at a time."""
+        for lo in range(0, len(self), size):
+            positions = np.arange(lo, min(lo + size, len(self)))
+            yield positions, self.take(positions)
+
+
+def _row_stats(rows: CollectedRows, chunk: int):
+    """`(mean [1, D], std [1, D])` as `_stats`, over the rows in chunks: float64 per chunk,
+    combined exactly (Chan et al.), so no copy of the rows is held."""
+    count, mean, m2 = 0, np.zeros(rows.shape[-1]), np.zeros(rows.shape[-1])
+    for _, x in rows.chunks(chunk):
+        x = x.astype(np.float64)
+        k, m = len(x), x.mean(0)
+        delta = m - mean
+        mean = mean + delta * k / (count + k)
+        m2 = m2 + ((x - m) ** 2).sum(0) + delta**2 * count * k / (count + k)
+        count += k
+    std = np.sqrt(m2 / max(count, 1))
+    std = np.where(std > _STD_FLOOR, std, 1.0)
+    return jnp.asarray(mean[None], jnp.float32), jnp.asarray(std[None], jnp.float32)
+
+
+@functools.partial(jax.jit, static_argnames=("logits_fn", "patience"))
+def _streamed_epoch(
+    s, inputs, y, dev, y_dev, means, stds, learning_rate, l2, *, logits_fn, patience
+):
+    """One epoch of a streamed Eq. 4 fit (`_fit_bilinear_streamed`): inputs a tuple of the
+    epoch's raw rows `[num_batches, P, batch, D]` in minibatch order, y `[num_batches, P,
+    batch]`; each minibatch is standardised as it is used, then early stopping as in
+    `_train_together`."""
+    _, step, scores = _trainer(logits_fn, "adam", learning_rate, l2, y.shape[1])
+
+    def body(carry, batch):
+        xs, t = batch
+        xs = tuple(_standardise(x, m, sd) for x, m, sd in zip(xs, means, stds))
+        return step(*carry, xs, t), None
+
+    (w, state), _ = jax.lax.scan(body, (s["w"], s["state"]), (inputs, y))
+    acc, nll = scores(w, dev, y_dev)
+    return _after_epoch(s, w, state, acc, nll, patience)
+
+
+def _fit_bilinear_streamed(
+    weights, rows, y_train, dev, y_dev, means, stds, key, learning_rate, l2,
+    *, max_epochs, patience, batch_size, steps_per_epoch,
+):  # fmt: skip
+    """`_train_together` for one probe whose train rows (`rows`, a pair of `CollectedRows`)
+    are read an epoch at a time: the same initialisation, minibatch order, steps and early
+    stopping, while only one epoch's rows (and the next one's, read while this one trains)
+    are held. Returns `(best weights, TrainRecord)`."""
+    n = len(rows[0])
+    num_batches, epoch_size, per_pass = _epoch_plan(n, batch_size, steps_per_epoch)
+    s = _loop_start(weights, optax.adam(learning_rate), max_epochs)
+    y_train = np.asarray(y_train)[0]
+    order = None
+
+    def epoch_rows(epoch):
+        nonlocal order
+        if batch_size == n:
+            idx = np.arange(n)
+        else:
+            if epoch % per_pass == 0:
+                order = np.asarray(_permutation(key, epoch, per_pass, n))
+            start = (epoch % per_pass) * epoch_size
+            idx = order[start : start + epoch_size]
+        shape = (num_batches, 1, batch_size)
+        return tuple(r.take(idx).reshape(*shape, -1) for r in rows), y_train[idx].reshape(shape)
+
+    ahead = epoch_rows(0)
+    for epoch in range(max_epochs):
+        inputs, y = ahead
+        s = _streamed_epoch(
+            s, inputs, y, dev, y_dev, means, stds, learning_rate, l2,
+            logits_fn=_bilinear_logits, patience=patience,
+        )  # fmt: skip
+        if epoch + 1 < max_epochs:
+            ahead = epoch_rows(epoch + 1)  # read while the epoch above runs
+        if not bool(jnp.any(s["active"])):
+            break
+    return _loop_end(s)
+
+
+def _bilinear_start(key, num_probes, d, rank, num_classes):
+    """`(weights, order key)`: the same initialisation for every probe, and the key of the
+    minibatch order."""
+    k_i, k_j, k_c, k_order = jax.random.split(key, 4)
+    # Unit-variance projections of standardised inputs keep the initial logits O(1).
+    one = {
+        "w_i": jax.random.normal(k_i, (d, rank)) / np.sqrt(d),
+        "w_j": jax.random.normal(k_j, (d, rank)) / np.sqrt(d),
+        "w_cls": jax.random.normal(k_c, (rank, num_classes)) / np.sqrt(rank),
+        "b": jnp.zeros((num_classes,)),
+    }
+    return jax.tree.map(lambda v: jnp.broadcast_to(v, (num_probes,) + v.shape), one), k_order
+
+
+def _stopping_dev(key, m, stopping_dev_items):
+    """Sorted indices of the dev items early stopping scores (None: all `m`)."""
+    if not stopping_dev_items or m <= stopping_dev_items:
+        return None
+    # Its own key: the initialisation and minibatch order stay those of an uncapped fit.
+    pick = jax.random.permutation(jax.random.fold_in(key, _STOPPING_DEV_SALT), m)
+    return jnp.sort(pick[:stopping_dev_items])
+
+
 def fit_bilinear(
     e_i_train,
     e_j_train,
@@ -478,8 +656,13 @@ def fit_bilinear(
     for name, value in (("epoch_items", epoch_items), ("stopping_dev_items", stopping_dev_items)):
         if value is not None and value < 1:
             raise ValueError(f"{name} must be None (no cap) or >= 1, got {value}")
-    e_i_train, e_j_train = _features(e_i_train, "e_i_train"), _features(e_j_train, "e_j_train")
-    e_i_dev, e_j_dev = _features(e_i_dev, "e_i_dev"), _features(e_j_dev, "e_j_dev")
+    streamed = isinstance(e_i_train, CollectedRows)
+    inputs = (e_i_train, e_j_train, e_i_dev, e_j_dev)
+    if streamed and not all(isinstance(x, CollectedRows) for x in inputs):
+        raise ValueError("streamed fits take CollectedRows for all four of e_i/e_j train/dev")
+    if not streamed:
+        inputs = tuple(_features(x, name) for x, name in zip(inputs, _BILINEAR_INPUTS))
+    e_i_train, e_j_train, e_i_dev, e_j_dev = inputs
     num_probes, n, d = e_i_train.shape
     if (
         e_j_train.shape != e_i_train.shape
@@ -493,51 +676,70 @@ def fit_bilinear(
         )
     y_train = _labels(y_train, num_probes, n, num_classes, "y_train")
     y_dev = _labels(y_dev, num_probes, e_i_dev.shape[1], num_classes, "y_dev")
-    rank = rank or d
-    k_i, k_j, k_c, k_order = jax.random.split(key, 4)
-    # Unit-variance projections of standardised inputs keep the initial logits O(1).
-    one = {
-        "w_i": jax.random.normal(k_i, (d, rank)) / np.sqrt(d),
-        "w_j": jax.random.normal(k_j, (d, rank)) / np.sqrt(d),
-        "w_cls": jax.random.normal(k_c, (rank, num_classes)) / np.sqrt(rank),
-        "b": jnp.zeros((num_classes,)),
-    }
-    weights = jax.tree.map(lambda v: jnp.broadcast_to(v, (num_probes,) + v.shape), one)
-    mean_i, std_i = _stats(e_i_train)
-    mean_j, std_j = _stats(e_j_train)
+    weights, k_order = _bilinear_start(key, num_probes, d, rank or d, num_classes)
     batch_size = min(batch_size, n)
-    m = e_i_dev.shape[1]
-    if stopping_dev_items and m > stopping_dev_items:
-        # Its own key: the initialisation and minibatch order stay those of an uncapped fit.
-        keep = jnp.sort(
-            jax.random.permutation(jax.random.fold_in(key, _STOPPING_DEV_SALT), m)[
-                :stopping_dev_items
-            ]
-        )
-        e_i_dev, e_j_dev = e_i_dev[:, keep], e_j_dev[:, keep]
+    keep = _stopping_dev(key, e_i_dev.shape[1], stopping_dev_items)
+    if keep is not None:
         y_dev = y_dev[:, keep]
-    weights, record = _train(
-        weights,
-        (_standardise(e_i_train, mean_i, std_i), _standardise(e_j_train, mean_j, std_j)),
-        y_train,
-        (_standardise(e_i_dev, mean_i, std_i), _standardise(e_j_dev, mean_j, std_j)),
-        y_dev,
-        k_order,
-        learning_rate,
-        l2,
-        logits_fn=_bilinear_logits,
+    train = dict(
         max_epochs=max_epochs,
         patience=patience,
         batch_size=batch_size,
         steps_per_epoch=max(1, epoch_items // batch_size) if epoch_items else None,
     )
+    if streamed:
+        (mean_i, std_i), (mean_j, std_j) = (_row_stats(r, STREAM_ROWS) for r in inputs[:2])
+        dev_at = np.arange(e_i_dev.shape[1]) if keep is None else np.asarray(keep)
+        dev = (
+            _standardise(e_i_dev.take(dev_at)[None], mean_i, std_i),
+            _standardise(e_j_dev.take(dev_at)[None], mean_j, std_j),
+        )
+        weights, record = _fit_bilinear_streamed(
+            weights, inputs[:2], y_train, dev, y_dev, (mean_i, mean_j), (std_i, std_j),
+            k_order, learning_rate, l2, **train,
+        )  # fmt: skip
+    else:
+        mean_i, std_i = _stats(e_i_train)
+        mean_j, std_j = _stats(e_j_train)
+        if keep is not None:
+            e_i_dev, e_j_dev = e_i_dev[:, keep], e_j_dev[:, keep]
+        weights, record = _train(
+            weights,
+            (_standardise(e_i_train, mean_i, std_i), _standardise(e_j_train, mean_j, std_j)),
+            y_train,
+            (_standardise(e_i_dev, mean_i, std_i), _standardise(e_j_dev, mean_j, std_j)),
+            y_dev,
+            k_order,
+            learning_rate,
+            l2,
+            logits_fn=_bilinear_logits,
+            **train,
+        )
     return BilinearProbe(
         weights=weights, mean_i=mean_i, std_i=std_i, mean_j=mean_j, std_j=std_j, record=record
     )
 
 
+@functools.partial(jax.jit, static_argnames="logits_fn")
+def _correct(weights, inputs, y, logits_fn):
+    return _over_probes(
+        lambda w, inp, t: jnp.sum(jnp.argmax(logits_fn(w, *inp), -1) == t), y.shape[0]
+    )(weights, inputs, y)
+
+
 def evaluate_bilinear(probe: BilinearProbe, e_i, e_j, y):
-    """Accuracy `[P]` of each Eq. 4 probe on `e_i, e_j [P, N, D]`, `y [N] or [P, N]`."""
+    """Accuracy `[P]` of each Eq. 4 probe on `e_i, e_j [P, N, D]`, `y [N] or [P, N]`; or of
+    one probe on `CollectedRows`, read `STREAM_ROWS` at a time."""
+    if isinstance(e_i, CollectedRows):
+        y = np.asarray(_labels(y, 1, len(e_i), probe.weights["b"].shape[-1], "y"))
+        correct = 0
+        for at, x_i in e_i.chunks(STREAM_ROWS):
+            inputs = (
+                _standardise(x_i[None], probe.mean_i, probe.std_i),
+                _standardise(e_j.take(at)[None], probe.mean_j, probe.std_j),
+            )
+            correct += int(_correct(probe.weights, inputs, y[:, at], _bilinear_logits)[0])
+        return np.array([correct / max(len(e_i), 1)])
     e_i, e_j = _features(e_i, "e_i"), _features(e_j, "e_j")
     y = _labels(y, *e_i.shape[:2], probe.weights["b"].shape[-1], "y")
     inputs = (

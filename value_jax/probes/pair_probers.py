@@ -47,8 +47,12 @@ CONTROL_ITEMS_PER_TYPE = 20
 MAX_CONTROL_CLASSES = 32
 _KMEANS_FIT_ROWS = 20000
 # Host memory for one embedding-prober fit; beyond it the layers are trained in chunks read
-# from the collected (possibly disk-backed) arrays, so memory does not grow with layers × items.
+# from the collected (possibly disk-backed) arrays, and beyond one layer's worth each layer's
+# rows are streamed from them, so memory does not grow with layers × items.
 EMBEDDING_PROBER_BUDGET_BYTES = 4 << 30
+# An in-memory fit holds ~3.9x its pair inputs: the inputs picked from the collected arrays,
+# the train/dev split copies, the device copy and the standardised copy.
+_FIT_COPIES = 4
 _KMEANS_ITERS = 25
 
 
@@ -155,40 +159,55 @@ def _fit(features, labels, types, groups, seed, names, kind, settings, bilinear_
     return out
 
 
+def _fit_memory(n: int, d: int, layers: int = 1) -> int:
+    """Host bytes an in-memory Eq. 4 fit of `layers` layers over `n` pairs of `d`-wide rows
+    holds: `_FIT_COPIES` copies of the pair inputs."""
+    return _FIT_COPIES * layers * 2 * n * d * 4
+
+
+def _pairs(a, b, index, layer=None):
+    """`(e_i, e_j)` read on demand (`CollectedRows`) from the collected arrays."""
+    return classifiers.CollectedRows(a, index, layer), classifiers.CollectedRows(b, index, layer)
+
+
 def _fit_layers(
     emb_a, emb_b, sel, labels, types, groups, seed, layers, settings, bilinear_rank, budget=None
 ):
-    """The bilinear prober of every layer: `[N, L, D]` collected arrays (memmaps when spilled),
-    all layers under one vmap when two float32 copies fit `budget`, else in chunks of layers,
-    each read from the arrays on its own (recorded as `layers_per_fit`)."""
+    """The bilinear prober of every layer from `[N, L, D]` collected arrays (memmaps when
+    spilled): all layers under one vmap when their fit holds at most `budget` bytes
+    (`_fit_memory`), else in chunks of layers, each read from the arrays on its own (recorded
+    as `layers_per_fit`); when even one layer's fit would exceed it, each layer is trained on
+    rows streamed from the arrays an epoch at a time (`streamed`), in memory bounded by the
+    epoch cap whatever the number of items."""
     budget = EMBEDDING_PROBER_BUDGET_BYTES if budget is None else budget
     n, n_layers, d = int(np.count_nonzero(sel)), emb_a.shape[1], emb_a.shape[2]
-    per_layer = max(1, 2 * 2 * n * d * 4)  # two arrays, a copy for the splits
-    chunk = int(max(1, min(n_layers, budget // per_layer)))
-    parts = []
-    for lo in range(0, n_layers, chunk):
-        hi = min(lo + chunk, n_layers)
-        pick = lambda e, lo=lo, hi=hi: np.swapaxes(np.asarray(e[:, lo:hi][sel], np.float32), 0, 1)
-        parts.append(
-            _fit(
-                (pick(emb_a), pick(emb_b)),
-                labels,
-                types,
-                groups,
-                seed,
-                list(layers[lo:hi]),
-                "bilinear",
-                settings,
-                bilinear_rank,
+    chunk = int(min(n_layers, budget // max(1, _fit_memory(n, d))))
+    fit = lambda pair, names: _fit(
+        pair, labels, types, groups, seed, names, "bilinear", settings, bilinear_rank
+    )
+    if chunk == 0:
+        index = np.flatnonzero(sel)
+        parts = [
+            fit(_pairs(emb_a, emb_b, index, layer), [layers[layer]]) for layer in range(n_layers)
+        ]
+    else:
+        pick = lambda e, lo, hi: np.swapaxes(np.asarray(e[:, lo:hi][sel], np.float32), 0, 1)
+        parts = [
+            fit(
+                (pick(emb_a, lo, lo + chunk), pick(emb_b, lo, lo + chunk)),
+                list(layers[lo : lo + chunk]),
             )
-        )
+            for lo in range(0, n_layers, chunk)
+        ]
     if len(parts) == 1 or "skipped" in parts[0]:
         return parts[0]
     merged = dict(parts[0])
     for key, value in parts[0].items():
         if isinstance(value, list):
             merged[key] = [v for part in parts for v in part[key]]
-    merged["layers_per_fit"] = chunk
+    merged["layers_per_fit"] = max(chunk, 1)
+    if chunk == 0:
+        merged["streamed"] = True
     return merged
 
 
@@ -326,8 +345,13 @@ def relation_probers(
         bilinear_rank,
     )
     for task, (sel, labels) in tasks.items():
+        index = np.flatnonzero(sel)
+        if _fit_memory(len(index), stats["raw_subj"].shape[-1]) > EMBEDDING_PROBER_BUDGET_BYTES:
+            pair = _pairs(stats["raw_subj"], stats["raw_obj"], index)
+        else:
+            pair = (stats["raw_subj"][sel][None], stats["raw_obj"][sel][None])
         raw = _fit(
-            (stats["raw_subj"][sel][None], stats["raw_obj"][sel][None]),
+            pair,
             labels,
             item_types[sel],
             groups[sel],

@@ -14,7 +14,13 @@ from typing import Optional, Sequence
 import jax
 import numpy as np
 
-from value_jax.probes.classifiers import evaluate, evaluate_bilinear, fit_bilinear, fit_linear
+from value_jax.probes.classifiers import (
+    CollectedRows,
+    evaluate,
+    evaluate_bilinear,
+    fit_bilinear,
+    fit_linear,
+)
 
 
 def control_labels(type_ids, labels, num_classes: int, rng: np.random.Generator) -> np.ndarray:
@@ -122,17 +128,25 @@ def train_prober(
 
     Args:
       features_or_pairs: `[P, N, F]` (or `[N, F]`) features for `fit_linear`, or a pair
-        `(e_i, e_j)` of `[P, N, D]` (or `[N, D]`) embeddings for `fit_bilinear`.
+        `(e_i, e_j)` of `[P, N, D]` (or `[N, D]`) embeddings for `fit_bilinear`, or a pair of
+        `CollectedRows` (one probe, streamed from the collected arrays).
       labels: `[N]` ints, shared by all probes. num_classes: default `max(labels) + 1`.
       seed: drives the split, the probe key and the control labels.
       groups: `[N]` ids no split may share (e.g. image ids). control_type_ids: `[N]` type ids.
       fit_kwargs: passed to `fit_linear` / `fit_bilinear`.
     """
     bilinear = isinstance(features_or_pairs, (tuple, list))
-    arrays = [
-        np.asarray(a, np.float32) for a in (features_or_pairs if bilinear else [features_or_pairs])
-    ]
-    arrays = [a[None] if a.ndim == 2 else a for a in arrays]
+    streamed = bilinear and all(isinstance(a, CollectedRows) for a in features_or_pairs)
+    if streamed:  # one probe's rows, read on demand: split by index, never copied whole
+        arrays = list(features_or_pairs)
+        part = lambda idx: [a.subset(idx) for a in arrays]
+    else:
+        arrays = [
+            np.asarray(a, np.float32)
+            for a in (features_or_pairs if bilinear else [features_or_pairs])
+        ]
+        arrays = [a[None] if a.ndim == 2 else a for a in arrays]
+        part = lambda idx: [a[:, idx] for a in arrays]
     labels = np.asarray(labels)
     n, num_probes = labels.shape[0], arrays[0].shape[0]
     names = list(names) if names is not None else [str(p) for p in range(num_probes)]
@@ -156,7 +170,6 @@ def train_prober(
     fit, score = (fit_bilinear, evaluate_bilinear) if bilinear else (fit_linear, evaluate)
 
     def fit_and_score(y, scored=splits):
-        part = lambda idx: [a[:, idx] for a in arrays]
         train, dev = splits[0], splits[1]
         probe = fit(
             *part(train),
