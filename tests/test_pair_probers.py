@@ -11,6 +11,7 @@ from value_jax.probes import classifiers, pair_probers, pairs, probing
 from value_jax.probes.coref import CorefProbe
 from value_jax.probes.relation import RelationProbe
 from value_jax.probes.results import Result
+from value_jax.state import LayerFiles
 from value_jax.trace import Layout, Trace
 
 FAST = {"linear": dict(max_epochs=300, patience=30), "bilinear": dict(max_epochs=40, patience=8)}
@@ -328,6 +329,8 @@ def test_embedding_probers_beyond_the_budget_train_in_layer_chunks_from_disk(tmp
         m[:] = x
         m.flush()
         disk.append(np.memmap(tmp_path / name, np.float32, "r", shape=x.shape))
+    # As a spilled collection comes back: one memmap per layer.
+    layered = [LayerFiles([x[:, i] for i in range(3)]) for x in disk]
     sel, groups, types = np.ones(n, bool), np.arange(n) // 4, np.arange(n) // 2
     slow = {"bilinear": dict(max_epochs=300, patience=30)}
     args = (sel, labels, types, groups, 0, ["l1", "l2", "l3"], slow, 0)
@@ -335,6 +338,8 @@ def test_embedding_probers_beyond_the_budget_train_in_layer_chunks_from_disk(tmp
     one_layer = pair_probers._fit_memory(n, d)
     chunked = pair_probers._fit_layers(*disk, *args, budget=one_layer)
     streamed = pair_probers._fit_layers(*disk, *args, budget=one_layer - 1)
+    assert pair_probers._fit_layers(*layered, *args, budget=one_layer) == chunked
+    assert pair_probers._fit_layers(*layered, *args, budget=one_layer - 1) == streamed
     assert "layers_per_fit" not in whole and chunked["layers_per_fit"] == 1
     assert streamed["streamed"] and "streamed" not in chunked
     assert chunked["names"] == whole["names"] == streamed["names"] == ["l1", "l2", "l3"]

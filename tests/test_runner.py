@@ -14,6 +14,7 @@ from value_jax.models import UniterConfig, build_model, init_params
 from value_jax.probes.fusion import FusionProbe
 from value_jax.probes.modality import ImageToTextProbe, ModalityProbe
 from value_jax.runner import run_probes
+from value_jax.state import LayerFiles
 
 
 def _loader(cfg, n_batches=5, b=4, t=8, r=6, seed=0):
@@ -245,7 +246,11 @@ class _Collecting(FusionProbe):
 
         return Result(
             self.name,
-            {"states": np.array(stats["states"]), "memmap": isinstance(stats["states"], np.memmap)},
+            {
+                "states": np.array(stats["states"]),
+                "memmap": isinstance(stats["states"], LayerFiles)
+                and all(isinstance(m, np.memmap) for m in stats["states"].layers),
+            },
         )
 
 
@@ -281,6 +286,9 @@ def test_collected_features_spill_to_disk_beyond_the_budget(tiny, tmp_path):
             progress_every=100,
             collect_budget_mb=0,
         )
+    # Spilled layer-major: one file per layer of the [N, L, D] rows.
+    files = sorted(os.listdir(tmp_path / "state.spill" / "p0" / "collecting"))
+    assert files == [f"states.layer{i:03d}.bin" for i in range(cfg.num_layers + 1)], files
     # Row 4's features were spilled after the save at batch 3: the resume must cut them off.
     resumed = run_probes(
         model,

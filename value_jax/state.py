@@ -29,10 +29,49 @@ from value_jax.io import local_checkpointer, quiet_orbax, replace_dir
 from value_jax.probes.base import Probe
 
 
+class LayerFiles:
+    """A spilled `[N, L, ...]` collection as `L` read-only memmaps `[N, ...]`, one file per
+    layer, so that reading one layer's rows (what the probers do) touches only that layer's
+    file. `x[rows, l]` reads rows of layer `l`; any other indexing, and `np.asarray(x)`, builds
+    the whole `[N, L, ...]` array in memory."""
+
+    def __init__(self, layers: Sequence[np.ndarray]):
+        self.layers = list(layers)
+
+    @property
+    def shape(self) -> tuple:
+        first = self.layers[0]
+        return (first.shape[0], len(self.layers), *first.shape[1:])
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    @property
+    def dtype(self):
+        return self.layers[0].dtype
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def layer(self, index: int) -> np.ndarray:
+        return self.layers[index]
+
+    def __array__(self, dtype=None, copy=None):
+        out = np.stack(self.layers, axis=1)
+        return out if dtype is None else out.astype(dtype)
+
+    def __getitem__(self, key):
+        if isinstance(key, tuple) and len(key) == 2 and isinstance(key[1], (int, np.integer)):
+            return self.layers[key[1]][key[0]]
+        return np.asarray(self)[key]
+
+
 class Collected:
-    """The rows of one collected key: numpy parts in memory until `spill`, then appended to one
-    raw file (`path`), read back as a read-only memmap, so collections larger than memory
-    stream from disk."""
+    """The rows of one collected key: numpy parts in memory until `spill`, then appended to raw
+    files, read back as read-only memmaps, so collections larger than memory stream from disk.
+    Rows of two or more dimensions (`[L, D]` per item: a vector per layer) go layer-major, one
+    file per layer next to `path` (`LayerFiles`); flatter rows to `path` itself."""
 
     def __init__(self, path: str | None = None):
         self.path, self.parts = path, []
@@ -51,40 +90,68 @@ class Collected:
     def rows(self) -> int:
         return self.rows_on_disk + sum(len(p) for p in self.parts)
 
+    @property
+    def layer_major(self) -> bool:
+        return len(self.trail) >= 2
+
+    def files(self) -> list[str]:
+        """The raw files the spilled rows are in: one per layer when layer-major."""
+        if not self.layer_major:
+            return [self.path]
+        root, ext = os.path.splitext(self.path)
+        return [f"{root}.layer{i:03d}{ext}" for i in range(self.trail[0])]
+
     def spill(self) -> None:
         if not self.parts:
             return
         os.makedirs(os.path.dirname(self.path), exist_ok=True)
-        with open(self.path, "ab") as f:
-            for part in self.parts:
-                f.write(np.ascontiguousarray(part, self.dtype).tobytes())
+        for i, path in enumerate(self.files()):
+            with open(path, "ab") as f:
+                for part in self.parts:
+                    rows = part[:, i] if self.layer_major else part
+                    f.write(np.ascontiguousarray(rows, self.dtype).tobytes())
         self.rows_on_disk += sum(len(p) for p in self.parts)
         self.parts = []
 
-    def array(self) -> np.ndarray:
+    def array(self):
         if self.rows_on_disk:
             self.spill()
-            return np.memmap(self.path, self.dtype, "r", shape=(self.rows_on_disk, *self.trail))
+            trail = self.trail[1:] if self.layer_major else self.trail
+            maps = [
+                np.memmap(path, self.dtype, "r", shape=(self.rows_on_disk, *trail))
+                for path in self.files()
+            ]
+            return LayerFiles(maps) if self.layer_major else maps[0]
         return np.concatenate(self.parts) if self.parts else np.zeros((0,))
 
     def on_disk(self) -> dict:
-        """What saved state records of spilled rows (they stay in their file)."""
+        """What saved state records of spilled rows (they stay in their files)."""
         return {
             "rows": self.rows_on_disk,
             "dtype": np.dtype(self.dtype).str,
             "trail": list(self.trail),
+            "layout": "layer-major" if self.layer_major else "rows",
         }
 
     def reopen(self, meta: dict) -> None:
-        """Takes back `meta["rows"]` rows of the file, cutting off rows written after that save."""
-        size = int(np.prod(meta["trail"], dtype=np.int64)) * np.dtype(meta["dtype"]).itemsize
-        if not os.path.isfile(self.path) or os.path.getsize(self.path) < meta["rows"] * size:
-            raise ValueError(
-                f"saved state counts {meta['rows']} rows in {self.path}, which holds "
-                "fewer; delete the state folder to start afresh"
-            )
-        os.truncate(self.path, meta["rows"] * size)
+        """Takes back `meta["rows"]` rows of the files, cutting off rows written after that
+        save."""
         self.dtype, self.trail = np.dtype(meta["dtype"]), tuple(meta["trail"])
+        layout = "layer-major" if self.layer_major else "rows"
+        if meta.get("layout", "rows") != layout:
+            raise ValueError(
+                f"saved state keeps {self.path}'s rows as {meta.get('layout', 'rows')}, this "
+                f"version as {layout}; delete the state folder to start afresh"
+            )
+        trail = self.trail[1:] if self.layer_major else self.trail
+        size = int(np.prod(trail, dtype=np.int64)) * self.dtype.itemsize
+        for path in self.files():
+            if not os.path.isfile(path) or os.path.getsize(path) < meta["rows"] * size:
+                raise ValueError(
+                    f"saved state counts {meta['rows']} rows in {path}, which holds "
+                    "fewer; delete the state folder to start afresh"
+                )
+            os.truncate(path, meta["rows"] * size)
         self.rows_on_disk, self.parts = int(meta["rows"]), []
 
 

@@ -173,8 +173,8 @@ def _pairs(a, b, index, layer=None):
 def _fit_layers(
     emb_a, emb_b, sel, labels, types, groups, seed, layers, settings, bilinear_rank, budget=None
 ):
-    """The bilinear prober of every layer from `[N, L, D]` collected arrays (memmaps when
-    spilled): all layers under one vmap when their fit holds at most `budget` bytes
+    """The bilinear prober of every layer from `[N, L, D]` collected arrays (`LayerFiles` of
+    memmaps when spilled; `e[rows, layer]` is all that is read): all layers under one vmap when their fit holds at most `budget` bytes
     (`_fit_memory`), else in chunks of layers, each read from the arrays on its own (recorded
     as `layers_per_fit`); when even one layer's fit would exceed it, each layer is trained on
     rows streamed from the arrays an epoch at a time (`streamed`), in memory bounded by the
@@ -191,7 +191,10 @@ def _fit_layers(
             fit(_pairs(emb_a, emb_b, index, layer), [layers[layer]]) for layer in range(n_layers)
         ]
     else:
-        pick = lambda e, lo, hi: np.swapaxes(np.asarray(e[:, lo:hi][sel], np.float32), 0, 1)
+        # One layer at a time: a spilled collection keeps each layer in its own file.
+        pick = lambda e, lo, hi: np.stack(
+            [np.asarray(e[sel, layer], np.float32) for layer in range(lo, min(hi, n_layers))]
+        )
         parts = [
             fit(
                 (pick(emb_a, lo, lo + chunk), pick(emb_b, lo, lo + chunk)),
@@ -199,13 +202,14 @@ def _fit_layers(
             )
             for lo in range(0, n_layers, chunk)
         ]
-    if len(parts) == 1 or "skipped" in parts[0]:
+    if "skipped" in parts[0]:
         return parts[0]
     merged = dict(parts[0])
-    for key, value in parts[0].items():
-        if isinstance(value, list):
-            merged[key] = [v for part in parts for v in part[key]]
-    merged["layers_per_fit"] = max(chunk, 1)
+    if len(parts) > 1:
+        for key, value in parts[0].items():
+            if isinstance(value, list):
+                merged[key] = [v for part in parts for v in part[key]]
+        merged["layers_per_fit"] = max(chunk, 1)
     if chunk == 0:
         merged["streamed"] = True
     return merged
