@@ -301,3 +301,23 @@ def test_collected_features_spill_to_disk_beyond_the_budget(tiny, tmp_path):
         collect_budget_mb=0,
     )
     np.testing.assert_array_equal(resumed["collecting"].data["states"], held.data["states"])
+
+
+def test_spilled_rows_in_the_one_file_layout_are_refused(tmp_path):
+    """A state spilled [N, L, D] rows to one file before they went one file per layer: its
+    rows are not read as if they were layer-major."""
+    from value_jax.state import Collected
+
+    path = str(tmp_path / "states.bin")
+    np.zeros((4, 3, 2), np.float32).tofile(path)
+    meta = {"rows": 4, "dtype": "<f4", "trail": [3, 2]}  # no "layout": the one-file layout
+    with pytest.raises(ValueError, match="states.bin's rows as rows, this version as layer-major"):
+        Collected(path).reopen(meta)
+    rows = np.arange(24, dtype=np.float32).reshape(4, 3, 2)
+    fresh = Collected(path)
+    fresh.append(rows)
+    fresh.spill()
+    again = Collected(path)
+    again.reopen(fresh.on_disk())
+    np.testing.assert_array_equal(np.asarray(again.array()), rows)
+    np.testing.assert_array_equal(again.array()[[3, 1], 2], rows[[3, 1], 2])
