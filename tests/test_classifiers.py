@@ -291,13 +291,18 @@ def test_bilinear_early_stopping_scores_a_dev_subset():
     assert not np.allclose(history[1] * 7, np.round(history[1] * 7), atol=1e-5)
 
 
-@pytest.mark.parametrize("layer", [1, None])
-def test_streamed_bilinear_fit_trains_as_the_in_memory_one(layer, monkeypatch):
-    # Rows read on demand from a collected [N, L, D] (or [N, D]) array, in chunks of 128 rows
-    # for the statistics and scores: capped epochs walking 3 passes of the permutation, a dev
-    # subset for early stopping. Same epochs, dev history, weights and scores as the in-memory
-    # fit, up to the float rounding of the standardisation statistics (float64 chunks there).
-    monkeypatch.setattr(C, "STREAM_ROWS", 128)
+@pytest.mark.parametrize(
+    "layer, epoch_items, stream_rows", [(1, 800, 128), (None, 800, 300), (1, None, 300)]
+)
+def test_streamed_bilinear_fit_trains_as_the_in_memory_one(
+    layer, epoch_items, stream_rows, monkeypatch
+):
+    # Rows read on demand from a collected [N, L, D] (or [N, D]) array, `stream_rows` at a
+    # time (1 or 3 minibatches of 100 per read) for the training, the statistics and the
+    # scores: capped epochs walking 3 passes of the permutation or whole passes, a dev subset
+    # for early stopping. Same epochs, dev history, weights and scores as the in-memory fit,
+    # up to the float rounding of the standardisation statistics (float64 chunks there).
+    monkeypatch.setattr(C, "STREAM_ROWS", stream_rows)
     rng = np.random.default_rng(5)
     n, d = 3000, 6
     scale = np.array([1.0, 3.0])[:, None]  # layers of different spread, off-centre
@@ -308,8 +313,8 @@ def test_streamed_bilinear_fit_trains_as_the_in_memory_one(layer, monkeypatch):
         e_i, e_j = e_i[:, 1], e_j[:, 1]
     tr, dv, te = _split(n)
     kw = dict(
-        learning_rate=3e-3, max_epochs=40, patience=4, batch_size=100, epoch_items=800,
-        stopping_dev_items=250,
+        learning_rate=3e-3 if epoch_items else 1e-2,  # whole passes: stop by patience too
+        max_epochs=40, patience=4, batch_size=100, epoch_items=epoch_items, stopping_dev_items=250,
     )  # fmt: skip
     at = lambda e, idx: (e[idx] if layer is None else e[idx, layer])[None]
     mem = C.fit_bilinear(

@@ -529,22 +529,26 @@ def _row_stats(rows: CollectedRows, chunk: int):
     return jnp.asarray(mean[None], jnp.float32), jnp.asarray(std[None], jnp.float32)
 
 
-@functools.partial(jax.jit, static_argnames=("logits_fn", "patience"))
-def _streamed_epoch(
-    s, inputs, y, dev, y_dev, means, stds, learning_rate, l2, *, logits_fn, patience
-):
-    """One epoch of a streamed Eq. 4 fit (`_fit_bilinear_streamed`): inputs a tuple of the
-    epoch's raw rows `[num_batches, P, batch, D]` in minibatch order, y `[num_batches, P,
-    batch]`; each minibatch is standardised as it is used, then early stopping as in
-    `_train_together`."""
-    _, step, scores = _trainer(logits_fn, "adam", learning_rate, l2, y.shape[1])
+@functools.partial(jax.jit, static_argnames="logits_fn")
+def _streamed_steps(w, state, inputs, y, means, stds, learning_rate, l2, *, logits_fn):
+    """Minibatch steps of a streamed Eq. 4 fit (`_fit_bilinear_streamed`) over rows read from
+    disk: inputs a tuple of raw rows `[batches, P, batch, D]` in minibatch order, y `[batches,
+    P, batch]`; each minibatch is standardised as it is used."""
+    _, step, _ = _trainer(logits_fn, "adam", learning_rate, l2, y.shape[1])
 
     def body(carry, batch):
         xs, t = batch
         xs = tuple(_standardise(x, m, sd) for x, m, sd in zip(xs, means, stds))
         return step(*carry, xs, t), None
 
-    (w, state), _ = jax.lax.scan(body, (s["w"], s["state"]), (inputs, y))
+    return jax.lax.scan(body, (w, state), (inputs, y))[0]
+
+
+@functools.partial(jax.jit, static_argnames=("logits_fn", "patience"))
+def _streamed_check(s, w, state, dev, y_dev, learning_rate, l2, *, logits_fn, patience):
+    """The dev check and early stopping after an epoch of a streamed fit, as in
+    `_train_together`."""
+    _, _, scores = _trainer(logits_fn, "adam", learning_rate, l2, y_dev.shape[0])
     acc, nll = scores(w, dev, y_dev)
     return _after_epoch(s, w, state, acc, nll, patience)
 
@@ -554,38 +558,49 @@ def _fit_bilinear_streamed(
     *, max_epochs, patience, batch_size, steps_per_epoch,
 ):  # fmt: skip
     """`_train_together` for one probe whose train rows (`rows`, a pair of `CollectedRows`)
-    are read an epoch at a time: the same initialisation, minibatch order, steps and early
-    stopping, while only one epoch's rows (and the next one's, read while this one trains)
-    are held. Returns `(best weights, TrainRecord)`."""
+    are read from disk `STREAM_ROWS` at a time (whole minibatches): the same initialisation,
+    minibatch order, steps and early stopping, while only one read's rows (and the next one's,
+    read while these train) are held, whatever the epoch size. Returns `(best weights,
+    TrainRecord)`."""
     n = len(rows[0])
     num_batches, epoch_size, per_pass = _epoch_plan(n, batch_size, steps_per_epoch)
-    s = _loop_start(weights, optax.adam(learning_rate), max_epochs)
+    per_read = max(1, STREAM_ROWS // batch_size)  # minibatches per read
     y_train = np.asarray(y_train)[0]
-    order = None
+    kw = dict(learning_rate=learning_rate, l2=l2)
 
-    def epoch_rows(epoch):
-        nonlocal order
-        if batch_size == n:
-            idx = np.arange(n)
-        else:
-            if epoch % per_pass == 0:
-                order = np.asarray(_permutation(key, epoch, per_pass, n))
-            start = (epoch % per_pass) * epoch_size
-            idx = order[start : start + epoch_size]
-        shape = (num_batches, 1, batch_size)
-        return tuple(r.take(idx).reshape(*shape, -1) for r in rows), y_train[idx].reshape(shape)
+    def reads():
+        """`(epoch, last read of the epoch, inputs, y)` for every read of every epoch."""
+        order = None
+        for epoch in range(max_epochs):
+            if batch_size == n:
+                idx = np.arange(n)
+            else:
+                if epoch % per_pass == 0:
+                    order = np.asarray(_permutation(key, epoch, per_pass, n))
+                start = (epoch % per_pass) * epoch_size
+                idx = order[start : start + epoch_size]
+            for lo in range(0, num_batches, per_read):
+                at = idx[lo * batch_size : min(lo + per_read, num_batches) * batch_size]
+                shape = (-1, 1, batch_size)
+                inputs = tuple(r.take(at).reshape(*shape, r.shape[-1]) for r in rows)
+                yield epoch, lo + per_read >= num_batches, inputs, y_train[at].reshape(shape)
 
-    ahead = epoch_rows(0)
-    for epoch in range(max_epochs):
-        inputs, y = ahead
-        s = _streamed_epoch(
-            s, inputs, y, dev, y_dev, means, stds, learning_rate, l2,
-            logits_fn=_bilinear_logits, patience=patience,
-        )  # fmt: skip
-        if epoch + 1 < max_epochs:
-            ahead = epoch_rows(epoch + 1)  # read while the epoch above runs
-        if not bool(jnp.any(s["active"])):
-            break
+    s = _loop_start(weights, optax.adam(learning_rate), max_epochs)
+    w, state = s["w"], s["state"]
+    feed = reads()
+    ahead = next(feed)
+    while ahead is not None:
+        epoch, last, inputs, y = ahead
+        w, state = _streamed_steps(
+            w, state, inputs, y, means, stds, **kw, logits_fn=_bilinear_logits
+        )
+        ahead = next(feed, None)  # read while the steps above run
+        if last:
+            s = _streamed_check(
+                s, w, state, dev, y_dev, **kw, logits_fn=_bilinear_logits, patience=patience
+            )
+            if not bool(jnp.any(s["active"])):
+                break
     return _loop_end(s)
 
 
