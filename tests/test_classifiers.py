@@ -335,6 +335,10 @@ def test_streamed_bilinear_fit_trains_as_the_in_memory_one(
     acc_mem = float(C.evaluate_bilinear(mem, at(e_i, te), at(e_j, te), y[te])[0])
     acc_st = float(C.evaluate_bilinear(st, rows(e_i, te), rows(e_j, te), y[te])[0])
     assert acc_mem > 0.8 and acc_st == pytest.approx(acc_mem, abs=1.5 / len(te))
+    # Sides whose rows lie in other orders on disk (e_j stored shuffled) pair up the same.
+    stored = rng.permutation(len(e_j))
+    shuffled = C.CollectedRows(e_j[stored], np.argsort(stored)[te], layer)
+    assert float(C.evaluate_bilinear(st, rows(e_i, te), shuffled, y[te])[0]) == acc_st
     # The same probe scored in chunks or in memory: the same count of correct items.
     assert float(C.evaluate_bilinear(mem, rows(e_i, te), rows(e_j, te), y[te])[0]) == pytest.approx(
         acc_mem, abs=1e-7
@@ -348,8 +352,14 @@ def test_collected_rows_read_what_they_index():
     assert rows.shape == (1, 5, 4) and len(rows) == 5
     np.testing.assert_array_equal(rows.take([4, 0, 2]), base[[0, 7, 3], 2])
     np.testing.assert_array_equal(rows.subset([3, 1]).take([0, 1]), base[[40, 3], 2])
-    got = np.concatenate([x for _, x in rows.chunks(2)])
-    np.testing.assert_array_equal(got, base[[7, 3, 3, 40, 0], 2])
+    got, order = rows.read([4, 0, 2])  # in row order: rows 0, 3, 7
+    np.testing.assert_array_equal(got, base[[0, 3, 7], 2])
+    np.testing.assert_array_equal(got, rows.take([4, 0, 2])[order])
+    seen = []
+    for positions, x in rows.chunks(2):
+        np.testing.assert_array_equal(x, base[np.asarray([7, 3, 3, 40, 0])[positions], 2])
+        seen += positions.tolist()
+    assert sorted(seen) == [0, 1, 2, 3, 4]
     with pytest.raises(ValueError, match="layer"):
         C.CollectedRows(base, [0], None)
 

@@ -16,8 +16,13 @@ trained one after another (each stops on its own); on an accelerator they share 
 loop ends when every probe has stopped. Epochs are 0-based indices into
 `TrainRecord.dev_acc_history`; a bilinear epoch is capped at `EPOCH_ITEMS` train items.
 
-One module for both fits (about 430 lines): the Eq. 3 and Eq. 4 probers share the
-training loop, standardisation and early stopping.
+Eq. 4 inputs too large to hold (a layer's collected rows at Flickr30k scale) come as
+`CollectedRows` and are streamed: read `STREAM_ROWS` at a time from the collected arrays (memmaps
+when spilled) for the statistics, the minibatches and the scores, with the same training as in
+memory (`_fit_bilinear_streamed`).
+
+One module for both fits (about 770 lines): the Eq. 3 and Eq. 4 probers, in memory or
+streamed, share the training loop, standardisation and early stopping.
 """
 
 from __future__ import annotations
@@ -470,12 +475,21 @@ def evaluate(probe: LinearProbe, x, y):
     return _accuracy(probe.weights, (_standardise(x, probe.mean, probe.std),), y, _linear_logits)
 
 
+def _aligned_empty(shape, dtype=np.float32) -> np.ndarray:
+    """An uninitialised array starting on a 64-byte boundary: jax on CPU takes such a host
+    array without copying it (measured 0.1 s per 200 MB copied otherwise)."""
+    nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    buf = np.empty(nbytes + 64, np.uint8)
+    start = (-buf.ctypes.data) % 64
+    return buf[start : start + nbytes].view(dtype).reshape(shape)
+
+
 class CollectedRows:
     """`[N, D]` float32 rows `base[index, layer]` of a collected `[N_all, L, D]` array (or
     `base[index]` of an `[N_all, D]` one, `layer=None`), read on demand: `base` is typically
-    the read-only memmap a spilled collection comes back as. `fit_bilinear` and
-    `evaluate_bilinear` stream such inputs, an epoch or a chunk at a time, instead of holding
-    them; `probing.train_prober` splits them by index (`subset`)."""
+    the read-only memmap, or the `LayerFiles`, a spilled collection comes back as.
+    `fit_bilinear` and `evaluate_bilinear` stream such inputs, `STREAM_ROWS` at a time,
+    instead of holding them; `probing.train_prober` splits them by index (`subset`)."""
 
     def __init__(self, base, index, layer: Optional[int] = None):
         self.base, self.index, self.layer = base, np.asarray(index, np.int64), layer
@@ -497,51 +511,80 @@ class CollectedRows:
     def subset(self, positions) -> "CollectedRows":
         return CollectedRows(self.base, self.index[positions], self.layer)
 
+    def _source(self):
+        """The `[N_all, D]` rows of the layer (a view: nothing is read)."""
+        if self.layer is None:
+            return self.base
+        if hasattr(self.base, "layer"):  # LayerFiles: the layer's own file
+            return self.base.layer(self.layer)
+        return self.base[:, self.layer]
+
+    def read(self, positions):
+        """`(rows, order)`: the rows of `positions` in increasing row order (disk locality),
+        64-byte aligned float32 `[len(positions), D]`, `rows[k]` being `positions[order[k]]`'s."""
+        at = self.index[positions]
+        order = np.argsort(at, kind="stable")
+        out = _aligned_empty((len(at), self.base.shape[-1]))
+        source = self._source()
+        if source.dtype == np.float32:
+            np.take(source, at[order], axis=0, out=out)
+        else:
+            out[:] = source[at[order]]
+        return out, order
+
     def take(self, positions) -> np.ndarray:
-        """`[len(positions), D]` float32, read in increasing row order (disk locality)."""
-        rows = self.index[positions]
-        order = np.argsort(rows, kind="stable")
-        out = np.empty((len(rows), self.base.shape[-1]), np.float32)
-        picked = rows[order]
-        out[order] = self.base[picked] if self.layer is None else self.base[picked, self.layer]
+        """`[len(positions), D]` float32 in the order of `positions`."""
+        rows, order = self.read(positions)
+        out = _aligned_empty(rows.shape)
+        out[order] = rows
         return out
 
     def chunks(self, size: int):
-        """`(positions, rows)` over all rows in order, `size` at a time."""
+        """`(positions, rows)` over all rows, `size` at a time, `rows[k]` being `positions[k]`'s
+        (positions in increasing row order within a chunk)."""
         for lo in range(0, len(self), size):
             positions = np.arange(lo, min(lo + size, len(self)))
-            yield positions, self.take(positions)
+            rows, order = self.read(positions)
+            yield positions[order], rows
 
 
 def _row_stats(rows: CollectedRows, chunk: int):
-    """`(mean [1, D], std [1, D])` as `_stats`, over the rows in chunks: float64 per chunk,
-    combined exactly (Chan et al.), so no copy of the rows is held."""
+    """`(mean [1, D], std [1, D])` as `_stats`, over the rows in chunks: float64 sums per
+    chunk, combined exactly (Chan et al.), so no copy of the rows is held."""
     count, mean, m2 = 0, np.zeros(rows.shape[-1]), np.zeros(rows.shape[-1])
     for _, x in rows.chunks(chunk):
-        x = x.astype(np.float64)
-        k, m = len(x), x.mean(0)
+        k = len(x)
+        m = x.sum(0, dtype=np.float64) / k
+        x -= m.astype(np.float32)  # the chunk's own buffer: deviations from (nearly) its mean
+        np.square(x, out=x)
+        # Σ(x - m)² = Σ(x - m32)² - k (m - m32)², m32 the float32 mean subtracted above.
+        chunk_m2 = x.sum(0, dtype=np.float64) - k * (m - m.astype(np.float32)) ** 2
         delta = m - mean
         mean = mean + delta * k / (count + k)
-        m2 = m2 + ((x - m) ** 2).sum(0) + delta**2 * count * k / (count + k)
+        m2 = m2 + chunk_m2 + delta**2 * count * k / (count + k)
         count += k
-    std = np.sqrt(m2 / max(count, 1))
+    std = np.sqrt(np.maximum(m2, 0) / max(count, 1))
     std = np.where(std > _STD_FLOOR, std, 1.0)
     return jnp.asarray(mean[None], jnp.float32), jnp.asarray(std[None], jnp.float32)
 
 
 @functools.partial(jax.jit, static_argnames="logits_fn")
-def _streamed_steps(w, state, inputs, y, means, stds, learning_rate, l2, *, logits_fn):
+def _streamed_steps(w, state, inputs, where, y, means, stds, learning_rate, l2, *, logits_fn):
     """Minibatch steps of a streamed Eq. 4 fit (`_fit_bilinear_streamed`) over rows read from
-    disk: inputs a tuple of raw rows `[batches, P, batch, D]` in minibatch order, y `[batches,
-    P, batch]`; each minibatch is standardised as it is used."""
-    _, step, _ = _trainer(logits_fn, "adam", learning_rate, l2, y.shape[1])
+    disk: inputs a tuple of raw rows `[R, D]` as read (in row order), where a tuple of
+    `[batches, batch]` positions in them of each minibatch's rows, y `[batches, 1, batch]`;
+    each minibatch is gathered and standardised as it is used."""
+    _, step, _ = _trainer(logits_fn, "adam", learning_rate, l2, 1)
 
     def body(carry, batch):
-        xs, t = batch
-        xs = tuple(_standardise(x, m, sd) for x, m, sd in zip(xs, means, stds))
+        at, t = batch
+        xs = tuple(
+            _standardise(jnp.take(x, i, axis=0)[None], m, sd)
+            for x, i, m, sd in zip(inputs, at, means, stds)
+        )
         return step(*carry, xs, t), None
 
-    return jax.lax.scan(body, (w, state), (inputs, y))[0]
+    return jax.lax.scan(body, (w, state), (where, y))[0]
 
 
 @functools.partial(jax.jit, static_argnames=("logits_fn", "patience"))
@@ -559,8 +602,8 @@ def _fit_bilinear_streamed(
 ):  # fmt: skip
     """`_train_together` for one probe whose train rows (`rows`, a pair of `CollectedRows`)
     are read from disk `STREAM_ROWS` at a time (whole minibatches): the same initialisation,
-    minibatch order, steps and early stopping, while only one read's rows (and the next one's,
-    read while these train) are held, whatever the epoch size. Returns `(best weights,
+    minibatch order, steps and early stopping, while only one read's rows (on an accelerator
+    also the next one's, read while these train) are held, whatever the epoch size. Returns `(best weights,
     TrainRecord)`."""
     n = len(rows[0])
     num_batches, epoch_size, per_pass = _epoch_plan(n, batch_size, steps_per_epoch)
@@ -581,20 +624,32 @@ def _fit_bilinear_streamed(
                 idx = order[start : start + epoch_size]
             for lo in range(0, num_batches, per_read):
                 at = idx[lo * batch_size : min(lo + per_read, num_batches) * batch_size]
-                shape = (-1, 1, batch_size)
-                inputs = tuple(r.take(at).reshape(*shape, r.shape[-1]) for r in rows)
-                yield epoch, lo + per_read >= num_batches, inputs, y_train[at].reshape(shape)
+                inputs, where = [], []
+                for r in rows:
+                    x, read_order = r.read(at)
+                    inverse = np.empty(len(at), np.int32)
+                    inverse[read_order] = np.arange(len(at), dtype=np.int32)
+                    inputs.append(x)
+                    where.append(inverse.reshape(-1, batch_size))
+                y = y_train[at].reshape(-1, 1, batch_size)
+                yield epoch, lo + per_read >= num_batches, (tuple(inputs), tuple(where)), y
 
     s = _loop_start(weights, optax.adam(learning_rate), max_epochs)
     w, state = s["w"], s["state"]
     feed = reads()
     ahead = next(feed)
+    # On an accelerator the next read runs while the device computes. On CPU the steps use
+    # every core, and a read alongside them slowed a 2-core epoch by a third (a read after
+    # them: 15%), so the read waits for them.
+    overlap = jax.default_backend() != "cpu"
     while ahead is not None:
         epoch, last, inputs, y = ahead
         w, state = _streamed_steps(
-            w, state, inputs, y, means, stds, **kw, logits_fn=_bilinear_logits
+            w, state, *inputs, y, means, stds, **kw, logits_fn=_bilinear_logits
         )
-        ahead = next(feed, None)  # read while the steps above run
+        if not overlap:
+            jax.block_until_ready(w)
+        ahead = next(feed, None)  # on an accelerator: read while the steps above run
         if last:
             s = _streamed_check(
                 s, w, state, dev, y_dev, **kw, logits_fn=_bilinear_logits, patience=patience
@@ -749,9 +804,12 @@ def evaluate_bilinear(probe: BilinearProbe, e_i, e_j, y):
         y = np.asarray(_labels(y, 1, len(e_i), probe.weights["b"].shape[-1], "y"))
         correct = 0
         for at, x_i in e_i.chunks(STREAM_ROWS):
+            x_j, order = e_j.read(at)  # a pair's two sides share their index: order is 0, 1, ..
+            if np.any(order != np.arange(len(at))):
+                x_j = x_j[np.argsort(order)]
             inputs = (
                 _standardise(x_i[None], probe.mean_i, probe.std_i),
-                _standardise(e_j.take(at)[None], probe.mean_j, probe.std_j),
+                _standardise(x_j[None], probe.mean_j, probe.std_j),
             )
             correct += int(_correct(probe.weights, inputs, y[:, at], _bilinear_logits)[0])
         return np.array([correct / max(len(e_i), 1)])
