@@ -19,10 +19,9 @@ from __future__ import annotations
 import json
 import os
 import resource
-import subprocess
-import sys
 import tempfile
 
+from _child import measure
 from absl import app, flags
 
 FLAGS = flags.FLAGS
@@ -84,18 +83,6 @@ def child(spec: dict) -> None:
     del np
 
 
-def measure(spec: dict) -> dict:
-    proc = subprocess.run(
-        [sys.executable, __file__, f"--child={json.dumps(spec)}"],
-        capture_output=True,
-        text=True,
-        env=dict(os.environ, JAX_PLATFORMS="cpu"),
-    )
-    if proc.returncode:
-        raise SystemExit(proc.stderr[-3000:])
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
 def main(argv):
     del argv
     if FLAGS.child:
@@ -112,7 +99,7 @@ def main(argv):
                 "budget_mb": budget,
                 "batch_size": FLAGS.batch_size,
             }
-            rows[(budget, name)] = r = measure(spec)
+            rows[(budget, name)] = r = measure(__file__, spec)
             print(
                 f"budget {budget if budget is not None else 'none':>5} MB  {name:>4}: "
                 f"{r['captions']} captions, {r['items']} collected items, "

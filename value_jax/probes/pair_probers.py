@@ -3,7 +3,9 @@
 Attention prober (Eq. 3): a linear classifier over the pair's 2N max-attention values (every head
 of every layer, both directions). Embedding prober (Eq. 4): the bilinear prober per layer, all
 layers trained together under vmap, `W_w, W_μ ∈ R^{D×D}` (full rank, D = hidden size: 768×768 for
-base models, as the paper) unless `bilinear_rank` asks for a low-rank form.
+base models, as the paper) unless `bilinear_rank` asks for a low-rank form. Beyond a memory budget
+the layers are fitted in chunks, and a layer too large to hold is streamed from the collected
+arrays (`_fit_layers`).
 
 Splits (80/10/10 train/dev/test) are drawn by IMAGE (`collate`'s `row.image`, collected per item
 as `image`): no image has items in two splits. An item split would put the k rows of a phrase
