@@ -472,3 +472,11 @@ def test_errors_name_the_argument():
     for name in ("epoch_items", "stopping_dev_items"):
         with pytest.raises(ValueError, match=f"{name} must be None"):
             C.fit_bilinear(x, x, y, x, x, y, 2, KEY, **{name: 0})
+    rows = C.CollectedRows(x[0], np.arange(10))
+    for fit, args in (
+        (C.fit_linear, (x, y, x, y)),
+        (C.fit_bilinear, (x, x, y, x, x, y)),
+        (C.fit_bilinear, (rows, rows, y, rows, rows, y)),
+    ):
+        with pytest.raises(ValueError, match="max_epochs must be >= 1, got 0"):
+            fit(*args, 2, KEY, max_epochs=0)

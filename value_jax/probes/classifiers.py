@@ -436,6 +436,8 @@ def fit_linear(
         memory: the train features are held standardised and transposed, 2 copies).
     Returns: a `LinearProbe` holding each probe's best-dev-epoch parameters.
     """
+    if max_epochs < 1:
+        raise ValueError(f"max_epochs must be >= 1, got {max_epochs}")
     if optimizer not in ("lbfgs", "adam"):
         raise ValueError(f"optimizer must be 'lbfgs' or 'adam', got {optimizer!r}")
     x_train, x_dev = _features(x_train, "x_train"), _features(x_dev, "x_dev")
@@ -603,8 +605,8 @@ def _fit_bilinear_streamed(
     """`_train_together` for one probe whose train rows (`rows`, a pair of `CollectedRows`)
     are read from disk `STREAM_ROWS` at a time (whole minibatches): the same initialisation,
     minibatch order, steps and early stopping, while only one read's rows (on an accelerator
-    also the next one's, read while these train) are held, whatever the epoch size. Returns `(best weights,
-    TrainRecord)`."""
+    also the next one's, read while these train) are held, whatever the epoch size. Returns
+    `(best weights, TrainRecord)`."""
     n = len(rows[0])
     num_batches, epoch_size, per_pass = _epoch_plan(n, batch_size, steps_per_epoch)
     per_read = max(1, STREAM_ROWS // batch_size)  # minibatches per read
@@ -637,7 +639,7 @@ def _fit_bilinear_streamed(
     s = _loop_start(weights, optax.adam(learning_rate), max_epochs)
     w, state = s["w"], s["state"]
     feed = reads()
-    ahead = next(feed)
+    ahead = next(feed, None)
     # On an accelerator the next read runs while the device computes. On CPU the steps use
     # every core, and a read alongside them slowed a capped epoch (768 wide, 2 cores) to
     # 2.3 s from 1.7 s with the read after them, so the read waits for them.
@@ -726,6 +728,8 @@ def fit_bilinear(
     for name, value in (("epoch_items", epoch_items), ("stopping_dev_items", stopping_dev_items)):
         if value is not None and value < 1:
             raise ValueError(f"{name} must be None (no cap) or >= 1, got {value}")
+    if max_epochs < 1:
+        raise ValueError(f"max_epochs must be >= 1, got {max_epochs}")
     streamed = isinstance(e_i_train, CollectedRows)
     inputs = (e_i_train, e_j_train, e_i_dev, e_j_dev)
     if streamed and not all(isinstance(x, CollectedRows) for x in inputs):
