@@ -176,11 +176,12 @@ def _fit_layers(
     emb_a, emb_b, sel, labels, types, groups, seed, layers, settings, bilinear_rank, budget=None
 ):
     """The bilinear prober of every layer from `[N, L, D]` collected arrays (`LayerFiles` of
-    memmaps when spilled; `e[rows, layer]` is all that is read): all layers under one vmap when their fit holds at most `budget` bytes
-    (`_fit_memory`), else in chunks of layers, each read from the arrays on its own (recorded
-    as `layers_per_fit`); when even one layer's fit would exceed it, each layer is trained on
-    rows streamed from the arrays an epoch at a time (`streamed`), in memory bounded by the
-    epoch cap whatever the number of items."""
+    memmaps when spilled; `e[rows, layer]` is all that is read): all layers under one vmap
+    when their fit holds at most `budget` bytes (`_fit_memory`), else in chunks of layers, each
+    read from the arrays on its own (recorded as `layers_per_fit`); when even one layer's fit
+    would exceed it, each layer is trained on rows streamed from the arrays
+    (`classifiers.STREAM_ROWS` at a time; recorded as `streamed`), in memory that does not
+    grow with the number of items but for their indices and labels."""
     budget = EMBEDDING_PROBER_BUDGET_BYTES if budget is None else budget
     n, n_layers, d = int(np.count_nonzero(sel)), emb_a.shape[1], emb_a.shape[2]
     chunk = int(min(n_layers, budget // max(1, _fit_memory(n, d))))
