@@ -329,7 +329,8 @@ def test_streamed_bilinear_fit_trains_as_the_in_memory_one(
         np.testing.assert_array_equal(getattr(st.record, field), getattr(mem.record, field))
     np.testing.assert_allclose(st.record.dev_acc_history, mem.record.dev_acc_history, atol=1e-6)
     for k in ("mean_i", "std_i", "mean_j", "std_j"):
-        np.testing.assert_allclose(getattr(st, k), getattr(mem, k), rtol=1e-6, err_msg=k)
+        # One float32 ulp apart here; the in-memory sum order is the CPU's (XLA).
+        np.testing.assert_allclose(getattr(st, k), getattr(mem, k), rtol=1e-5, err_msg=k)
     for k in mem.weights:
         np.testing.assert_allclose(st.weights[k], mem.weights[k], atol=1e-4, err_msg=k)
     acc_mem = float(C.evaluate_bilinear(mem, at(e_i, te), at(e_j, te), y[te])[0])
