@@ -361,6 +361,20 @@ def test_collected_rows_read_what_they_index():
         np.testing.assert_array_equal(x, base[np.asarray([7, 3, 3, 40, 0])[positions], 2])
         seen += positions.tolist()
     assert sorted(seen) == [0, 1, 2, 3, 4]
+    # Into a reused buffer: the same rows, in the buffer's first rows, each chunk overwriting
+    # the one before.
+    buffer = C._read_buffers([rows], 3)[0]
+    got_b, order_b = rows.read([4, 0, 2], buffer)
+    assert np.shares_memory(got_b, buffer) and got_b.ctypes.data % 64 == 0
+    np.testing.assert_array_equal(got_b, got)
+    np.testing.assert_array_equal(order_b, order)
+    for positions, x in rows.chunks(2, buffer):
+        assert np.shares_memory(x, buffer)
+        np.testing.assert_array_equal(x, base[np.asarray([7, 3, 3, 40, 0])[positions], 2])
+    with pytest.raises(ValueError, match="holds 2 rows, 3 asked"):
+        rows.read([4, 0, 2], buffer[:2])
+    with pytest.raises(ValueError, match="float32"):
+        rows.read([4, 0, 2], buffer.astype(np.float64))
     with pytest.raises(ValueError, match="layer"):
         C.CollectedRows(base, [0], None)
 

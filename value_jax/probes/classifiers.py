@@ -486,6 +486,13 @@ def _aligned_empty(shape, dtype=np.float32) -> np.ndarray:
     return buf[start : start + nbytes].view(dtype).reshape(shape)
 
 
+def _read_buffers(rows, n: int) -> list:
+    """One aligned `[n, D]` float32 buffer per `CollectedRows` of `rows`, for reads that reuse
+    it: a new 200 MB array for every read of 65,536 rows at 768 paid its page faults again
+    (0.12 s a read inside a fit, against 0.04 s into a reused buffer)."""
+    return [_aligned_empty((n, r.shape[-1])) for r in rows]
+
+
 class CollectedRows:
     """`[N, D]` float32 rows `base[index, layer]` of a collected `[N_all, L, D]` array (or
     `base[index]` of an `[N_all, D]` one, `layer=None`), read on demand: `base` is typically
@@ -521,12 +528,25 @@ class CollectedRows:
             return self.base.layer(self.layer)
         return self.base[:, self.layer]
 
-    def read(self, positions):
+    def read(self, positions, buffer: Optional[np.ndarray] = None):
         """`(rows, order)`: the rows of `positions` in increasing row order (disk locality),
-        64-byte aligned float32 `[len(positions), D]`, `rows[k]` being `positions[order[k]]`'s."""
+        64-byte aligned float32 `[len(positions), D]`, `rows[k]` being `positions[order[k]]`'s.
+        `buffer`: an aligned float32 array of at least that many rows to read into (its first
+        rows are returned) instead of a new one."""
         at = self.index[positions]
         order = np.argsort(at, kind="stable")
-        out = _aligned_empty((len(at), self.base.shape[-1]))
+        shape = (len(at), self.base.shape[-1])
+        if buffer is None:
+            out = _aligned_empty(shape)
+        elif buffer.dtype != np.float32 or buffer.ndim != 2 or buffer.shape[1] != shape[1]:
+            raise ValueError(
+                f"read buffer must be float32 [>= {shape[0]}, {shape[1]}], got "
+                f"{buffer.dtype} {buffer.shape}"
+            )
+        elif buffer.shape[0] < shape[0]:
+            raise ValueError(f"read buffer holds {buffer.shape[0]} rows, {shape[0]} asked")
+        else:
+            out = buffer[: shape[0]]
         source = self._source()
         if source.dtype == np.float32:
             np.take(source, at[order], axis=0, out=out)
@@ -541,12 +561,13 @@ class CollectedRows:
         out[order] = rows
         return out
 
-    def chunks(self, size: int):
+    def chunks(self, size: int, buffer: Optional[np.ndarray] = None):
         """`(positions, rows)` over all rows, `size` at a time, `rows[k]` being `positions[k]`'s
-        (positions in increasing row order within a chunk)."""
+        (positions in increasing row order within a chunk); with `buffer` (see `read`) every
+        chunk is read into it, so a chunk is only valid until the next one is read."""
         for lo in range(0, len(self), size):
             positions = np.arange(lo, min(lo + size, len(self)))
-            rows, order = self.read(positions)
+            rows, order = self.read(positions, buffer)
             yield positions[order], rows
 
 
@@ -554,7 +575,8 @@ def _row_stats(rows: CollectedRows, chunk: int):
     """`(mean [1, D], std [1, D])` as `_stats`, over the rows in chunks: float64 sums per
     chunk, combined exactly (Chan et al.), so no copy of the rows is held."""
     count, mean, m2 = 0, np.zeros(rows.shape[-1]), np.zeros(rows.shape[-1])
-    for _, x in rows.chunks(chunk):
+    buffer = _aligned_empty((min(chunk, len(rows)), rows.shape[-1]))  # see `_read_buffers`
+    for _, x in rows.chunks(chunk, buffer):
         k = len(x)
         m = x.sum(0, dtype=np.float64) / k
         x -= m.astype(np.float32)  # the chunk's own buffer: deviations from (nearly) its mean
@@ -613,6 +635,17 @@ def _fit_bilinear_streamed(
     y_train = np.asarray(y_train)[0]
     kw = dict(learning_rate=learning_rate, l2=l2)
 
+    # On an accelerator the next read runs while the device computes, each into a new array.
+    # On CPU the steps use every core, and a read alongside them slowed a capped epoch (768
+    # wide, 2 cores) to 2.3 s from 1.7 s with the read after them, so the read waits for them
+    # and then reuses one buffer per side (`_read_buffers`): the steps that used it are done.
+    overlap = jax.default_backend() != "cpu"
+    buffers = (
+        [None] * len(rows)
+        if overlap
+        else _read_buffers(rows, min(per_read, num_batches) * batch_size)
+    )
+
     def reads():
         """`(epoch, last read of the epoch, inputs, y)` for every read of every epoch."""
         order = None
@@ -627,8 +660,8 @@ def _fit_bilinear_streamed(
             for lo in range(0, num_batches, per_read):
                 at = idx[lo * batch_size : min(lo + per_read, num_batches) * batch_size]
                 inputs, where = [], []
-                for r in rows:
-                    x, read_order = r.read(at)
+                for r, buffer in zip(rows, buffers):
+                    x, read_order = r.read(at, buffer)
                     inverse = np.empty(len(at), np.int32)
                     inverse[read_order] = np.arange(len(at), dtype=np.int32)
                     inputs.append(x)
@@ -640,10 +673,6 @@ def _fit_bilinear_streamed(
     w, state = s["w"], s["state"]
     feed = reads()
     ahead = next(feed, None)
-    # On an accelerator the next read runs while the device computes. On CPU the steps use
-    # every core, and a read alongside them slowed a capped epoch (768 wide, 2 cores) to
-    # 2.3 s from 1.7 s with the read after them, so the read waits for them.
-    overlap = jax.default_backend() != "cpu"
     while ahead is not None:
         epoch, last, inputs, y = ahead
         w, state = _streamed_steps(
@@ -807,8 +836,9 @@ def evaluate_bilinear(probe: BilinearProbe, e_i, e_j, y):
     if isinstance(e_i, CollectedRows):
         y = np.asarray(_labels(y, 1, len(e_i), probe.weights["b"].shape[-1], "y"))
         correct = 0
-        for at, x_i in e_i.chunks(STREAM_ROWS):
-            x_j, order = e_j.read(at)  # a pair's two sides share their index: order is 0, 1, ..
+        b_i, b_j = _read_buffers((e_i, e_j), min(STREAM_ROWS, len(e_i)))
+        for at, x_i in e_i.chunks(STREAM_ROWS, b_i):  # each chunk is scored before the next
+            x_j, order = e_j.read(at, b_j)  # a pair's sides share their index: order 0, 1, ..
             if np.any(order != np.arange(len(at))):
                 x_j = x_j[np.argsort(order)]
             inputs = (
