@@ -12,13 +12,21 @@ times, on a base-size model with random weights:
                    every batch, from the raw files and from the prepared TFDS records;
   forward+probes   the jitted pass (forward, Trace, every probe step of `all`'s Flickr30k pass:
                    fusion, modality, image-to-text, coreference, head summary; the relation
-                   probe for VG), compilation excluded;
+                   probe for VG), compilation excluded (every batch shape, targets included,
+                   is compiled before the timing);
+  spill            writing the collected features to disk, as the runner does beyond its
+                   memory budget (every full run does), flushed to the disk;
   probers          each probe's finalize (the attention/embedding probers train here).
 
 Examples/s per stage, then the projection for 158,915 captions (31,783 images) and
 --full_vg_images Visual Genome images (VG's items capped at VALUE's sampling, 2 x 32 predicates
-x 15,000 pairs): reading, the forward passes and the linear (Eq. 3) probers scale linearly in
-examples or items. The Eq. 4 probers do not: at full size every epoch is capped at
+x 15,000 pairs). Reading, the spill and the linear (Eq. 3) probers scale linearly in examples
+or items (the spilled bytes are charged twice: written, and read back once from the disk at
+the rate they were written; the probers' timings read them from the page cache). The forward
+passes scale by batches: each batch shape's time per batch times the batches its rows fill at
+full size (the last batch of every bucket is padded: a small run pays that padding many times
+over, the full run about once per bucket), plus one compilation of every shape the buckets
+allow. The Eq. 4 probers do not scale linearly: at full size every epoch is capped at
 `epoch_items` train items and early stopping scores `stopping_dev_items` dev items, so a probe
 costs (its epochs) x (one capped epoch, timed here at that size for each input width) plus one
 evaluation of all its items; a layer whose in-memory fit would exceed the memory budget at full
@@ -54,6 +62,9 @@ flags.DEFINE_integer(
     "VG images of the full run (every image; an upper bound, VALUE's sampling keeps fewer).",
 )
 flags.DEFINE_integer("feat_dim", 2048, "Detector feature size of the generated data.")
+flags.DEFINE_integer(
+    "timing_repeats", 2, "Timings of each Eq. 4 epoch cost after the compiling one (the least)."
+)
 flags.DEFINE_string("dir", None, "Where to generate the data (default: a new temp dir).")
 
 
@@ -161,10 +172,11 @@ class _FitLog:
         probing.fit_linear, probing.fit_bilinear, probing.evaluate_bilinear = self._saved
 
 
-def _epoch_costs(widths, batch_size=256):
+def _epoch_costs(widths, batch_size=256, repeats=2):
     """Per (width, rank): seconds of one capped Eq. 4 epoch (EPOCH_ITEMS train items in
     minibatches of `batch_size`, and the dev check on STOPPING_DEV_ITEMS items) and of
-    evaluating one item, for one probe, timed on random data of that size; with `streamed_`
+    evaluating one item, for one probe, timed on random data of that size (epochs: the least
+    of `repeats` timings after the compiling one: this host's vary by ~20%); with `streamed_`
     the same with the rows read from a memmap (`CollectedRows`), as fits beyond the memory
     budget read them, plus `streamed_stats`, the statistics pass per train item."""
     import jax
@@ -191,8 +203,8 @@ def _epoch_costs(widths, batch_size=256):
             ):
                 parts = [split(x, lo, hi) for lo, hi in ((0, n), (n, n + m)) for x in (x_i, x_j)]
                 args = (*parts[:2], y[:n], *parts[2:], y[n:], 2)
-                times = {}
-                for epochs in (1, 3, 1, 3):  # the first call of each compiles
+                times = {1: math.inf, 3: math.inf}
+                for epochs in (1, 3) * (1 + repeats):  # the first call of each compiles
                     start = time.perf_counter()
                     probe = C.fit_bilinear(
                         *args,
@@ -203,12 +215,13 @@ def _epoch_costs(widths, batch_size=256):
                         batch_size=batch_size,
                     )
                     jax.block_until_ready(probe.weights)
-                    times[epochs] = time.perf_counter() - start
+                    times[epochs] = min(times[epochs], time.perf_counter() - start)
                 jax.block_until_ready(C.evaluate_bilinear(probe, x_i, x_j, y))  # compile
                 start = time.perf_counter()
                 jax.block_until_ready(C.evaluate_bilinear(probe, x_i, x_j, y))
                 c[prefix + "epoch"] = (times[3] - times[1]) / 2
                 c[prefix + "item"] = (time.perf_counter() - start) / (n + m)
+            C._row_stats(rows[0].subset(np.arange(n)), C.STREAM_ROWS)  # compile
             start = time.perf_counter()
             C._row_stats(rows[0].subset(np.arange(n)), C.STREAM_ROWS)
             c["streamed_stats"] = 2 * (time.perf_counter() - start) / n  # e_i and e_j
@@ -268,10 +281,25 @@ def _model_at_run_size(log, costs):
     )
 
 
-def _pass(model, params, batches, probes):
-    """(seconds of the timed pass, finalize seconds per probe, collected items, `_FitLog`)."""
+def _shape_key(batch, targets):
+    """The shapes of every array of a batch and its targets: one XLA compilation each."""
     import jax
 
+    return tuple(
+        (str(path), leaf.shape)
+        for path, leaf in jax.tree_util.tree_leaves_with_path((batch, targets))
+        if hasattr(leaf, "shape")
+    )
+
+
+def _pass(model, params, batches, probes):
+    """(seconds of the timed pass, finalize seconds per probe, collected items, `_FitLog`,
+    {batch shape: [batches, real rows, seconds]}, {batch shape: compilation seconds},
+    `_spill_seconds`) — every shape compiled before the timing."""
+    import jax
+    import numpy as np
+
+    from value_jax.data.collate import EXAMPLE_INDEX
     from value_jax.runner import _shard, data_mesh, make_step
     from value_jax.state import Accumulator
     from value_jax.trace import Layout
@@ -281,20 +309,30 @@ def _pass(model, params, batches, probes):
         p.bind(layout)
     mesh = data_mesh()
     step = make_step(model, probes)
-    seen = set()
+    shapes, compile_seconds = {}, {}
     for batch, targets in batches:  # compile every shape once, untimed
-        key = (batch.input_ids.shape, batch.region_feats.shape)
-        if key not in seen:
-            seen.add(key)
+        key = _shape_key(batch, targets)
+        if key not in shapes:
+            shapes[key] = [0, 0, 0.0]
+            begin = time.perf_counter()
             jax.block_until_ready(step(params, _shard(batch, mesh), _shard(targets, mesh)))
+            compile_seconds[key] = time.perf_counter() - begin
     accs = {p.name: Accumulator(p.collect_keys) for p in probes}
     start = time.perf_counter()
     for batch, targets in batches:
+        begin = time.perf_counter()
         for name, s in jax.device_get(
             step(params, _shard(batch, mesh), _shard(targets, mesh))
         ).items():
             accs[name].update(s)
+        entry = shapes[_shape_key(batch, targets)]
+        entry[0] += 1
+        entry[1] += int(np.sum(np.asarray(targets[EXAMPLE_INDEX]) >= 0))
+        entry[2] += time.perf_counter() - begin
     forward = time.perf_counter() - start
+    spill = _spill_seconds(accs)
+    for key, (n, _, seconds) in shapes.items():  # the first call less one timed call
+        compile_seconds[key] = max(compile_seconds[key] - seconds / n, 0.0)
     finalize, items = {}, 0
     with _FitLog() as log:
         for p in probes:
@@ -303,7 +341,63 @@ def _pass(model, params, batches, probes):
             p.finalize(stats, {"batches": len(batches), "devices": 1})
             finalize[p.name] = time.perf_counter() - start
             items += max((len(stats[k]) for k in p.collect_keys if k in stats), default=0)
-    return forward, finalize, items, log
+    return forward, finalize, items, log, shapes, compile_seconds, spill
+
+
+def _spill_seconds(accs):
+    """`(seconds, bytes)` of writing every collected row to disk as the runner spills them
+    beyond `--collect_budget_mb` (`state.Accumulator.spill`), flushed to the disk (`fsync`)
+    so that the page cache does not hide what a full run, far larger than memory, pays."""
+    from value_jax.state import Accumulator
+
+    with tempfile.TemporaryDirectory() as tmp:
+        start = time.perf_counter()
+        nbytes = 0
+        for name, acc in accs.items():
+            copy = Accumulator(acc.collect_keys, os.path.join(tmp, name))
+            for key, c in acc.collected.items():
+                copy.collected[key].parts = list(c.parts)
+                copy.collected[key].dtype, copy.collected[key].trail = c.dtype, c.trail
+            copy.spill()
+            for c in copy.collected.values():
+                for path in c.files() if c.rows_on_disk else ():
+                    nbytes += os.path.getsize(path)
+                    with open(path, "rb+") as f:
+                        os.fsync(f.fileno())
+        return time.perf_counter() - start, nbytes
+
+
+def _spill_line(spill):
+    seconds, nbytes = spill
+    return (
+        f"{nbytes / 1e9:.2f} GB in {seconds:.1f} s ({nbytes / 1e9 / max(seconds, 1e-9):.2f} GB/s)"
+    )
+
+
+def _shapes_line(shapes, batch_size):
+    batches = sum(n for n, _, _ in shapes.values())
+    rows = sum(r for _, r, _ in shapes.values())
+    return (
+        f"{len(shapes)} batch shapes, each compiled before the timing; {rows} of "
+        f"{batches * batch_size} rows real"
+    )
+
+
+def _project_compile(compile_seconds, buckets, region_sizes):
+    """Seconds of compiling the jitted pass in the full run: the mean compilation here times
+    every (text, item) bucket at each region size seen (the full run may meet shapes this run
+    did not)."""
+    mean = sum(compile_seconds.values()) / max(len(compile_seconds), 1)
+    return mean * len(buckets.text) * len(buckets.items) * max(len(region_sizes), 1)
+
+
+def _project_forward(shapes, scale, batch_size):
+    """Seconds of the jitted pass at `scale` x the examples: each batch shape's mean seconds
+    per batch times the batches its rows fill at that scale (a bucket's last batch is padded,
+    which a small run pays many times over and the full run about once per bucket)."""
+    return sum(
+        math.ceil(rows * scale / batch_size) * seconds / n for n, rows, seconds in shapes.values()
+    )
 
 
 def main(argv):
@@ -371,7 +465,9 @@ def main(argv):
     probes = [FusionProbe(), CorefProbe(types=loader.types), HeadSummaryProbe()]
     if model.config.single_stream:
         probes += [ModalityProbe(), ImageToTextProbe()]
-    forward, finalize, items, log_f = _pass(model, params, batches, probes)
+    forward, finalize, items, log_f, shapes_f, compile_f, spill_f = _pass(
+        model, params, batches, probes
+    )
     rows["flickr"] = dict(
         examples=n,
         read=raw_read,
@@ -380,6 +476,11 @@ def main(argv):
         forward=forward,
         probers=sum(finalize.values()),
         items=items,
+        shapes=shapes_f,
+        compile=compile_f,
+        spill=spill_f,
+        buckets=loader.buckets,
+        regions={b.region_feats.shape[1] for b, _ in batches},
     )
     print(
         f"Flickr30k pass, {n} captions ({items} collected coreference items):\n"
@@ -387,7 +488,9 @@ def main(argv):
         f"of which collate {collate:.1f} s)\n"
         f"  read+collate, prepared TFDS  {n / prepared_read:8.1f} captions/s  "
         f"({prepared_read:.1f} s; preparing once took {prepare:.1f} s)\n"
-        f"  forward+probes               {n / forward:8.1f} captions/s  ({forward:.1f} s)\n"
+        f"  forward+probes               {n / forward:8.1f} captions/s  ({forward:.1f} s; "
+        f"{_shapes_line(shapes_f, FLAGS.batch_size)})\n"
+        f"  spill to disk (fsync)        {_spill_line(spill_f)}\n"
         f"  probers (finalize)           {sum(finalize.values()):8.1f} s  "
         + ", ".join(f"{k} {v:.1f} s" for k, v in finalize.items()),
         flush=True,
@@ -400,7 +503,7 @@ def main(argv):
     )
     vg_batches, _ = _collate_all(vg)
     vg_read = time.perf_counter() - start
-    forward_vg, finalize_vg, items_vg, log_v = _pass(
+    forward_vg, finalize_vg, items_vg, log_v, shapes_v, compile_v, spill_v = _pass(
         model, params, vg_batches, [RelationProbe(vg.predicates)]
     )
     m = len(vg.examples)
@@ -410,11 +513,18 @@ def main(argv):
         forward=forward_vg,
         probers=sum(finalize_vg.values()),
         items=items_vg,
+        shapes=shapes_v,
+        compile=compile_v,
+        spill=spill_v,
+        buckets=vg.buckets,
+        regions={b.region_feats.shape[1] for b, _ in vg_batches},
     )
     print(
         f"Visual Genome pass, {m} images ({items_vg} pairs):\n"
         f"  read+collate   {m / vg_read:8.1f} images/s\n"
-        f"  forward+probes {m / forward_vg:8.1f} images/s\n"
+        f"  forward+probes {m / forward_vg:8.1f} images/s  ({forward_vg:.1f} s; "
+        f"{_shapes_line(shapes_v, FLAGS.batch_size)})\n"
+        f"  spill to disk  {_spill_line(spill_v)}\n"
         f"  probers        {sum(finalize_vg.values()):8.1f} s",
         flush=True,
     )
@@ -425,7 +535,8 @@ def main(argv):
     # VALUE's sampling keeps at most 15,000 pairs of each of 32 predicates, as many negatives.
     scale_v_items = min(v["items"] * scale_v, 2 * 32 * 15000) / max(v["items"], 1)
     costs = _epoch_costs(
-        {(x["width"], x["rank"]) for x in log_f.fits + log_v.fits if x["kind"] != "linear"}
+        {(x["width"], x["rank"]) for x in log_f.fits + log_v.fits if x["kind"] != "linear"},
+        repeats=FLAGS.timing_repeats,
     )
     print(
         "\nOne capped Eq. 4 epoch, one probe: "
@@ -449,11 +560,16 @@ def main(argv):
     probers_v, lower_v = _project_probers(log_v, scale_v_items, costs)
     stages = {
         "Flickr30k read+collate (prepared)": f["prepared_read"] * scale_f,
-        "Flickr30k forward+probes": f["forward"] * scale_f,
+        "Flickr30k forward+probes": _project_forward(f["shapes"], scale_f, FLAGS.batch_size),
         "Flickr30k probers": probers_f,
         "VG read+collate (raw)": v["read"] * scale_v,
-        "VG forward+probes": v["forward"] * scale_v,
+        "VG forward+probes": _project_forward(v["shapes"], scale_v, FLAGS.batch_size),
         "VG probers": probers_v,
+        "Flickr30k spilled features (write, read once)": 2 * f["spill"][0] * scale_f,
+        "VG spilled features (write, read once)": 2 * v["spill"][0] * scale_v_items,
+        "compilations (every possible shape)": sum(
+            _project_compile(r["compile"], r["buckets"], r["regions"]) for r in (f, v)
+        ),
     }
     total = sum(stages.values())
     print(
@@ -461,7 +577,7 @@ def main(argv):
         f"images, {v['items'] * scale_v_items:.0f} VG pairs) on this machine: {total / 3600:.2f} h"
     )
     for name, secs in sorted(stages.items(), key=lambda kv: -kv[1]):
-        print(f"  {name:36s} {secs / 3600:6.2f} h  ({100 * secs / total:4.1f} %)")
+        print(f"  {name:46s} {secs / 3600:6.2f} h  ({100 * secs / total:4.1f} %)")
     raw_total = total - stages["Flickr30k read+collate (prepared)"] + f["read"] * scale_f
     print(f"  (from the raw Flickr30k files instead: {raw_total / 3600:.2f} h)")
     lower = total - probers_f - probers_v + lower_f + lower_v

@@ -18,7 +18,8 @@ ROOT = Path(__file__).resolve().parents[1]
 RUNS = [
     (
         "throughput.py",
-        "--captions=10 --vg_images=4 --layers=1 --feat_dim=32 --batch_size=4 --dir={dir}",
+        "--captions=10 --vg_images=4 --layers=1 --feat_dim=32 --batch_size=4 --timing_repeats=1 "
+        "--dir={dir}",
         "Projected full run",
     ),
     ("suite.py", "--batch=2 --text=8 --regions=6 --links=2 --batches=1 --nohf", "suite/bare"),
