@@ -171,6 +171,62 @@ def test_seed_reaches_the_pair_probers(monkeypatch):
     assert res.data["prober_settings"]["seed"] == 11
 
 
+def test_prober_fits_report_progress_through_the_runs_log(monkeypatch):
+    """Every fit of a probe's finalize prints one line on `info["log"]`: what it trained, its
+    count of the probe's total and an ETA; the last one says all are done."""
+    monkeypatch.setattr(probing, "train_prober", _recording_train_prober([]))
+    stats = _leaky_coref_stats(n_images=10, phrases=2, captions=2, regions_per_phrase=1)
+    for k in ("v2t", "t2v", "v2t_rand", "t2v_rand"):
+        stats[k + ".sum"], stats[k + ".count"] = np.ones((8, 2, 2)), np.ones(8)
+    for k in ("emb_region", "emb_phrase"):
+        stats[k] = np.repeat(stats[k], 2, axis=1)  # two layers
+    probe = CorefProbe()
+    probe.layer_names, probe.embedding_layers = ["layer1", "layer2"], ["layer1", "layer2"]
+    lines = []
+    probe.finalize(stats, {"log": lines.append})
+    assert [line.split(":")[0] for line in lines] == [
+        "VCD attention prober",
+        "VCD embedding prober, layers layer1–layer2",  # one fit of both layers
+        "VCC attention prober",
+        "VCC embedding prober, layers layer1–layer2",
+    ]
+    assert [line.split("; ")[1].split(",")[0] for line in lines] == [
+        f"{k} of 6 fits done" for k in (1, 3, 4, 6)
+    ]
+    assert lines[-1].endswith("ETA 0:00:00") and "ETA" in lines[0]
+    lines.clear()
+    probe = RelationProbe(["on", "has", "in"])
+    probe.layer_names, probe.embedding_layers = ["layer1", "layer2"], ["layer1", "layer2"]
+    probe.finalize(_relation_stats(np.random.default_rng(3)), {"log": lines.append})
+    assert [line.split(":")[0] for line in lines] == [
+        "VRI attention prober",
+        "VRI embedding prober, layers layer1–layer2",
+        "VRC attention prober",
+        "VRC embedding prober, layers layer1–layer2",
+        "VRI raw-feature baseline",
+        "VRC raw-feature baseline",
+    ]
+    assert "8 of 8 fits done" in lines[-1]
+    # Layers streamed one by one: a line each; a skipped fit says so.
+    lines.clear()
+    n = 40
+    e = np.random.default_rng(0).normal(size=(n, 2, 4)).astype(np.float32)
+    progress = pair_probers.FitProgress(lines.append, 2)
+    sel, labels = np.ones(n, bool), np.arange(n) % 2
+    args = (sel, labels, np.arange(n), np.arange(n) // 4, 0, ["l1", "l2"], FAST, 0)
+    pair_probers._fit_layers(e, e, *args, budget=1, progress=progress, what="VCD emb")
+    assert [line.split(": ")[0] for line in lines] == [
+        "VCD emb, layer l1 (streamed)",
+        "VCD emb, layer l2 (streamed)",
+    ]
+    lines.clear()
+    one_image = (sel, labels, np.arange(n), np.zeros(n), 0, ["l1", "l2"], FAST, 0)
+    pair_probers._fit_layers(e, e, *one_image, progress=pair_probers.FitProgress(lines.append, 2))
+    assert "(skipped: 1 image(s)" in lines[0] and "2 of 2 fits done" in lines[0]
+    # Without a log (a finalize called without one): silent, and the same results.
+    assert probe.finalize(_relation_stats(np.random.default_rng(3)), {}).data["probers"]
+
+
 def test_suite_passes_seed_and_rank_flags_to_the_probes():
     """--seed and --bilinear_rank reach the coreference probe: parsed into a RunConfig, passed
     down by the suite."""

@@ -171,6 +171,26 @@ def test_rerun_of_a_finished_run_gives_the_same_results(tiny, tmp_path, capfd):
     _same(again, first)
 
 
+class _Logging(FusionProbe):
+    """Reports two progress lines from its finalize through the run's `info["log"]`."""
+
+    name = "logging"
+
+    def finalize(self, stats, info):
+        info["log"]("fit 1 of 2")
+        info["log"]("fit 2 of 2")
+        return super().finalize(stats, info)
+
+
+def test_finalize_progress_lines_name_the_run_and_the_probe(tiny, capfd):
+    cfg, model, params = tiny
+    run_probes(
+        model, params, _loader(cfg, n_batches=1), [_Logging()], label="demo", progress_every=0
+    )
+    err = capfd.readouterr().err
+    assert "[demo] logging: fit 1 of 2\n[demo] logging: fit 2 of 2\n" in err
+
+
 def test_empty_loader_says_no_examples_left(tiny):
     from value_jax.runner import NoBatchesError
 

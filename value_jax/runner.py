@@ -224,7 +224,11 @@ def run_probes(
         )
     if state_dir:
         _save_lead(state_dir, accs, seen, names, fp)
-    info = {"batches": seen, "devices": int(mesh.devices.size), "processes": jax.process_count()}
+    info = {
+        "batches": seen,
+        "devices": int(mesh.devices.size),
+        "processes": jax.process_count(),
+    }
     results = {}
     for p in probes:
         start = time.perf_counter()
@@ -233,7 +237,9 @@ def run_probes(
                 f"[{label}] {p.name}: computing the statistics and training the probers on the "
                 "collected features"
             )
-        results[p.name] = p.finalize(accs[p.name].result(), info)
+        # `log`: progress lines of a long finalize (the prober fits), printed by the lead only.
+        say = lambda msg, name=p.name: log(f"[{label}] {name}: {msg}")
+        results[p.name] = p.finalize(accs[p.name].result(), dict(info, log=say))
         if p.collect_keys:
             log(f"[{label}] {p.name}: done in {_hms(time.perf_counter() - start)}")
     if spill_here and not state_dir:

@@ -3,7 +3,9 @@
 A probe's life: `bind(layout)` once, before any batch (layer names from the model's config);
 `step(trace, targets)` inside the jitted pass, once per batch, returning arrays whose keys say how
 the runner combines them over batches (summed, or collected row by row for `collect_keys`);
-`finalize(stats, info)` once, on host, turning the combined statistics into a `Result`.
+`finalize(stats, info)` once, on host, turning the combined statistics into a `Result`; `info`
+holds the run's `batches`, `devices` and `processes`, and `log`, a function that prints a
+progress line (on the lead process only) for a finalize that takes long, as prober fits do.
 
 This module imports nothing heavier than jax.numpy: probes never load the runner, models or data
 through their base class.

@@ -176,5 +176,6 @@ class CorefProbe(Probe):
                 self.embedding_layers,
                 seed=self.seed,
                 bilinear_rank=self.bilinear_rank,
+                log=info.get("log"),
             )
         return result

@@ -26,6 +26,8 @@ types (the paper notes phrase text can leak the label). Types:
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 
 from value_jax import names
@@ -172,8 +174,53 @@ def _pairs(a, b, index, layer=None):
     return classifiers.CollectedRows(a, index, layer), classifiers.CollectedRows(b, index, layer)
 
 
+class FitProgress:
+    """One line on `log` (the runner's prints it on stderr, on the lead process, after the run
+    and probe names) per finished prober fit of a probe's finalize, hours long at full size:
+    what was trained (its task and control probers), how long it took, how many of the probe's
+    `total` fits are done, the time elapsed and an ETA at the mean time per fit so far. `log`
+    None: silent."""
+
+    def __init__(self, log, total: int):
+        self.log, self.total = log, int(total)
+        self.done, self.start = 0, time.perf_counter()
+
+    def run(self, what: str, fit, units: int = 1):
+        """`fit()`, reported as `units` of the total (a fit of several layers at once)."""
+        begin = time.perf_counter()
+        out = fit()
+        self.done += units
+        if self.log is not None:
+            now = time.perf_counter()
+            elapsed = now - self.start
+            eta = elapsed / self.done * max(self.total - self.done, 0)
+            skipped = f" (skipped: {out['skipped']})" if "skipped" in out else ""
+            self.log(
+                f"{what}{skipped}: {_hms(now - begin)}; {self.done} of "
+                f"{self.total} fits done, elapsed {_hms(elapsed)}, ETA {_hms(eta)}"
+            )
+        return out
+
+
+def _hms(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
 def _fit_layers(
-    emb_a, emb_b, sel, labels, types, groups, seed, layers, settings, bilinear_rank, budget=None
+    emb_a,
+    emb_b,
+    sel,
+    labels,
+    types,
+    groups,
+    seed,
+    layers,
+    settings,
+    bilinear_rank,
+    budget=None,
+    progress=None,
+    what="embedding prober",
 ):
     """The bilinear prober of every layer from `[N, L, D]` collected arrays (`LayerFiles` of
     memmaps when spilled; `e[rows, layer]` is all that is read): all layers under one vmap
@@ -184,14 +231,33 @@ def _fit_layers(
     grow with the number of items but for their indices and labels."""
     budget = EMBEDDING_PROBER_BUDGET_BYTES if budget is None else budget
     n, n_layers, d = int(np.count_nonzero(sel)), emb_a.shape[1], emb_a.shape[2]
+    progress = progress or FitProgress(None, n_layers)
     chunk = int(min(n_layers, budget // max(1, _fit_memory(n, d))))
-    fit = lambda pair, names: _fit(
-        pair, labels, types, groups, seed, names, "bilinear", settings, bilinear_rank
-    )
+
+    def fit(make_pair, names):
+        span = names[0] if len(names) == 1 else f"{names[0]}–{names[-1]}"
+        how = " (streamed)" if chunk == 0 else ""
+        return progress.run(
+            f"{what}, layer{'s' * (len(names) > 1)} {span}{how}",
+            lambda: _fit(
+                make_pair(),
+                labels,
+                types,
+                groups,
+                seed,
+                names,
+                "bilinear",
+                settings,
+                bilinear_rank,
+            ),  # fmt: skip
+            len(names),
+        )
+
     if chunk == 0:
         index = np.flatnonzero(sel)
         parts = [
-            fit(_pairs(emb_a, emb_b, index, layer), [layers[layer]]) for layer in range(n_layers)
+            fit(lambda layer=layer: _pairs(emb_a, emb_b, index, layer), [layers[layer]])
+            for layer in range(n_layers)
         ]
     else:
         # One layer at a time: a spilled collection keeps each layer in its own file.
@@ -200,7 +266,7 @@ def _fit_layers(
         )
         parts = [
             fit(
-                (pick(emb_a, lo, lo + chunk), pick(emb_b, lo, lo + chunk)),
+                lambda lo=lo: (pick(emb_a, lo, lo + chunk), pick(emb_b, lo, lo + chunk)),
                 list(layers[lo : lo + chunk]),
             )
             for lo in range(0, n_layers, chunk)
@@ -232,12 +298,16 @@ def _rows(task, res, label, display=str):
     return out
 
 
-def _run_all(tasks, att, emb_a, emb_b, layers, types, groups, seed, settings, bilinear_rank):
-    """tasks: {task name: (item selector, labels)} → (results, table rows)."""
+def _run_all(
+    tasks, att, emb_a, emb_b, layers, types, groups, seed, settings, bilinear_rank, progress
+):
+    """tasks: {task name: (item selector, labels)} → (results, table rows). `progress`: a
+    `FitProgress` counting 1 + len(layers) fits per task (and whatever the caller adds)."""
     results, rows = {}, []
     for task, (sel, labels) in tasks.items():
-        entry = {
-            "attention_prober": _fit(
+        attention = progress.run(
+            f"{task} attention prober",
+            lambda sel=sel, labels=labels: _fit(
                 att[sel],
                 labels,
                 types[sel],
@@ -248,6 +318,9 @@ def _run_all(tasks, att, emb_a, emb_b, layers, types, groups, seed, settings, bi
                 settings,
                 bilinear_rank,
             ),
+        )
+        entry = {
+            "attention_prober": attention,
             "embedding_prober": _fit_layers(
                 emb_a,
                 emb_b,
@@ -259,6 +332,8 @@ def _run_all(tasks, att, emb_a, emb_b, layers, types, groups, seed, settings, bi
                 layers,
                 settings,
                 bilinear_rank,
+                progress=progress,
+                what=f"{task} embedding prober",
             ),
         }
         results[task] = entry
@@ -285,9 +360,19 @@ def _settings(seed, bilinear_rank, dim, control, settings):
     }
 
 
-def coref_probers(result, stats, types, embedding_layers, seed=0, settings=None, bilinear_rank=0):
+def coref_probers(
+    result,
+    stats,
+    types,
+    embedding_layers,
+    seed=0,
+    settings=None,
+    bilinear_rank=0,
+    log=None,
+):
     """VCD (linked or not) and VCC (entity type of a link) probers; adds to `result` in place.
-    `bilinear_rank` 0 = full rank (Eq. 4 as the paper)."""
+    `bilinear_rank` 0 = full rank (Eq. 4 as the paper). `log`: a line per finished fit
+    (`FitProgress`)."""
     linked = stats["linked"].astype(bool)
     item_types = _types(stats["phrase_ids"])
     groups = np.asarray(stats["image"])
@@ -306,6 +391,7 @@ def coref_probers(result, stats, types, embedding_layers, seed=0, settings=None,
         seed,
         settings,
         bilinear_rank,
+        FitProgress(log, len(tasks) * (1 + len(embedding_layers))),
     )
     used = _settings(
         seed,
@@ -328,10 +414,18 @@ def coref_probers(result, stats, types, embedding_layers, seed=0, settings=None,
 
 
 def relation_probers(
-    result, stats, predicates, embedding_layers, seed=0, settings=None, bilinear_rank=0
+    result,
+    stats,
+    predicates,
+    embedding_layers,
+    seed=0,
+    settings=None,
+    bilinear_rank=0,
+    log=None,
 ):
     """VRI (related or not) and VRC (predicate of a relation) probers, plus the raw Faster R-CNN
-    feature baseline (the bilinear prober on the detector features)."""
+    feature baseline (the bilinear prober on the detector features). `log`: a line per
+    finished fit (`FitProgress`)."""
     related = stats["related"].astype(bool)
     item_types, control = relation_control_classes(stats["raw_subj"], stats["raw_obj"], seed)
     groups = np.asarray(stats["image"])
@@ -339,6 +433,7 @@ def relation_probers(
         "VRI": (np.ones_like(related), related.astype(np.int32)),
         "VRC": (related, stats["pred"][related].astype(np.int32)),
     }
+    progress = FitProgress(log, len(tasks) * (2 + len(embedding_layers)))
     res, rows = _run_all(
         tasks,
         stats["att_features"],
@@ -350,23 +445,32 @@ def relation_probers(
         seed,
         settings,
         bilinear_rank,
+        progress,
     )
     for task, (sel, labels) in tasks.items():
         index = np.flatnonzero(sel)
-        if _fit_memory(len(index), stats["raw_subj"].shape[-1]) > EMBEDDING_PROBER_BUDGET_BYTES:
-            pair = _pairs(stats["raw_subj"], stats["raw_obj"], index)
-        else:
-            pair = (stats["raw_subj"][sel][None], stats["raw_obj"][sel][None])
-        raw = _fit(
-            pair,
-            labels,
-            item_types[sel],
-            groups[sel],
-            seed,
-            ["raw features"],
-            "bilinear",
-            settings,
-            bilinear_rank,
+        streamed = (
+            _fit_memory(len(index), stats["raw_subj"].shape[-1]) > EMBEDDING_PROBER_BUDGET_BYTES
+        )
+
+        def pair(sel=sel, index=index, streamed=streamed):
+            if streamed:
+                return _pairs(stats["raw_subj"], stats["raw_obj"], index)
+            return stats["raw_subj"][sel][None], stats["raw_obj"][sel][None]
+
+        raw = progress.run(
+            f"{task} raw-feature baseline{' (streamed)' * streamed}",
+            lambda pair=pair, sel=sel, labels=labels: _fit(
+                pair(),
+                labels,
+                item_types[sel],
+                groups[sel],
+                seed,
+                ["raw features"],
+                "bilinear",
+                settings,
+                bilinear_rank,
+            ),
         )
         res[task]["raw_feature_baseline"] = raw
         rows += _rows(task, raw, "Faster R-CNN baseline,")

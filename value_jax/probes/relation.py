@@ -161,5 +161,6 @@ class RelationProbe(Probe):
                 self.embedding_layers,
                 seed=self.seed,
                 bilinear_rank=self.bilinear_rank,
+                log=info.get("log"),
             )
         return result
