@@ -11,6 +11,7 @@ from value_jax.probes import classifiers, pair_probers, pairs, probing
 from value_jax.probes.coref import CorefProbe
 from value_jax.probes.relation import RelationProbe
 from value_jax.probes.results import Result
+from value_jax.progress import FitProgress
 from value_jax.state import LayerFiles
 from value_jax.trace import Layout, Trace
 
@@ -211,7 +212,7 @@ def test_prober_fits_report_progress_through_the_runs_log(monkeypatch):
     lines.clear()
     n = 40
     e = np.random.default_rng(0).normal(size=(n, 2, 4)).astype(np.float32)
-    progress = pair_probers.FitProgress(lines.append, 2)
+    progress = FitProgress(lines.append, 2)
     sel, labels = np.ones(n, bool), np.arange(n) % 2
     args = (sel, labels, np.arange(n), np.arange(n) // 4, 0, ["l1", "l2"], FAST, 0)
     pair_probers._fit_layers(e, e, *args, budget=1, progress=progress, what="VCD emb")
@@ -221,7 +222,7 @@ def test_prober_fits_report_progress_through_the_runs_log(monkeypatch):
     ]
     lines.clear()
     one_image = (sel, labels, np.arange(n), np.zeros(n), 0, ["l1", "l2"], FAST, 0)
-    pair_probers._fit_layers(e, e, *one_image, progress=pair_probers.FitProgress(lines.append, 2))
+    pair_probers._fit_layers(e, e, *one_image, progress=FitProgress(lines.append, 2))
     assert "(skipped: 1 image(s)" in lines[0] and "2 of 2 fits done" in lines[0]
     # Without a log (a finalize called without one): silent, and the same results.
     assert probe.finalize(_relation_stats(np.random.default_rng(3)), {}).data["probers"]

@@ -38,6 +38,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from value_jax.api import forward
 from value_jax.probes.base import Probe
+from value_jax.progress import Progress, hms
 from value_jax.state import Accumulator, _restore, _restore_from, _save_lead, run_fingerprint
 from value_jax.trace import Layout
 
@@ -73,44 +74,6 @@ def _shard(tree, mesh: Mesh):
         return jax.device_put(x, NamedSharding(mesh, spec))
 
     return jax.tree_util.tree_map(put, tree)
-
-
-class Progress:
-    """One line per `every` batches on stderr: done/total, items/s, elapsed and ETA.
-
-    `skipped` batches (already counted by a resumed run) are not part of the rate or the ETA.
-    """
-
-    def __init__(
-        self, total: int | None, label: str, every: int = 10, stream=sys.stderr, skipped: int = 0
-    ):
-        self.total, self.label, self.every, self.stream = total, label, every, stream
-        self.skipped = skipped
-        self.start = time.perf_counter()
-        self.items = 0
-
-    def update(self, done: int, items: int) -> None:
-        self.items += items
-        if not self.every or (done % self.every and done != self.total):
-            return
-        elapsed = time.perf_counter() - self.start
-        rate = self.items / max(elapsed, 1e-9)
-        eta = ""
-        if self.total:
-            per_batch = elapsed / max(done - self.skipped, 1)
-            eta = f", ETA {_hms(per_batch * (self.total - done))}"
-        total = f"/{self.total}" if self.total else ""
-        print(
-            f"[{self.label}] batch {done}{total}, {rate:.1f} examples/s, "
-            f"elapsed {_hms(elapsed)}{eta}",
-            file=self.stream,
-            flush=True,
-        )
-
-
-def _hms(seconds: float) -> str:
-    seconds = int(round(seconds))
-    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
 def make_step(model, probes: Sequence[Probe]):
@@ -241,7 +204,7 @@ def run_probes(
         say = lambda msg, name=p.name: log(f"[{label}] {name}: {msg}")
         results[p.name] = p.finalize(accs[p.name].result(), dict(info, log=say))
         if p.collect_keys:
-            log(f"[{label}] {p.name}: done in {_hms(time.perf_counter() - start)}")
+            log(f"[{label}] {p.name}: done in {hms(time.perf_counter() - start)}")
     if spill_here and not state_dir:
         shutil.rmtree(spill_here, ignore_errors=True)
         with contextlib.suppress(OSError):

@@ -26,13 +26,12 @@ types (the paper notes phrase text can leak the label). Types:
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 
 from value_jax import names
 from value_jax.probes import classifiers, probing
 from value_jax.probes.results import Table
+from value_jax.progress import FitProgress
 
 # Prober budgets, recorded in results.json (`prober_settings.training`). A bilinear epoch is at
 # most `epoch_items` train items, so `patience` bounds the work after the best epoch whatever
@@ -174,39 +173,6 @@ def _pairs(a, b, index, layer=None):
     return classifiers.CollectedRows(a, index, layer), classifiers.CollectedRows(b, index, layer)
 
 
-class FitProgress:
-    """One line on `log` (the runner's prints it on stderr, on the lead process, after the run
-    and probe names) per finished prober fit of a probe's finalize, hours long at full size:
-    what was trained (its task and control probers), how long it took, how many of the probe's
-    `total` fits are done, the time elapsed and an ETA at the mean time per fit so far. `log`
-    None: silent."""
-
-    def __init__(self, log, total: int):
-        self.log, self.total = log, int(total)
-        self.done, self.start = 0, time.perf_counter()
-
-    def run(self, what: str, fit, units: int = 1):
-        """`fit()`, reported as `units` of the total (a fit of several layers at once)."""
-        begin = time.perf_counter()
-        out = fit()
-        self.done += units
-        if self.log is not None:
-            now = time.perf_counter()
-            elapsed = now - self.start
-            eta = elapsed / self.done * max(self.total - self.done, 0)
-            skipped = f" (skipped: {out['skipped']})" if "skipped" in out else ""
-            self.log(
-                f"{what}{skipped}: {_hms(now - begin)}; {self.done} of "
-                f"{self.total} fits done, elapsed {_hms(elapsed)}, ETA {_hms(eta)}"
-            )
-        return out
-
-
-def _hms(seconds: float) -> str:
-    seconds = int(round(seconds))
-    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
-
-
 def _fit_layers(
     emb_a,
     emb_b,
@@ -249,7 +215,7 @@ def _fit_layers(
                 "bilinear",
                 settings,
                 bilinear_rank,
-            ),  # fmt: skip
+            ),
             len(names),
         )
 
