@@ -51,3 +51,42 @@ def test_benchmark_runs_at_a_tiny_size(script, args, expected, tmp_path):
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, f"{' '.join(cmd)} exited {proc.returncode}:\n{output[-3000:]}"
     assert expected in output, output[-3000:]
+
+
+PROJECTION_CHECKS = """
+import math, sys
+import numpy as np
+sys.path.insert(0, "benchmarks")
+import throughput as T
+from value_jax.data.collate import Buckets
+
+# 3 batches of 32 rows of one shape, 70 rows real, 1.5 s: at 100x the rows fill
+# ceil(7000 / 32) = 219 batches of 0.5 s; a second shape, 1 batch of 10 real rows, 2 s:
+# ceil(1000 / 32) = 32 batches of 2 s.
+shapes = {"a": [3, 70, 1.5], "b": [1, 10, 2.0]}
+assert math.isclose(T._project_forward(shapes, 100, 32), 219 * 0.5 + 32 * 2.0), shapes
+# Every (text, item) bucket at each region size seen, at the mean compilation.
+buckets = Buckets(text=(16, 32), items=(8, 16, 32))
+assert math.isclose(T._project_compile({"a": 2.0, "b": 4.0}, buckets, {36}), 3.0 * 6)
+assert math.isclose(T._project_compile({"a": 2.0}, buckets, {36, 50}), 2.0 * 12)
+# Batches equal but for a target's shape are two compilations, two keys.
+x = np.zeros((4, 16))
+assert T._shape_key(x, {"t": np.zeros((4, 8))}) != T._shape_key(x, {"t": np.zeros((4, 16))})
+assert T._shape_key(x, {"t": np.zeros((4, 8))}) == T._shape_key(x + 1, {"t": np.ones((4, 8))})
+print("projection ok")
+"""
+
+
+def test_throughput_projects_by_batches_and_compiles_every_shape():
+    """The throughput benchmark's projection arithmetic on known inputs (in a child process:
+    the benchmark defines absl flags that experiment modules also define)."""
+    proc = subprocess.run(
+        [sys.executable, "-c", PROJECTION_CHECKS],
+        cwd=ROOT,
+        env=dict(os.environ, JAX_PLATFORMS="cpu"),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert proc.returncode == 0 and "projection ok" in proc.stdout, proc.stdout + proc.stderr

@@ -575,7 +575,7 @@ def _row_stats(rows: CollectedRows, chunk: int):
     """`(mean [1, D], std [1, D])` as `_stats`, over the rows in chunks: float64 sums per
     chunk, combined exactly (Chan et al.), so no copy of the rows is held."""
     count, mean, m2 = 0, np.zeros(rows.shape[-1]), np.zeros(rows.shape[-1])
-    buffer = _aligned_empty((min(chunk, len(rows)), rows.shape[-1]))  # see `_read_buffers`
+    (buffer,) = _read_buffers([rows], min(chunk, len(rows)))
     for _, x in rows.chunks(chunk, buffer):
         k = len(x)
         m = x.sum(0, dtype=np.float64) / k
