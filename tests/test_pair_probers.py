@@ -172,7 +172,7 @@ def test_seed_reaches_the_pair_probers(monkeypatch):
     assert res.data["prober_settings"]["seed"] == 11
 
 
-def test_prober_fits_report_progress_through_the_runs_log(monkeypatch):
+def test_prober_fits_report_progress_through_the_runs_log(monkeypatch, capfd):
     """Every fit of a probe's finalize prints one line on `info["log"]`: what it trained, its
     count of the probe's total and an ETA; the last one says all are done."""
     monkeypatch.setattr(probing, "train_prober", _recording_train_prober([]))
@@ -198,7 +198,7 @@ def test_prober_fits_report_progress_through_the_runs_log(monkeypatch):
     lines.clear()
     probe = RelationProbe(["on", "has", "in"])
     probe.layer_names, probe.embedding_layers = ["layer1", "layer2"], ["layer1", "layer2"]
-    probe.finalize(_relation_stats(np.random.default_rng(3)), {"log": lines.append})
+    logged = probe.finalize(_relation_stats(np.random.default_rng(3)), {"log": lines.append})
     assert [line.split(":")[0] for line in lines] == [
         "VRI attention prober",
         "VRI embedding prober, layers layer1–layer2",
@@ -224,8 +224,11 @@ def test_prober_fits_report_progress_through_the_runs_log(monkeypatch):
     one_image = (sel, labels, np.arange(n), np.zeros(n), 0, ["l1", "l2"], FAST, 0)
     pair_probers._fit_layers(e, e, *one_image, progress=FitProgress(lines.append, 2))
     assert "(skipped: 1 image(s)" in lines[0] and "2 of 2 fits done" in lines[0]
-    # Without a log (a finalize called without one): silent, and the same results.
-    assert probe.finalize(_relation_stats(np.random.default_rng(3)), {}).data["probers"]
+    # Without a log (a finalize called without one): nothing printed, the same results.
+    capfd.readouterr()
+    quiet = probe.finalize(_relation_stats(np.random.default_rng(3)), {})
+    assert capfd.readouterr() == ("", "")
+    assert quiet.data["probers"] == logged.data["probers"] and quiet.data["probers"]
 
 
 def test_suite_passes_seed_and_rank_flags_to_the_probes():

@@ -187,11 +187,7 @@ def run_probes(
         )
     if state_dir:
         _save_lead(state_dir, accs, seen, names, fp)
-    info = {
-        "batches": seen,
-        "devices": int(mesh.devices.size),
-        "processes": jax.process_count(),
-    }
+    info = {"batches": seen, "devices": int(mesh.devices.size), "processes": jax.process_count()}
     results = {}
     for p in probes:
         start = time.perf_counter()
